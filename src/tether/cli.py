@@ -1,0 +1,168 @@
+"""`tether` command line: parses arguments, calls `tether.api`, prints tables. Nothing else lives here."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune language models without losing what they already knew.")
+data_app = typer.Typer(no_args_is_help=True, help="Build the default probe pack and demo task data.")
+app.add_typer(data_app, name="data")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _fail(e: Exception) -> None:
+    typer.secho(f"error: {e}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+def _expected_errors() -> tuple[type[Exception], ...]:
+    from .config import RecipeError
+    from .data.readers import DataError
+    from .models import ModelNotAvailable
+
+    return (DataError, RecipeError, ModelNotAvailable, FileNotFoundError, KeyError, ValueError)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Score one model (alias, directory or hub id)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model of the forgetting report."),
+    tuned: Optional[str] = typer.Option(None, "--tuned", help="Tuned model, or a PEFT adapter directory on --base."),
+    suite: str = typer.Option("general", "--suite", "-s", help="Built-in suite name or a suite YAML."),
+    limit: Optional[int] = typer.Option(None, help="Score only the first N items of each probe."),
+    threshold: float = typer.Option(0.05, help="Relative drop that counts as forgetting."),
+    batch_size: int = typer.Option(16, help="Sequences per forward pass."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results as JSON here."),
+) -> None:
+    """Score a model on general probes, or compare a tuned model with its base (`--base M0 --tuned M1`)."""
+    from . import api
+    from .report.compare import render_comparison, render_results
+
+    if (model is None) == (base is None and tuned is None) or (base is None) != (tuned is None):
+        _fail(ValueError("give either --model, or both --base and --tuned"))
+    try:
+        if model is not None:
+            results = api.evaluate(model, suite=suite, limit=limit, batch_size=batch_size, output=output)
+            _console().print(render_results(results, title=f"{model} on {suite}"))
+        else:
+            report = api.compare(base, tuned, suite=suite, threshold=threshold, limit=limit,
+                                 batch_size=batch_size, output=output)
+            _console().print(render_comparison(report["comparisons"], threshold,
+                                               title=f"Forgetting report: {tuned} vs {base}"))
+            s = report["summary"]
+            verdict = f"FORGETTING on {', '.join(s['forgot_probes'])}" if s["forgetting"] else "no forgetting detected"
+            _console().print(f"[bold]{verdict}[/] (threshold {threshold:.0%} relative)")
+    except _expected_errors() as e:
+        _fail(e)
+    if output:
+        _console().print(f"wrote {output}")
+
+
+@app.command("train")
+def train_cmd(
+    recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML; defaults: LoRA + 20% replay + lr 1e-4 + guard."),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="Task training data (JSONL/JSON/CSV/Parquet)."),
+    eval_data: Optional[str] = typer.Option(None, "--eval", help="Held-out task data for the task score."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to fine-tune."),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Run directory."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe key, e.g. --set lora.r=32."),
+) -> None:
+    """Fine-tune on a task while the guard watches the general probes."""
+    from . import api
+    from .report.compare import render_comparison
+
+    fields: dict = {}
+    if task:
+        fields.setdefault("task", {})["train"] = task
+    if eval_data:
+        fields.setdefault("task", {})["eval"] = eval_data
+    if model:
+        fields["model"] = {"name": model}
+    if output_dir:
+        fields["output_dir"] = output_dir
+    try:
+        result = api.train(recipe, overrides=overrides, **fields)
+    except _expected_errors() as e:
+        _fail(e)
+    from .report.compare import ProbeComparison
+
+    s = result.summary
+    comps = [ProbeComparison(**p) for p in s["probes"]]
+    _console().print(render_comparison(comps, s["general"]["threshold"], title=f"General probes after {s['steps']} steps"))
+    task_s = s["task"]
+    if task_s["base"] is not None:
+        _console().print(f"task score: {task_s['base']:.3f} -> {task_s['final']:.3f}")
+    if s.get("guard") and s["guard"]["stopped_at"] is not None:
+        _console().print(f"guard stopped at step {s['guard']['stopped_at']}, restored step {s['guard']['restored_step']}")
+    _console().print(f"run directory: {result.run_dir}")
+
+
+@app.command("demo")
+def demo_cmd(
+    steps: int = typer.Option(60, help="Optimizer steps for each run."),
+    output_dir: str = typer.Option("runs/demo", "--output-dir", "-o"),
+) -> None:
+    """Naive full fine-tuning vs the default recipe on the embedded model: task gain and general change."""
+    from .training.demo import run_demo
+
+    try:
+        run_demo(steps=steps, output_dir=output_dir)
+    except _expected_errors() as e:
+        _fail(e)
+
+
+@data_app.command("build")
+def data_build(
+    name: str = typer.Option("general-v1", help="Probe pack to build."),
+    task: list[str] = typer.Option(["fortune-topics"], help="Demo task data sets to build."),
+) -> None:
+    """Build the default probe pack (and demo task data) into the cache, from packaged sources."""
+    from rich.table import Table
+
+    from . import api
+    from .data.pack import pack_summary
+
+    try:
+        paths = api.build_data(name, tuple(task))
+    except _expected_errors() as e:
+        _fail(e)
+    table = Table(title=f"{name}: {paths[name]}")
+    for col in ("file", "kind", "items", "sources"):
+        table.add_column(col)
+    for row in pack_summary(paths[name]):
+        table.add_row(str(row["file"]), str(row["kind"]), str(row["items"]), ", ".join(row["sources"]))
+    _console().print(table)
+    for t in task:
+        _console().print(f"task {t}: {paths[t]}")
+
+
+@app.command("list")
+def list_cmd() -> None:
+    """Registered probes and methods."""
+    from .registry import METHODS, PROBES
+
+    _console().print("probes: " + ", ".join(PROBES.names()))
+    _console().print("methods: " + ", ".join(METHODS.names()))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

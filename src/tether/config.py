@@ -1,0 +1,228 @@
+"""Typed recipes: YAML -> dotted ``key=value`` overrides -> validated pydantic models.
+
+Parse, validate, then run (torchtune's ``config.parse`` + ``validate``): every error names the
+recipe key, and the resolved recipe is written next to the outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .models import DEFAULT_MODEL
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    name: str = DEFAULT_MODEL
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class TaskSpec(_Strict):
+    """The narrow task: training data, held-out evaluation data and how to score it."""
+
+    train: str | None = None
+    eval: str | None = None
+    eval_kind: Literal["generation", "perplexity", "multiple_choice"] = "generation"
+    eval_metric: Literal["exact_match", "contains"] = "exact_match"
+    eval_limit: int | None = 200
+    max_new_tokens: int = 16
+    max_length: int = 512
+    chat: bool | None = None  # wrap string prompt/completion in the chat template (None: if the tokenizer has one)
+    skip_invalid: bool = False
+    limit: int | None = None
+
+
+class TrainingSpec(_Strict):
+    max_steps: int = 60
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    logging_steps: int = 5
+    save_steps: int | None = None
+    report_to: list[str] = Field(default_factory=lambda: ["none"])
+
+    @field_validator("max_steps", "batch_size", "grad_accum", "logging_steps")
+    @classmethod
+    def _positive(cls, v: int, info) -> int:
+        if v <= 0:
+            raise ValueError(f"training.{info.field_name} must be > 0")
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError("training.lr must be > 0")
+        return v
+
+
+class GuardSpec(_Strict):
+    """Forgetting guard: score the general probes every ``every`` steps and act on a drop."""
+
+    enabled: bool = True
+    every: int = 20
+    threshold: float = 0.05
+    action: Literal["stop", "adapt", "warn"] = "stop"
+    suite: str = "general-quick"
+    probes: list[str] | None = None  # subset of the suite's probes; None = all
+    limit: int | None = None  # items per probe
+    adapt_replay_step: float = 0.1
+    adapt_lr_factor: float = 0.5
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError("guard.every must be > 0")
+        return v
+
+    @field_validator("threshold")
+    @classmethod
+    def _thr(cls, v: float) -> float:
+        if not 0 < v < 1:
+            raise ValueError("guard.threshold must be in (0, 1)")
+        return v
+
+
+class Recipe(_Strict):
+    """A whole training run. ``methods`` maps registered method names to their settings."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    task: TaskSpec = Field(default_factory=TaskSpec)
+    general: str = "general"  # the suite reported before/after
+    methods: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"lora": {}, "replay": {"ratio": 0.2}})
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    guard: GuardSpec = Field(default_factory=GuardSpec)
+    output_dir: str = "runs/tether"
+
+    @model_validator(mode="after")
+    def _check_methods(self) -> "Recipe":
+        from .registry import METHODS
+
+        for name, settings in self.methods.items():
+            if name not in METHODS:
+                raise ValueError(f"methods.{name}: unknown method; known: {', '.join(METHODS.names())}")
+            cls = METHODS.get(name)
+            cfg_cls = getattr(cls, "config_class", None)
+            if cfg_cls is not None:
+                try:
+                    cfg_cls(**(settings or {}))
+                except ValidationError as e:
+                    raise ValueError(f"methods.{name}: {_first_error(e, prefix=name)}") from None
+        if "lora" in self.methods and "full" in self.methods:
+            raise ValueError("methods: choose one of 'lora' and 'full'")
+        return self
+
+    def method_configs(self) -> dict[str, Any]:
+        from .registry import METHODS
+
+        out = {}
+        for name, settings in self.methods.items():
+            cfg_cls = getattr(METHODS.get(name), "config_class", None)
+            out[name] = cfg_cls(**(settings or {})) if cfg_cls else settings
+        return out
+
+
+class RecipeError(ValueError):
+    """A recipe that does not validate: one line naming the file and key."""
+
+
+def _first_error(e: ValidationError, prefix: str = "") -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    if prefix:
+        loc = f"{prefix}.{loc}" if loc else prefix
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc and not msg.startswith(loc) else msg
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """``["lora.r=32", "training.lr=2e-4"]`` -> nested dict; values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _route_method_keys(d: dict) -> dict:
+    """``lora.r=32`` is short for ``methods.lora.r=32``: top-level keys that name a method move under it."""
+    from .registry import METHODS
+
+    fields = set(Recipe.model_fields)
+    out = {}
+    for k, v in d.items():
+        if k not in fields and k in METHODS:
+            prev = out.get("methods", {}).get(k) or {}
+            out.setdefault("methods", {})[k] = v if v is False else _deep_merge(prev, v or {})
+        else:
+            out[k] = _deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
+                **fields: Any) -> Recipe:
+    """Read a recipe YAML (or start from the defaults), apply overrides, validate."""
+    source = str(path) if path else "<defaults>"
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise RecipeError(f"{p}: recipe not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise RecipeError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{p}: a recipe is a mapping of sections (model, task, methods, ...)")
+        data = _route_method_keys(data)
+        base_dir = p.parent
+        for key in ("train", "eval"):
+            v = data.get("task", {}).get(key) if isinstance(data.get("task"), dict) else None
+            if isinstance(v, str) and not Path(v).is_absolute() and (base_dir / v).exists():
+                data["task"][key] = str(base_dir / v)
+    if "methods" not in data:
+        data["methods"] = Recipe.model_fields["methods"].default_factory()
+    data = _deep_merge(data, _route_method_keys(fields))
+    data = _deep_merge(data, _route_method_keys(parse_overrides(overrides)))
+    # `--set replay=false` switches a default method off; `name:` with no settings means defaults
+    data["methods"] = {k: (v or {}) for k, v in data["methods"].items() if v is not False}
+    try:
+        return Recipe(**data)
+    except ValidationError as e:
+        raise RecipeError(f"{source}: {_first_error(e)}") from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

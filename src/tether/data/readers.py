@@ -1,0 +1,142 @@
+"""Read records from JSONL / JSON / CSV / Parquet files or `datasets` objects, keeping their origin.
+
+Every record remembers its file and line so that a bad one is reported as ``file:line: field``
+before any model is loaded. Nothing is dropped silently: with ``skip_invalid=True`` the skips are
+counted and returned.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+
+class DataError(ValueError):
+    """A malformed record: one line naming file, line and field."""
+
+    def __init__(self, source: str, line: int | None, field_name: str | None, problem: str):
+        self.source, self.line, self.field, self.problem = source, line, field_name, problem
+        where = f"{source}:{line}" if line is not None else source
+        what = f" field {field_name!r}:" if field_name else ""
+        super().__init__(f"{where}:{what} {problem}")
+
+
+@dataclass
+class Record:
+    data: dict[str, Any]
+    source: str
+    line: int | None  # 1-based line (JSONL, CSV: the row's line) or item index (JSON, Parquet)
+
+
+@dataclass
+class ReadReport:
+    records: list[Record] = field(default_factory=list)
+    skipped: list[DataError] = field(default_factory=list)
+
+
+def read_records(src: str | Path | Any, *, limit: int | None = None) -> list[Record]:
+    """Records of a file (by suffix) or of a `datasets.Dataset` / list of dicts."""
+    if isinstance(src, (str, Path)):
+        path = Path(src)
+        if not path.exists():
+            raise DataError(str(path), None, None, "file not found")
+        suffix = path.suffix.lower()
+        reader = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json,
+                  ".csv": _read_csv, ".parquet": _read_parquet}.get(suffix)
+        if reader is None:
+            raise DataError(str(path), None, None,
+                            f"unsupported file type {suffix!r} (use .jsonl, .json, .csv or .parquet)")
+        records = reader(path)
+    elif isinstance(src, list):
+        records = [_as_record(r, "<list>", i + 1) for i, r in enumerate(src)]
+    elif hasattr(src, "to_list") or hasattr(src, "column_names"):  # datasets.Dataset
+        name = getattr(getattr(src, "info", None), "dataset_name", None) or "<dataset>"
+        records = [_as_record(r, name, i + 1) for i, r in enumerate(src)]
+    else:
+        raise TypeError(f"cannot read records from {type(src).__name__}")
+    if not records:
+        raise DataError(_name(src), None, None, "no records")
+    return records[:limit] if limit else records
+
+
+def _name(src: Any) -> str:
+    return str(src) if isinstance(src, (str, Path)) else f"<{type(src).__name__}>"
+
+
+def _as_record(obj: Any, source: str, line: int) -> Record:
+    if not isinstance(obj, dict):
+        raise DataError(source, line, None, f"expected an object, got {type(obj).__name__}")
+    return Record(dict(obj), source, line)
+
+
+def _read_jsonl(path: Path) -> list[Record]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(str(path), n, None, f"invalid JSON ({e.msg} at column {e.colno})") from None
+            out.append(_as_record(obj, str(path), n))
+    return out
+
+
+def _read_json(path: Path) -> list[Record]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(str(path), e.lineno, None, f"invalid JSON ({e.msg})") from None
+    if isinstance(obj, dict):
+        # {"data": [...]} or {"examples": [...]} or a single list-valued key.
+        lists = [v for v in obj.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(str(path), None, None, "expected a list of records or an object holding one list")
+        obj = lists[0]
+    if not isinstance(obj, list):
+        raise DataError(str(path), None, None, "expected a list of records")
+    return [_as_record(r, str(path), i + 1) for i, r in enumerate(obj)]
+
+
+def _read_csv(path: Path) -> list[Record]:
+    out = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            raise DataError(str(path), 1, None, "no header row")
+        for row in reader:
+            if None in row:
+                raise DataError(str(path), reader.line_num, None, "more cells than header columns")
+            if any(v is None for v in row.values()):
+                missing = [k for k, v in row.items() if v is None]
+                raise DataError(str(path), reader.line_num, missing[0], "missing cell")
+            out.append(Record(dict(row), str(path), reader.line_num))
+    return out
+
+
+def _read_parquet(path: Path) -> list[Record]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:  # pragma: no cover - pyarrow comes with datasets
+        raise DataError(str(path), None, None, "reading Parquet needs pyarrow: pip install pyarrow") from e
+    rows = pq.read_table(path).to_pylist()
+    return [_as_record(r, str(path), i + 1) for i, r in enumerate(rows)]
+
+
+def iter_valid(records: Iterable[Record], check, *, skip_invalid: bool = False) -> ReadReport:
+    """Run ``check(record)`` on each record; raise on the first error unless skipping (counted)."""
+    report = ReadReport()
+    for r in records:
+        try:
+            check(r)
+        except DataError as e:
+            if not skip_invalid:
+                raise
+            report.skipped.append(e)
+            continue
+        report.records.append(r)
+    return report

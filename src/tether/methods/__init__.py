@@ -1,0 +1,1 @@
+"""Forgetting-prevention methods: small plugins with one interface (see `base.Method`)."""

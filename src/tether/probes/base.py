@@ -1,0 +1,70 @@
+"""What every probe returns, and the small interface a probe implements.
+
+A probe turns its items into requests for the shared `Scorer` (lm-evaluation-harness's three
+request types: log-likelihood, rolling/completion loss, generation) and reduces the per-item
+values to a score with a bootstrap CI. Per-item values are kept so that base and tuned runs on the
+same items can be compared with a *paired* bootstrap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass
+class ProbeResult:
+    """One probe's score on one model.
+
+    ``score`` is ``sum(item_values) / sum(item_weights)`` (weights default to 1), so token-weighted
+    losses and plain accuracies share one reduction and one bootstrap.
+    """
+
+    name: str
+    kind: str
+    metric: str
+    higher_is_better: bool
+    score: float
+    n: int
+    ci_low: float
+    ci_high: float
+    item_values: list[float]
+    item_weights: list[float] | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)
+    shares_source_with_replay: bool = False
+    seconds: float = 0.0
+    samples: list[dict] = field(default_factory=list)  # a few model outputs to show in reports
+
+    def to_dict(self, with_items: bool = True) -> dict[str, Any]:
+        d = asdict(self)
+        if not with_items:
+            d.pop("item_values")
+            d.pop("item_weights")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ProbeResult":
+        return cls(**d)
+
+
+class Probe:
+    """Base class: ``__init__`` stores items and options, ``run`` scores a model.
+
+    Subclasses register with ``@register_probe("kind")`` and set ``metric``/``higher_is_better``.
+    """
+
+    metric: ClassVar[str] = "score"
+    higher_is_better: ClassVar[bool] = True
+
+    def __init__(self, name: str, items: list[dict], *, sources: list[str] | None = None,
+                 shares_source_with_replay: bool = False, seed: int = 0, **options: Any):
+        self.name = name
+        self.items = items
+        self.sources = sources or []
+        self.shares_source_with_replay = shares_source_with_replay
+        self.seed = seed
+        self.options = options
+
+    def run(self, scorer, *, reference=None) -> ProbeResult:  # pragma: no cover - interface
+        raise NotImplementedError

@@ -1,0 +1,281 @@
+"""One batched scorer under every probe, on the live in-memory model (lm-eval's ``LM`` interface).
+
+Probes build token-level requests; the `Scorer` batches them. It never copies the model: every call
+runs under ``torch.no_grad()`` in ``eval()`` mode and restores each module's previous train/eval
+flag afterwards, so the forgetting guard can probe in the middle of training.
+
+Why it is faster than lm-eval's ``HFLM`` on multiple choice: requests sharing a context (the choices
+of one item) run the context once; its KV cache is then expanded across the choices and only the
+continuation tokens are run. Logits are projected only at the positions that are scored
+(``logits_to_keep``), which matters with a 49k vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+class Scorer:
+    """Log-likelihoods, completion losses, greedy generations and next-token log-probs of a model.
+
+    Args:
+        model: a causal LM, plain or PEFT-wrapped; used in place.
+        tokenizer: its tokenizer (pad id, decoding, stop strings).
+        batch_size: sequences per forward pass.
+        max_length: longest sequence fed to the model; defaults to the model's context length.
+        device: where inputs go; defaults to the model's device.
+        max_batch_tokens: cap on padded tokens per batch where logits are kept for every position.
+    """
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 32, max_length: int | None = None,
+                 device: str | torch.device | None = None, max_batch_tokens: int = 4096):
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        cfg = getattr(model, "config", None)
+        self.max_length = max_length or getattr(cfg, "max_position_embeddings", None) or 2048
+        self.device = torch.device(device) if device else next(model.parameters()).device
+        self.max_batch_tokens = max_batch_tokens
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = pad if pad is not None else (getattr(tokenizer, "eos_token_id", None) or 0)
+        self._adapters_off = False
+        # transformers 5.x renamed the forward's `past_key_values` to `cache`
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+    # ----------------------------------------------------------------- plumbing
+    @property
+    def is_peft(self) -> bool:
+        """True for a PEFT ``PeftModel`` or a transformers model with PEFT adapters loaded."""
+        return hasattr(self.model, "disable_adapter") and hasattr(self.model, "peft_config") or bool(
+            getattr(self.model, "_hf_peft_config_loaded", False))
+
+    @contextlib.contextmanager
+    def reference_view(self) -> Iterator["Scorer"]:
+        """A view of this scorer whose every forward pass runs with the adapters disabled.
+
+        Disabling happens per forward pass, not for the whole block, so the view and the tuned
+        scorer can be interleaved (drift zips their outputs) without a second copy of the model.
+        """
+        if not self.is_peft:
+            raise TypeError("reference_view() needs a PEFT-wrapped model; for a fully fine-tuned model "
+                            "pass a Scorer over the base model as `reference`")
+        view = Scorer.__new__(Scorer)
+        view.__dict__.update(self.__dict__)
+        view._adapters_off = True
+        yield view
+
+    @contextlib.contextmanager
+    def _adapters(self) -> Iterator[None]:
+        if not self._adapters_off:
+            yield
+        elif hasattr(self.model, "disable_adapter"):  # peft.PeftModel
+            with self.model.disable_adapter():
+                yield
+        else:  # transformers' PEFT integration
+            self.model.disable_adapters()
+            try:
+                yield
+            finally:
+                self.model.enable_adapters()
+
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        """eval() + no_grad for one batch, then put back every module's own train flag."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            with torch.no_grad(), self._adapters():
+                yield
+        finally:
+            for m, was_training in modes:
+                m.training = was_training
+
+    def _logits(self, input_ids, attention_mask, keep=None, **kw):
+        """Forward pass returning logits only where ``keep`` says (2D int positions or bool mask)."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         **({"logits_to_keep": keep} if keep is not None else {}), **kw)
+        logits = out.logits
+        if keep is not None and keep.dtype == torch.bool and logits.ndim == 3:
+            logits = logits[keep]  # the model ignored logits_to_keep
+        elif keep is not None and keep.dtype != torch.bool and logits.shape[1] != keep.shape[1]:
+            logits = torch.take_along_dim(logits, keep[..., None], dim=1)
+        return logits.float(), out
+
+    def _pad(self, seqs: Sequence[Sequence[int]], side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if not s:
+                continue
+            sl = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+            ids[i, sl] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, sl] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _token_batches(self, lengths: Sequence[int], order: Sequence[int]) -> Iterator[list[int]]:
+        """Split ``order`` (longest first) into batches of <= batch_size rows and max_batch_tokens."""
+        batch: list[int] = []
+        for i in order:
+            width = lengths[batch[0]] if batch else lengths[i]
+            if batch and (len(batch) >= self.batch_size or (len(batch) + 1) * width > self.max_batch_tokens):
+                yield batch
+                batch = []
+            batch.append(i)
+        if batch:
+            yield batch
+
+    # ----------------------------------------------------------------- request types
+    def loglikelihood(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
+        """Summed log-prob of each continuation given its context, and whether it is the greedy one.
+
+        Contexts longer than ``max_length + 1 - len(continuation)`` are cut from the left, as in
+        lm-eval. Requests with identical (cut) contexts share one context forward pass.
+        """
+        groups: dict[tuple[int, ...], list[int]] = {}
+        conts: list[list[int]] = []
+        for i, (ctx, cont) in enumerate(requests):
+            cont = list(cont)
+            if not ctx or not cont:
+                raise ValueError(f"request {i}: context and continuation must both be non-empty")
+            if len(cont) > self.max_length:
+                raise ValueError(f"request {i}: continuation longer than max_length={self.max_length}")
+            ctx = tuple(ctx)[-(self.max_length + 1 - len(cont)):]
+            groups.setdefault(ctx, []).append(i)
+            conts.append(cont)
+        keys = sorted(groups, key=lambda c: (-len(c), c))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        batch: list[tuple[int, ...]] = []
+        n_req = 0
+        for key in keys + [None]:
+            if key is not None and (not batch or n_req + len(groups[key]) <= self.batch_size):
+                batch.append(key)
+                n_req += len(groups[key])
+                continue
+            with self._inference():
+                self._score_groups(batch, groups, conts, results)
+            batch, n_req = ([key], len(groups[key])) if key is not None else ([], 0)
+        return results
+
+    def _score_groups(self, ctxs, groups, conts, results) -> None:
+        ctx_ids, ctx_mask = self._pad(ctxs)
+        last = torch.tensor([[len(c) - 1] for c in ctxs], device=self.device)
+        logits, out = self._logits(ctx_ids, ctx_mask, keep=last, use_cache=True)
+        first_lp = F.log_softmax(logits[:, 0], dim=-1)  # predicts each continuation's first token
+        greedy_first = first_lp.argmax(-1).tolist()
+        rows = [(g, r) for g, c in enumerate(ctxs) for r in groups[c]]
+        for g, r in rows:
+            results[r] = (float(first_lp[g, conts[r][0]]), greedy_first[g] == conts[r][0])
+        # the other continuation tokens run on the context's KV cache, in chunks of similar width
+        tails = sorted((gr for gr in rows if len(conts[gr[1]]) > 1), key=lambda gr: -len(conts[gr[1]]))
+        chunks: list[list[tuple[int, int]]] = []
+        for gr in tails:
+            w, w0 = len(conts[gr[1]]), len(conts[chunks[-1][0][1]]) if chunks else 0
+            if not chunks or w0 - w > max(3, w0 // 2):
+                chunks.append([])
+            chunks[-1].append(gr)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        for n, chunk in enumerate(chunks):  # each chunk extends its own copy of the cache
+            self._score_tails(cache if n == len(chunks) - 1 else copy.deepcopy(cache), chunk, ctxs,
+                              ctx_mask, conts, results)
+
+    def _score_tails(self, cache, chunk, ctxs, ctx_mask, conts, results) -> None:
+        sel = torch.tensor([g for g, _ in chunk], device=self.device)
+        cache.reorder_cache(sel)  # one cache row per continuation
+        tail_ids, tail_mask = self._pad([conts[r][:-1] for _, r in chunk])
+        ctx_len = torch.tensor([len(ctxs[g]) for g, _ in chunk], device=self.device)
+        pos = ctx_len[:, None] + torch.arange(tail_ids.shape[1], device=self.device)[None]
+        mask = torch.cat([ctx_mask[sel], tail_mask], dim=1)
+        logits, _ = self._logits(tail_ids, mask, keep=tail_mask.bool(), position_ids=pos, use_cache=True,
+                                 **{self._cache_kw: cache})
+        lp = F.log_softmax(logits, dim=-1)
+        target = torch.tensor([t for _, r in chunk for t in conts[r][1:]], device=self.device)
+        tok_lp = lp.gather(1, target[:, None])[:, 0]
+        hit = lp.argmax(-1) == target
+        counts = [len(conts[r]) - 1 for _, r in chunk]
+        for (_, r), s, h in zip(chunk, tok_lp.split(counts), hit.split(counts)):
+            ll, greedy = results[r]
+            results[r] = (ll + float(s.sum()), greedy and bool(h.all()))
+
+    def completion_nll(self, examples: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, int]]:
+        """Summed NLL over label tokens (labels != -100) and their count, per (input_ids, labels)."""
+        seqs = [list(ids)[: self.max_length] for ids, _ in examples]
+        labs = [list(lab)[: self.max_length] for _, lab in examples]
+        order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
+        out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
+        for batch in self._token_batches([len(s) for s in seqs], order):
+            ids, mask = self._pad([seqs[i] for i in batch])
+            target = torch.full_like(ids, -100)
+            for row, i in enumerate(batch):
+                target[row, : len(labs[i]) - 1] = torch.tensor(labs[i][1:], dtype=torch.long)
+            keep = target != -100  # position t predicts label t+1; project logits only there
+            if not keep.any():
+                continue
+            with self._inference():
+                logits, _ = self._logits(ids, mask, keep=keep)
+            nll = F.cross_entropy(logits, target[keep], reduction="none")
+            counts = keep.sum(1).tolist()
+            for row, chunk in enumerate(torch.split(nll, counts)):
+                out[batch[row]] = (float(chunk.sum()), counts[row])
+        return out
+
+    def iter_logprobs(self, ids_list: Sequence[Sequence[int]], batch_size: int | None = None
+                      ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(index, log_probs[T, V])`` of the next token at every position, batch by batch.
+
+        The order (longest first, then index) depends only on the lengths, so two scorers iterated
+        over the same ids can be zipped item by item without holding all distributions in memory.
+        """
+        seqs = [list(ids)[: self.max_length] for ids in ids_list]
+        order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
+        saved = self.batch_size
+        self.batch_size = batch_size or saved
+        try:
+            batches = list(self._token_batches([len(s) for s in seqs], order))
+        finally:
+            self.batch_size = saved
+        for batch in batches:
+            ids, mask = self._pad([seqs[i] for i in batch])
+            with self._inference():
+                logits, _ = self._logits(ids, mask)
+            lp = F.log_softmax(logits, dim=-1)
+            for row, i in enumerate(batch):
+                yield i, lp[row, : len(seqs[i])]
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
+                 stop: Sequence[str] | None = None) -> list[str]:
+        """Greedy continuations, batched with left padding, cut at the first stop string or EOS."""
+        cfg = copy.deepcopy(self.model.generation_config)
+        cfg.update(do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
+                   max_new_tokens=max_new_tokens, pad_token_id=self.pad_id)
+        if cfg.eos_token_id is None:
+            cfg.eos_token_id = self.tokenizer.eos_token_id
+        if stop:
+            cfg.stop_strings = list(stop)
+        eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+        seqs = [list(p)[-(self.max_length - max_new_tokens):] for p in prompts]
+        order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
+        out = [""] * len(seqs)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start: start + self.batch_size]
+            ids, mask = self._pad([seqs[i] for i in batch], side="left")
+            with self._inference():
+                gen = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg,
+                                          tokenizer=self.tokenizer)
+            for row, i in enumerate(batch):
+                new = gen[row, ids.shape[1]:].tolist()
+                cut = next((k for k, t in enumerate(new) if t in eos), len(new))
+                text = self.tokenizer.decode(new[:cut], skip_special_tokens=True)
+                for s in stop or ():
+                    text = text.split(s, 1)[0]
+                out[i] = text
+        return out

@@ -1,0 +1,1 @@
+"""Reports: base-vs-tuned comparison tables, JSON, plots."""

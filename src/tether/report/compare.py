@@ -1,0 +1,122 @@
+"""Base vs tuned: per-probe relative change with a paired bootstrap CI and a forgetting verdict.
+
+Both models are scored on the same items in the same order, so the CI resamples *items* once and
+applies the same resample to both (a paired bootstrap): item difficulty cancels and the interval
+on the relative change is much tighter than two independent CIs would suggest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..probes.base import ProbeResult
+
+DEFAULT_THRESHOLD = 0.05
+
+
+@dataclass
+class ProbeComparison:
+    probe: str
+    metric: str
+    higher_is_better: bool
+    n: int
+    base: float
+    tuned: float
+    rel_change: float  # (tuned - base) / |base|
+    ci_low: float  # CI of rel_change
+    ci_high: float
+    drop: float  # relative loss of ability (positive = worse), in the metric's direction
+    verdict: str  # "forgot" | "ok" | "improved" | "uncertain"
+    shares_source_with_replay: bool
+    extra: dict[str, Any]
+
+
+def verdict_for(drop: float, drop_ci: tuple[float, float], threshold: float) -> str:
+    """``forgot``: drop above threshold and its CI excludes 0; ``uncertain``: above threshold but
+    the CI covers 0; ``improved``: the CI says better; ``ok`` otherwise."""
+    lo, hi = drop_ci
+    if drop > threshold:
+        return "forgot" if lo > 0 else "uncertain"
+    if hi < 0:
+        return "improved"
+    return "ok"
+
+
+def compare_results(base: list[ProbeResult], tuned: list[ProbeResult], *, threshold: float = DEFAULT_THRESHOLD,
+                    n_boot: int = 1000, seed: int = 0) -> list[ProbeComparison]:
+    """Pair probe results by name and compare; raises if the item sets differ."""
+    from ..probes.stats import paired_relative_change
+
+    by_name = {r.name: r for r in base}
+    out = []
+    for t in tuned:
+        b = by_name.get(t.name)
+        if b is None:
+            raise ValueError(f"probe {t.name!r} was scored on the tuned model but not on the base")
+        if b.n != t.n:
+            raise ValueError(f"probe {t.name!r}: base has {b.n} items, tuned {t.n}; compare the same items")
+        ch = paired_relative_change(b.item_values, b.item_weights, t.item_values, t.item_weights,
+                                    higher_is_better=t.higher_is_better, n_boot=n_boot, seed=seed)
+        drop_ci = _drop_ci(ch, t.higher_is_better)
+        out.append(ProbeComparison(
+            probe=t.name, metric=t.metric, higher_is_better=t.higher_is_better, n=t.n,
+            base=b.score, tuned=t.score, rel_change=ch["rel_change"], ci_low=ch["ci_low"], ci_high=ch["ci_high"],
+            drop=ch["drop"], verdict=verdict_for(ch["drop"], drop_ci, threshold),
+            shares_source_with_replay=t.shares_source_with_replay,
+            extra={"base": b.extra, "tuned": t.extra},
+        ))
+    return out
+
+
+def _drop_ci(ch: dict, higher_is_better: bool) -> tuple[float, float]:
+    lo, hi = ch["ci_low"], ch["ci_high"]
+    return (-hi, -lo) if higher_is_better else (lo, hi)
+
+
+def summary(comparisons: list[ProbeComparison], threshold: float) -> dict[str, Any]:
+    forgot = [c.probe for c in comparisons if c.verdict == "forgot"]
+    worst = max(comparisons, key=lambda c: c.drop) if comparisons else None
+    return {
+        "threshold": threshold,
+        "forgetting": bool(forgot),
+        "forgot_probes": forgot,
+        "worst_probe": worst.probe if worst else None,
+        "worst_drop": worst.drop if worst else None,
+    }
+
+
+def comparison_json(comparisons: list[ProbeComparison], threshold: float, meta: dict[str, Any]) -> dict[str, Any]:
+    return {"meta": meta, "summary": summary(comparisons, threshold), "probes": [asdict(c) for c in comparisons]}
+
+
+def render_comparison(comparisons: list[ProbeComparison], threshold: float, title: str = "Forgetting report"):
+    """A rich Table: base, tuned, relative change with CI, verdict; replay-sharing probes marked."""
+    from rich.table import Table
+
+    table = Table(title=title, caption=f"verdict: drop > {threshold:.0%} relative with a 95% CI excluding 0 = forgot"
+                  "; * = probe shares a source with the replay data (flatters replay)")
+    for col in ("probe", "metric", "n", "base", "tuned", "change", "95% CI", "verdict"):
+        table.add_column(col, justify="right" if col not in ("probe", "metric", "verdict") else "left")
+    colours = {"forgot": "bold red", "uncertain": "yellow", "improved": "green", "ok": "green"}
+    for c in comparisons:
+        arrow = "" if c.higher_is_better else " (lower better)"
+        table.add_row(
+            c.probe + (" *" if c.shares_source_with_replay else ""), c.metric + arrow, str(c.n),
+            f"{c.base:.4g}", f"{c.tuned:.4g}", f"{c.rel_change:+.1%}", f"[{c.ci_low:+.1%}, {c.ci_high:+.1%}]",
+            f"[{colours[c.verdict]}]{c.verdict}[/]",
+        )
+    return table
+
+
+def render_results(results: list[ProbeResult], title: str = "General probes"):
+    from rich.table import Table
+
+    table = Table(title=title, caption="* = probe shares a source with the replay data")
+    for col in ("probe", "metric", "n", "score", "95% CI", "extra", "s"):
+        table.add_column(col)
+    for r in results:
+        extra = ", ".join(f"{k}={v:.4g}" for k, v in r.extra.items() if isinstance(v, (int, float)))
+        table.add_row(r.name + (" *" if r.shares_source_with_replay else ""), r.metric, str(r.n), f"{r.score:.4g}",
+                      f"[{r.ci_low:.4g}, {r.ci_high:.4g}]", extra, f"{r.seconds:.1f}")
+    return table

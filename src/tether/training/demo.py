@@ -1,0 +1,66 @@
+"""`make demo`: naive full fine-tuning vs the default recipe, same task, steps and seed.
+
+The task routes quotes to one of 8 topic labels. A narrow output format is what makes a small
+instruct model forget: after naive fine-tuning it answers general questions with a label. The
+default recipe (LoRA + 20% replay + lr 1e-4 + guard) should learn the task and keep the rest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import load_recipe
+from .run import train
+
+
+def run_demo(steps: int = 60, output_dir: str | Path = "runs/demo", batch_size: int = 8) -> dict:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..data.pack import build_task, ensure_pack
+    from ..io import write_json
+
+    console = Console()
+    ensure_pack("general-v1")
+    task_dir = build_task("fortune-topics")
+    out = Path(output_dir)
+    common = {"task": {"train": str(task_dir / "train.jsonl"), "eval": str(task_dir / "eval.jsonl"), "eval_limit": 80},
+              "general": "general-demo"}
+    training = {"max_steps": steps, "batch_size": batch_size, "lr": 1e-4, "logging_steps": 5}
+    runs = {
+        "naive full FT": load_recipe(None, **common, methods={"full": {}}, training=training,
+                                     guard={"enabled": False}, output_dir=str(out / "naive")),
+        "default recipe": load_recipe(None, **common, training=training, guard={"every": max(5, steps // 4)},
+                                      output_dir=str(out / "default")),
+    }
+    results = {}
+    base = None
+    for label, recipe in runs.items():
+        console.rule(f"[bold]{label}[/]: {', '.join(recipe.methods)}, {steps} steps")
+        res = train(recipe, base_results=base)
+        base = {"general": res.base_results, "task": res.summary["task"]["base"]}
+        results[label] = res.summary
+
+    table = Table(title=f"tether demo: SmolLM2-135M-Instruct, quote-topic routing, {steps} steps each",
+                  caption="change = relative change vs base (95% paired-bootstrap CI); * shares a source with replay")
+    table.add_column("probe")
+    table.add_column("base", justify="right")
+    for label in results:
+        table.add_column(label, justify="right")
+    t0 = next(iter(results.values()))["task"]
+    table.add_row("task accuracy (exact match)", f"{t0['base']:.1%}",
+                  *[f"{s['task']['final']:.1%} ({s['task']['gain']:+.1%} abs)" for s in results.values()])
+    colours = {"forgot": "red", "uncertain": "yellow", "ok": "green", "improved": "green"}
+    for i, p in enumerate(t0 and next(iter(results.values()))["probes"]):
+        cells = []
+        for s in results.values():
+            c = s["probes"][i]
+            cells.append(f"[{colours[c['verdict']]}]{c['rel_change']:+.1%}[/] [{c['ci_low']:+.0%}, {c['ci_high']:+.0%}]")
+        name = p["probe"] + (" *" if p["shares_source_with_replay"] else "")
+        table.add_row(f"{name} ({p['metric']}{'' if p['higher_is_better'] else ', lower better'})", f"{p['base']:.3g}",
+                      *cells)
+    table.add_row("wall time", "", *[f"{s['seconds']:.0f} s" for s in results.values()])
+    console.print(table)
+    write_json(out / "demo.json", results)
+    console.print(f"wrote {out / 'demo.json'}")
+    return results

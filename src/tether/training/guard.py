@@ -1,0 +1,152 @@
+"""The forgetting guard: a Trainer callback that scores general probes every N steps and acts.
+
+It compares each checkpoint with the base scores measured once before training, using the same
+paired-bootstrap verdict as ``tether eval`` (a probe "forgot" when its relative drop passes the
+threshold *and* its CI excludes zero, so sampling noise on a small probe subset does not fire it).
+Actions: ``stop`` (end the run, restore the best checkpoint that stayed within budget), ``adapt``
+(lower the learning rate and ask the data for more replay), ``warn``.
+
+Runs identically on every process under DDP (same items, deterministic), so all ranks reach the
+same decision without a collective.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import TrainerCallback
+
+from ..io import append_jsonl
+from ..report.compare import compare_results
+
+log = logging.getLogger(__name__)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, v in state.items():
+            params[n].copy_(v.to(params[n].device, params[n].dtype))
+
+
+class ForgettingGuard(TrainerCallback):
+    """Args:
+        score: ``model -> (general ProbeResults, task score or None)``; scores the live model.
+        base_results: general ProbeResults of the base model on the same items.
+        threshold: relative drop that counts as forgetting (0.05 = 5%).
+        action: ``stop`` | ``adapt`` | ``warn``.
+        every: evaluate every this many optimizer steps (and at the last step).
+        run_dir: where ``guard.jsonl`` and the best trainable weights go.
+        on_adapt: called with the event when ``action == "adapt"`` (e.g. raise the replay ratio).
+        log_fn: forwards guard metrics to the Trainer's log (and so to ``report_to``).
+    """
+
+    def __init__(self, score: Callable[[torch.nn.Module], tuple[list, float | None]], base_results: list, *,
+                 threshold: float = 0.05, action: str = "stop", every: int = 20, run_dir: str | Path,
+                 adapt_lr_factor: float = 0.5, on_adapt: Callable[[dict], dict] | None = None,
+                 log_fn: Callable[[dict], None] | None = None):
+        self.score = score
+        self.base_results = base_results
+        self.threshold = threshold
+        self.action = action
+        self.every = every
+        self.run_dir = Path(run_dir)
+        self.adapt_lr_factor = adapt_lr_factor
+        self.on_adapt = on_adapt
+        self.log_fn = log_fn
+        self.events: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None  # {"step", "task_score", "state"}
+        self.stopped_at: int | None = None
+        self.restored_step: int | None = None
+
+    # -- decisions -------------------------------------------------------------------------------
+    def check(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        results, task_score = self.score(model)
+        comps = compare_results(self.base_results, results, threshold=self.threshold)
+        breached = [c.probe for c in comps if c.verdict == "forgot"]
+        event = {
+            "step": step, "task_score": task_score, "breached": breached, "within_budget": not breached,
+            "worst_drop": max((c.drop for c in comps), default=0.0),
+            "probes": {c.probe: {"score": c.tuned, "base": c.base, "drop": c.drop, "ci": [c.ci_low, c.ci_high],
+                                 "verdict": c.verdict} for c in comps},
+            "seconds": round(time.perf_counter() - t0, 2), "action": None,
+        }
+        if not breached:
+            self._maybe_keep_best(model, step, task_score)
+        return event
+
+    def _maybe_keep_best(self, model, step: int, task_score: float | None) -> None:
+        # without a task score the latest checkpoint within budget is the best one
+        better = (self.best is None or task_score is None or self.best["task_score"] is None
+                  or task_score >= self.best["task_score"])
+        if better:
+            self.best = {"step": step, "task_score": task_score, "state": trainable_state(model)}
+
+    # -- callback hooks --------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and self.best is None:
+            self.best = {"step": 0, "task_score": None, "state": trainable_state(model)}
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        step = state.global_step
+        if step % self.every != 0 and step != state.max_steps:
+            return control
+        event = self.check(model, step)
+        if event["breached"]:
+            event["action"] = self.action
+            if self.action == "stop":
+                control.should_training_stop = True
+                self.stopped_at = step
+                log.warning("guard: %s dropped more than %.0f%% at step %d; stopping",
+                            ", ".join(event["breached"]), 100 * self.threshold, step)
+            elif self.action == "adapt":
+                event["lr_factor"] = self.adapt_lr_factor
+                _scale_lr(optimizer, lr_scheduler, self.adapt_lr_factor)
+                if self.on_adapt is not None:
+                    event.update(self.on_adapt(event) or {})
+                log.warning("guard: adapting at step %d: %s", step, {k: event[k] for k in event if k.startswith(("lr", "replay"))})
+            else:
+                log.warning("guard: %s dropped more than %.0f%% at step %d", ", ".join(event["breached"]),
+                            100 * self.threshold, step)
+        self.events.append(event)
+        append_jsonl(self.run_dir / "guard.jsonl", event)
+        if self.log_fn is not None:
+            metrics = {"guard/worst_drop": event["worst_drop"], "guard/breached": float(bool(event["breached"]))}
+            if event["task_score"] is not None:
+                metrics["guard/task_score"] = event["task_score"]
+            for name, p in event["probes"].items():
+                metrics[f"guard/{name}"] = p["score"]
+            self.log_fn(metrics)
+        return control
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.stopped_at is not None and self.best is not None and model is not None:
+            restore_trainable(model, self.best["state"])
+            self.restored_step = self.best["step"]
+            log.warning("guard: restored the weights of step %d (best within budget)", self.restored_step)
+        return control
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "threshold": self.threshold, "action": self.action, "every": self.every,
+            "checks": len(self.events), "stopped_at": self.stopped_at, "restored_step": self.restored_step,
+            "best_step": self.best["step"] if self.best else None,
+            "events": [{k: v for k, v in e.items() if k != "probes"} for e in self.events],
+        }
+
+
+def _scale_lr(optimizer, lr_scheduler, factor: float) -> None:
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
+    if lr_scheduler is not None and hasattr(lr_scheduler, "base_lrs"):
+        lr_scheduler.base_lrs = [lr * factor for lr in lr_scheduler.base_lrs]

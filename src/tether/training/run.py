@@ -1,0 +1,131 @@
+"""`train(recipe)`: the whole run, in the order data flows.
+
+data (validated before any model loads) -> model -> methods -> HF Trainer (+ guard) -> probes ->
+report. The run directory gets the resolved recipe, metrics per step (JSONL), guard events, probe
+results before/after, the final model or adapter, and ``summary.json`` — all written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import Recipe, dump_recipe
+from ..data.formats import encode_records, validate_records
+from ..data.readers import read_records
+from ..io import append_jsonl, write_json, write_text
+from ..progress import status
+
+log = logging.getLogger(__name__)
+
+# methods that reshape the model go first, so freezing sees the LoRA parameters it must freeze
+_MODEL_ORDER = {"full": 0, "lora": 1, "freeze": 2}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    summary: dict[str, Any]
+    base_results: list
+    final_results: list
+    model: Any = None
+    tokenizer: Any = None
+
+
+def task_eval_items(recipe: Recipe, records) -> list[dict]:
+    """Held-out task records -> generation items (prompt as a chat turn when the model is chatty)."""
+    items = []
+    for r in records:
+        d = r.data
+        if "messages" in d:
+            msgs = d["messages"]
+            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+            items.append({"prompt": msgs[:last], "answers": [msgs[last]["content"]]})
+        elif "prompt" in d:
+            prompt = d["prompt"] if recipe.task.chat is False else [{"role": "user", "content": d["prompt"]}]
+            items.append({"prompt": prompt, "answers": [d["completion"]]})
+        else:
+            raise ValueError(f"{r.source}:{r.line}: task eval records need 'messages' or 'prompt'/'completion'")
+    return items
+
+
+def load_task(recipe: Recipe):
+    """Read and validate the task's records (no model needed); returns (train, eval) records."""
+    if not recipe.task.train:
+        raise ValueError("task.train: no training data given (a JSONL/JSON/CSV/Parquet file)")
+    train = read_records(recipe.task.train, limit=recipe.task.limit)
+    validate_records(train)
+    evals = read_records(recipe.task.eval) if recipe.task.eval else None
+    if evals is not None:
+        validate_records(evals)
+        if recipe.task.eval_limit:
+            evals = evals[: recipe.task.eval_limit]
+    return train, evals
+
+
+def build_methods(recipe: Recipe) -> dict[str, Any]:
+    from ..registry import METHODS
+
+    configs = recipe.method_configs()
+    names = sorted(configs, key=lambda n: (_MODEL_ORDER.get(n, 9), list(configs).index(n)))
+    return {n: METHODS.get(n)(configs[n]) for n in names}
+
+
+def train(recipe: Recipe, *, base_results: dict[str, list] | None = None, keep_model: bool = False) -> TrainResult:
+    """Run one recipe. ``base_results`` ({"general": [...], "guard": [...], "task": float}) skips re-scoring
+    the base model when several runs share it (the demo and the benchmarks do)."""
+    import torch
+
+    from .. import models
+    from ..probes.suite import load_suite, validate_suite
+    from .session import Session
+
+    t_start = time.perf_counter()
+    run_dir = Path(recipe.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    (run_dir / "guard.jsonl").unlink(missing_ok=True)
+
+    # 1. data, validated before the model is loaded
+    train_records, eval_records = load_task(recipe)
+    general = load_suite(recipe.general)
+    guard_suite = load_suite(recipe.guard.suite) if recipe.guard.enabled else None
+    for s in (general, guard_suite):
+        if s is not None:
+            validate_suite(s)
+
+    # 2. model
+    torch.manual_seed(recipe.training.seed)
+    with status(f"loading {recipe.model.name}"):
+        model, tok = models.load(recipe.model.name, dtype=recipe.model.dtype)
+    task_examples, skipped = encode_records(train_records, tok, max_length=recipe.task.max_length,
+                                            chat=recipe.task.chat, skip_invalid=recipe.task.skip_invalid)
+    if skipped:
+        log.warning("skipped %d invalid task records (first: %s)", len(skipped), skipped[0])
+    session = Session(recipe, model, tok, general, guard_suite,
+                      task_eval_items(recipe, eval_records) if eval_records else None, run_dir)
+
+    # 3. the base model's scores, once
+    base = session.score_base(known=base_results)
+    session.base = base
+
+    # 4. methods, trainer, guard
+    methods = build_methods(recipe)
+    trainer, guard = session.build_trainer(methods, task_examples)
+    train_out = trainer.train()
+    model = trainer.model
+    for m in methods.values():
+        m.on_task_end(model, trainer.context())
+
+    # 5. save, score, report
+    session.save_model(model, methods)
+    final = session.score_final(model)
+    summary = session.summarise(base, final, train_out, guard, methods, skipped, time.perf_counter() - t_start)
+    write_json(run_dir / "summary.json", summary)
+    append_jsonl(run_dir / "metrics.jsonl", {"event": "end", **{k: v for k, v in summary.items() if k == "task"}})
+    return TrainResult(run_dir, summary, base["general"], final["general"],
+                       model if keep_model else None, tok if keep_model else None)

@@ -1,0 +1,240 @@
+"""The pieces of one training run that need the live model: scoring, the Trainer, saving, the summary."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Recipe
+from ..data.formats import Example, encode_records
+from ..io import append_jsonl, write_json
+from ..methods.base import Context
+from ..progress import status
+
+log = logging.getLogger(__name__)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+class _JsonlMetrics:
+    """Trainer callback writing every log line to ``metrics.jsonl``."""
+
+    def __new__(cls, path: Path):
+        from transformers import TrainerCallback
+
+        class Cb(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and state.is_world_process_zero:
+                    append_jsonl(path, {"step": state.global_step, **logs})
+
+        return Cb()
+
+
+class Session:
+    def __init__(self, recipe: Recipe, model, tokenizer, general, guard_suite, task_items, run_dir: Path):
+        self.recipe = recipe
+        self.model = model
+        self.tok = tokenizer
+        self.general = general
+        self.guard_suite = guard_suite
+        self.task_items = task_items
+        self.run_dir = run_dir
+        self.base: dict[str, Any] = {}
+        self.frozen_base = None  # a frozen copy, only when a method or probe needs one and PEFT can't serve
+        self.peft = "lora" in recipe.methods
+        self.batch_size = 16
+
+    # -- scoring -----------------------------------------------------------------------------------
+    def scorer(self, model):
+        from ..probes.scorer import Scorer
+
+        return Scorer(model, self.tok, batch_size=self.batch_size)
+
+    def task_probe(self, limit: int | None = None):
+        from ..registry import PROBES
+
+        if not self.task_items:
+            return None
+        t = self.recipe.task
+        items = self.task_items[:limit] if limit else self.task_items
+        return PROBES.get(t.eval_kind)("task", items, metric=t.eval_metric, max_new_tokens=t.max_new_tokens)
+
+    def _guard_probe_names(self) -> list[str] | None:
+        wanted = self.recipe.guard.probes
+        if self.peft:
+            return wanted
+        # drift needs the base model's view; without PEFT that is a second copy, so the guard skips it
+        names = [p.name for p in self.guard_suite.probes if p.kind != "drift"]
+        dropped = [p.name for p in self.guard_suite.probes if p.kind == "drift"]
+        if dropped:
+            log.info("guard: skipping %s (drift needs an adapter to disable; full fine-tuning has none)", dropped)
+        return [n for n in names if wanted is None or n in wanted]
+
+    def _run(self, suite, model, reference, names=None, limit=None):
+        from ..probes.suite import run_suite
+
+        if names is not None:
+            suite = suite.select(names)
+        return run_suite(suite, self.scorer(model), reference=reference, limit=limit)
+
+    def score_base(self, known: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Base scores (general suite, guard subset, task); ``known`` entries are reused, not re-scored."""
+        out = dict(known or {})
+        with status("scoring the base model on the general probes"):
+            if "general" not in out:
+                out["general"] = self._run(self.general, self.model, "self")
+            if self.guard_suite is not None and "guard" not in out:
+                out["guard"] = self._run(self.guard_suite, self.model, "self", self._guard_probe_names(),
+                                         self.recipe.guard.limit)
+            if "task" not in out:
+                probe = self.task_probe()
+                out["task"] = probe.run(self.scorer(self.model)).score if probe else None
+        write_json(self.run_dir / "probes_base.json", {k: [r.to_dict() for r in v] if isinstance(v, list) else v
+                                                       for k, v in out.items()})
+        return out
+
+    def guard_score(self, model):
+        scorer = self.scorer(model)
+        reference = scorer.reference_view() if is_peft(model) else None
+        results = self._run(self.guard_suite, model, reference, self._guard_probe_names(), self.recipe.guard.limit)
+        probe = self.task_probe(limit=self.recipe.task.eval_limit)
+        return results, (probe.run(scorer).score if probe else None)
+
+    def score_final(self, model) -> dict[str, Any]:
+        from .. import models
+
+        with status("scoring the tuned model on the general probes"):
+            scorer = self.scorer(model)
+            if is_peft(model):
+                reference = scorer.reference_view()
+            else:
+                base = self.frozen_base or models.load(self.recipe.model.name, dtype=self.recipe.model.dtype,
+                                                       with_tokenizer=False, device=str(model.device))
+                reference = self.scorer(base)
+            out = {"general": self._run(self.general, model, reference)}
+            probe = self.task_probe()
+            out["task"] = probe.run(scorer).score if probe else None
+        write_json(self.run_dir / "probes_final.json", {k: [r.to_dict() for r in v] if isinstance(v, list) else v
+                                                        for k, v in out.items()})
+        return out
+
+    # -- training ----------------------------------------------------------------------------------
+    def replay_examples(self) -> list[Example]:
+        from ..data.readers import read_records
+        from ..probes.suite import replay_path
+
+        path = replay_path(self.general)
+        if path is None:
+            return []
+        examples, _ = encode_records(read_records(path), self.tok, max_length=self.recipe.task.max_length)
+        return examples
+
+    def build_trainer(self, methods: dict, task_examples: list[Example]):
+        from transformers import TrainingArguments
+
+        from ..data.collate import Collator
+        from .guard import ForgettingGuard
+        from .trainer import TetherTrainer
+
+        r, t = self.recipe, self.recipe.training
+        needs_general = any(n in methods for n in ("replay", "ewc", "lwf"))
+        ctx = Context(
+            tokenizer=self.tok, general_examples=self.replay_examples() if needs_general else [],
+            task_examples=task_examples, output_dir=str(self.run_dir), device=str(self.model.device), seed=t.seed,
+            grad_accum_steps=t.grad_accum, batch_size=t.batch_size, num_batches=t.max_steps * t.grad_accum,
+        )
+        if any(m.needs_reference for m in methods.values()) and not self.peft:
+            self.frozen_base = copy.deepcopy(self.model).eval().requires_grad_(False)
+        model = self.model
+        for m in methods.values():
+            model = m.prepare_model(model, ctx)
+        if any(m.needs_reference for m in methods.values()):
+            from ..methods.lwf import make_reference
+
+            ctx = dataclasses.replace(ctx, reference=make_reference(model, self.frozen_base))
+        model.train()
+        for m in methods.values():
+            m.on_task_start(model, ctx)
+        data: Any = task_examples
+        for m in methods.values():
+            data = m.prepare_data(data, ctx)
+        if isinstance(data, list):
+            data = [{"input_ids": e.input_ids, "labels": e.labels} if isinstance(e, Example) else e for e in data]
+        if t.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        args = TrainingArguments(
+            output_dir=str(self.run_dir / "checkpoints"), max_steps=t.max_steps,
+            per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+            learning_rate=t.lr, lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_steps,
+            weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed,
+            bf16=t.bf16, fp16=t.fp16, logging_steps=t.logging_steps, report_to=t.report_to,
+            save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
+            remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+            disable_tqdm=False,
+        )
+        trainer = TetherTrainer(model=model, args=args, train_dataset=data,
+                                data_collator=Collator(self.tok.pad_token_id), methods=methods, context=ctx)
+        trainer.add_callback(_JsonlMetrics(self.run_dir / "metrics.jsonl"))
+        guard = None
+        if self.guard_suite is not None:
+            g = r.guard
+            guard = ForgettingGuard(
+                self.guard_score, self.base["guard"], threshold=g.threshold, action=g.action, every=g.every,
+                run_dir=self.run_dir, adapt_lr_factor=g.adapt_lr_factor,
+                on_adapt=lambda ev: _raise_replay(data, g.adapt_replay_step, ev["step"] * t.grad_accum), log_fn=trainer.log,
+            )
+            trainer.add_callback(guard)
+        self.model = model
+        return trainer, guard
+
+    def save_model(self, model, methods: dict) -> Path:
+        out = self.run_dir / "model"
+        with status(f"saving the model to {out}"):
+            saver = next((m for m in methods.values() if hasattr(m, "save_model")), None)
+            if saver is not None:
+                saver.save_model(model, out)
+            else:
+                model.save_pretrained(out, safe_serialization=True)
+            self.tok.save_pretrained(out)
+            for m in methods.values():
+                if hasattr(m, "save"):
+                    m.save(self.run_dir)
+        return out
+
+    def summarise(self, base, final, train_out, guard, methods, skipped, seconds: float) -> dict[str, Any]:
+        from ..report.compare import compare_results, summary
+
+        g = self.recipe.guard
+        comps = compare_results(base["general"], final["general"], threshold=g.threshold)
+        task_base, task_final = base.get("task"), final.get("task")
+        return {
+            "run_dir": str(self.run_dir),
+            "methods": list(methods),
+            "steps": train_out.global_step,
+            "train_loss": train_out.training_loss if math.isfinite(train_out.training_loss) else None,
+            "seconds": round(seconds, 1),
+            "task": {"base": task_base, "final": task_final,
+                     "gain": None if task_base is None or task_final is None else task_final - task_base},
+            "general": summary(comps, g.threshold),
+            "probes": [dataclasses.asdict(c) for c in comps],
+            "guard": guard.summary() if guard else None,
+            "skipped_records": [str(e) for e in skipped],
+            "method_metrics": {n: m.metrics() for n, m in methods.items()},
+        }
+
+
+def _raise_replay(dataset, step: float, start: int) -> dict:
+    """Guard 'adapt': ask a replay-mixed dataset for a higher ratio in the batches still to come."""
+    if getattr(dataset, "ratio", None) is not None and hasattr(dataset, "set_ratio"):
+        new = min(0.9, dataset.ratio + step)
+        dataset.set_ratio(new, start)
+        return {"replay_ratio": new}
+    return {"replay_ratio": None}

@@ -1,0 +1,117 @@
+"""`TetherTrainer`: HF Trainer plus the method plugins, through one `compute_loss` override.
+
+Callbacks decide *when* (the guard, metric logging); this subclass decides *what* the loss is. It
+stays small on purpose: per-method logic lives in the methods, scheduling in callbacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from ..methods.base import Context, Method
+
+
+class TetherTrainer(Trainer):
+    """A Trainer whose loss is the task loss plus the named terms the active methods return.
+
+    Args:
+        methods: active methods by name, in recipe order.
+        context: the base `Context`; ``step`` is filled in per call.
+    """
+
+    def __init__(self, *args: Any, methods: dict[str, Method], context: Context, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.methods = methods
+        self.base_context = context
+        self._term_sums: dict[str, float] = defaultdict(float)
+        self._term_counts: dict[str, int] = defaultdict(int)
+        self.add_callback(_MethodHooks(self))
+
+    def context(self) -> Context:
+        return dataclasses.replace(self.base_context, step=self.state.global_step)
+
+    def get_train_dataloader(self):
+        """Honour a dataset's fixed batch plan (replay's exact per-batch ratio) instead of shuffling."""
+        ds = self.train_dataset
+        plan = getattr(ds, "batches", None)
+        if plan is None:
+            return super().get_train_dataloader()
+        loader = torch.utils.data.DataLoader(
+            ds, batch_sampler=plan, collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        is_replay = inputs.pop("is_replay", None)
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if not model.training:
+            return (loss, outputs) if return_outputs else loss
+        ctx = self.context()
+        terms: dict[str, torch.Tensor] = {}
+        seen = inputs if is_replay is None else {**inputs, "is_replay": is_replay}
+        for name, method in self.methods.items():
+            for key, value in method.extra_loss(model, seen, outputs, ctx).items():
+                terms[key if key == name or key.startswith(name) else f"{name}_{key}"] = value
+        if terms:
+            extra = torch.stack([t.to(loss.dtype) for t in terms.values()]).sum()
+            if self._loss_already_scaled(num_items_in_batch):
+                # the task loss was normalised over the whole accumulated batch; the Trainer will not
+                # divide again, so extra terms must be divided here to weigh the same at any accumulation
+                extra = extra / self.current_gradient_accumulation_steps
+            loss = loss + extra
+        self._record(terms, inputs, outputs, is_replay)
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss_already_scaled(self, num_items_in_batch) -> bool:
+        if self.loss_is_scaled_for_ga is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func)
+
+    @torch.no_grad()
+    def _record(self, terms, inputs, outputs, is_replay) -> None:
+        for k, v in terms.items():
+            self._term_sums[k] += float(v.detach())
+            self._term_counts[k] += 1
+        if is_replay is None or not bool(is_replay.any()) or bool(is_replay.all()):
+            return
+        # split the task loss into task and replay parts for the log (no extra forward pass)
+        logits = outputs.logits[:, :-1].float()
+        labels = inputs["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        mask = (labels != -100).float()
+        for name, sel in (("loss_task", ~is_replay), ("loss_replay", is_replay)):
+            denom = mask[sel].sum()
+            if denom > 0:
+                self._term_sums[name] += float((nll[sel] * mask[sel]).sum() / denom)
+                self._term_counts[name] += 1
+        self._term_sums["replay_fraction"] += float(is_replay.float().mean())
+        self._term_counts["replay_fraction"] += 1
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:  # a training log: add what accumulated since the last one
+            for k, total in self._term_sums.items():
+                logs[k] = total / max(1, self._term_counts[k])
+            self._term_sums.clear()
+            self._term_counts.clear()
+            for name, method in self.methods.items():
+                for k, v in method.metrics().items():
+                    logs[f"{name}/{k}"] = v
+        super().log(logs, *args, **kwargs)
+
+
+class _MethodHooks(TrainerCallback):
+    """Calls `before_optimizer_step` on every method (gradient projection, masking)."""
+
+    def __init__(self, trainer: TetherTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        ctx = self.trainer.context()
+        for method in self.trainer.methods.values():
+            method.before_optimizer_step(self.trainer.model, ctx)

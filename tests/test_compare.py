@@ -1,0 +1,56 @@
+"""The forgetting report detects forgetting and does not invent it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tether.probes.base import ProbeResult
+from tether.report.compare import comparison_json, compare_results, render_comparison, verdict_for
+
+
+def res(values, weights=None, hib=True, name="p"):
+    s = sum(values) / (sum(weights) if weights else len(values))
+    return ProbeResult(name=name, kind="k", metric="m", higher_is_better=hib, score=s, n=len(values), ci_low=s,
+                       ci_high=s, item_values=list(values), item_weights=weights)
+
+
+def test_verdicts():
+    assert verdict_for(0.10, (0.02, 0.2), 0.05) == "forgot"
+    assert verdict_for(0.10, (-0.02, 0.2), 0.05) == "uncertain"
+    assert verdict_for(0.01, (-0.02, 0.04), 0.05) == "ok"
+    assert verdict_for(-0.10, (-0.2, -0.05), 0.05) == "improved"
+
+
+def test_identical_results_no_drop_ci_covers_zero():
+    g = torch.Generator().manual_seed(0)
+    vals = torch.rand(200, generator=g).round().tolist()
+    c = compare_results([res(vals)], [res(vals)])[0]
+    assert c.rel_change == 0 and c.ci_low <= 0 <= c.ci_high and c.verdict == "ok"
+
+
+def test_clear_drop_flagged_for_both_directions():
+    acc_base, acc_tuned = [1.0] * 80 + [0.0] * 20, [1.0] * 50 + [0.0] * 50
+    c = compare_results([res(acc_base)], [res(acc_tuned)])[0]
+    assert c.verdict == "forgot" and c.drop == pytest.approx(0.375) and c.ci_high < 0
+    # a loss that rises is a drop too (lower is better)
+    lb = [2.0] * 50
+    lt = [2.6] * 50
+    w = [1.0] * 50
+    c = compare_results([res(lb, w, hib=False)], [res(lt, w, hib=False)])[0]
+    assert c.verdict == "forgot" and c.drop == pytest.approx(0.3) and c.rel_change == pytest.approx(0.3)
+
+
+def test_mismatched_items_rejected_and_json_table():
+    with pytest.raises(ValueError, match="same items"):
+        compare_results([res([1.0, 0.0])], [res([1.0])])
+    with pytest.raises(ValueError, match="not on the base"):
+        compare_results([res([1.0], name="a")], [res([1.0], name="b")])
+    comps = compare_results([res([1.0] * 10)], [res([0.0] * 10)])
+    js = comparison_json(comps, 0.05, {"base": "b"})
+    assert js["summary"]["forgetting"] and js["summary"]["forgot_probes"] == ["p"]
+    from rich.console import Console
+
+    console = Console(record=True, width=160)
+    console.print(render_comparison(comps, 0.05))
+    assert "forgot" in console.export_text()

@@ -1,0 +1,57 @@
+"""Recipes: defaults, YAML, overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from tether.config import RecipeError, load_recipe, parse_overrides
+
+
+def test_default_recipe_is_the_practical_one():
+    r = load_recipe()
+    assert set(r.methods) == {"lora", "replay"}
+    assert r.methods["replay"]["ratio"] == 0.2
+    assert r.training.lr == 1e-4
+    assert r.guard.enabled and r.guard.threshold == 0.05 and r.guard.action == "stop"
+
+
+def test_overrides_nest_and_route_method_keys():
+    assert parse_overrides(["a.b=3", "a.c=x", "d=[1, 2]"]) == {"a": {"b": 3, "c": "x"}, "d": [1, 2]}
+    r = load_recipe(overrides=["lora.r=32", "training.lr=2e-4", "guard.action=warn"])
+    assert r.methods["lora"]["r"] == 32 and "replay" in r.methods
+    assert r.training.lr == 2e-4 and r.guard.action == "warn"
+    assert "replay" not in load_recipe(overrides=["replay=false"]).methods
+
+
+def test_yaml_recipe_and_relative_paths(tmp_path):
+    (tmp_path / "t.jsonl").write_text('{"text": "x"}\n')
+    p = tmp_path / "r.yaml"
+    p.write_text("task:\n  train: t.jsonl\nmethods:\n  full:\n  ewc: {lambda_: 5}\ntraining: {max_steps: 3}\n")
+    r = load_recipe(p, ["ewc.fisher_samples=8"])
+    assert r.task.train == str(tmp_path / "t.jsonl")
+    assert set(r.methods) == {"full", "ewc"} and r.methods["ewc"]["fisher_samples"] == 8
+    assert r.training.max_steps == 3
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("training: {lr: -1}\n", "training.lr must be > 0"),
+    ("training: {max_steps: 0}\n", "training.max_steps must be > 0"),
+    ("trainin: {lr: 1}\n", "trainin"),
+    ("methods: {nope: {}}\n", "methods.nope: unknown method"),
+    ("methods: {lora: {r: 0}}\n", "lora.r"),
+    ("guard: {threshold: 2}\n", "guard.threshold must be in (0, 1)"),
+    ("methods: {lora: {}, full: {}}\n", "one of 'lora' and 'full'"),
+    ("task: [1\n", "invalid YAML"),
+])
+def test_bad_recipes_name_file_and_key(tmp_path, yaml_text, message):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml_text)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    assert str(e.value).startswith(str(p)) and message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_override_format():
+    with pytest.raises(RecipeError, match="expected key=value"):
+        load_recipe(overrides=["lora.r"])

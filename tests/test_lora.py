@@ -1,0 +1,91 @@
+"""LoRA: wraps with PEFT, trains only the adapter, fails on a target that matches nothing, and
+saves an adapter PEFT can load or a merged model transformers can load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from pydantic import ValidationError
+
+from tether.methods.base import Context
+from tether.methods.lora import LoRA, LoraMethodConfig
+
+VOCAB = 64
+
+
+def ids() -> torch.Tensor:
+    return torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+
+
+def wrapped(config: dict | None = None):
+    method = LoRA(config or {"r": 4})
+    model = method.prepare_model(make_tiny_llama(VOCAB, hidden=16), Context())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    return method, model.eval()
+
+
+def test_wraps_trains_only_the_adapter_and_logs_matches(caplog):
+    with caplog.at_level("INFO"):
+        method, model = wrapped()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A.default." in n or ".lora_B.default." in n for n in trainable)
+    assert len(trainable) == 2 * 7 * 2  # A and B, seven projections, two layers
+    assert "on 14 modules" in caplog.text and "q_proj x2" in caplog.text
+    assert model.peft_config["default"].r == 4 and model.peft_config["default"].lora_alpha == 32
+
+
+def test_all_linear_and_existing_peft_model():
+    method, model = wrapped({"r": 2, "target_modules": "all-linear"})
+    names = {n for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert any(n.endswith("mlp.down_proj") for n in names) and not any(n.endswith("lm_head") for n in names)
+    second = LoRA({"r": 2, "target_modules": ["q_proj"], "adapter_name": "second"})
+    again = second.prepare_model(model, Context())
+    assert again is model and set(model.peft_config) == {"default", "second"}
+    assert any(".lora_A.second." in n and p.requires_grad for n, p in model.named_parameters())
+
+
+def test_target_matching_nothing_names_it():
+    with pytest.raises(ValueError, match=r"lora.target_modules: 'qproj' matched no module"):
+        method = LoRA({"target_modules": ["q_proj", "qproj"]})
+        method.prepare_model(make_tiny_llama(VOCAB, hidden=16), Context())
+
+
+def test_save_adapter_loads_with_peft(tmp_path):
+    from peft import PeftModel
+
+    method, model = wrapped()
+    out = method.save(model, tmp_path / "adapter")
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    loaded = PeftModel.from_pretrained(make_tiny_llama(VOCAB, hidden=16), out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids()).logits, model(input_ids=ids()).logits)
+
+
+def test_save_merged_loads_with_transformers_and_keeps_the_adapter(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    method, model = wrapped({"r": 4, "merge_on_save": True})
+    out = method.save(model, tmp_path / "merged")
+    assert (out / "config.json").exists() and not (out / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids()).logits, model(input_ids=ids()).logits,
+                                   rtol=1e-4, atol=1e-5)
+    assert any("lora_A" in n for n, _ in model.named_parameters()), "the training model keeps its adapter"
+    with pytest.raises(ValueError, match="PEFT-wrapped"):
+        method.save(make_tiny_llama(VOCAB, hidden=16), tmp_path / "x", merge=False)
+
+
+def test_config_errors():
+    with pytest.raises(ValidationError, match="lora.r must be > 0"):
+        LoraMethodConfig(r=0)
+    with pytest.raises(ValidationError, match=r"lora.dropout must be in \[0, 1\)"):
+        LoraMethodConfig(dropout=1.0)
+    with pytest.raises(ValidationError, match="lora.target_modules"):
+        LoraMethodConfig(target_modules=[])
+    with pytest.raises(ValidationError):
+        LoraMethodConfig(target_modules="everything")

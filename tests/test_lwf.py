@@ -1,0 +1,156 @@
+"""LwF: the KL is zero for a student equal to its teacher and positive otherwise, only the student
+gets a gradient, and the adapter-disabled teacher is the base model without touching its weights."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from pydantic import ValidationError
+
+from tether.data.formats import Example
+from tether.methods.base import Context
+from tether.methods.lwf import LwF, LwFConfig, lwf_kl, make_reference
+
+VOCAB = 80
+
+
+def lora_model(seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+
+    base = make_tiny_llama(VOCAB, hidden=16, seed=seed)
+    snapshot = copy.deepcopy(base)
+    cfg = LoraConfig(r=2, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"],
+                     task_type="CAUSAL_LM")
+    model = get_peft_model(base, cfg)
+    with torch.no_grad():  # B starts at 0; give the adapter something to say
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    return model.train(), snapshot
+
+
+def batch(b: int = 2, length: int = 7, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (b, length), generator=g)
+    mask = torch.ones(b, length, dtype=torch.long)
+    mask[0, -2:] = 0
+    ids[mask == 0] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def test_kl_zero_for_equal_positive_otherwise_and_masked():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 5, 11, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert lwf_kl(t.clone(), t, mask, 2.0).item() == pytest.approx(0.0, abs=1e-7)
+    s = torch.randn(2, 5, 11, generator=g)
+    value = lwf_kl(s, t, mask, 2.0)
+    assert value.item() > 0
+    s2 = s.clone()
+    s2[0, 3:] += 5.0  # padding positions do not count
+    assert lwf_kl(s2, t, mask, 2.0).item() == pytest.approx(value.item())
+    # the formula: T^2 * mean over unmasked positions of sum_v p_t (log p_t - log p_s)
+    p_t, log_s = torch.softmax(t / 2, -1), torch.log_softmax(s / 2, -1)
+    kl = (p_t * (torch.log(p_t) - log_s)).sum(-1)
+    assert value.item() == pytest.approx(4 * kl[mask.bool()].mean().item(), rel=1e-5)
+
+
+def test_gradient_flows_only_into_the_student():
+    s = torch.randn(1, 4, 9, requires_grad=True)
+    t = torch.randn(1, 4, 9, requires_grad=True)
+    lwf_kl(s, t, None, 1.5).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t.grad is None
+
+
+def test_adapter_disabled_teacher_is_the_base_model_and_touches_nothing():
+    model, base = lora_model()
+    ref = make_reference(model)
+    b = batch()
+    inputs = {k: b[k] for k in ("input_ids", "attention_mask")}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    teacher = ref(model, b)
+    assert not teacher.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(teacher, base.eval()(**inputs).logits)
+        student = model.eval()(**inputs).logits
+        assert not torch.allclose(student, teacher, atol=1e-3), "the adapter is active again"
+    model.train()
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    after = model.state_dict()
+    assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_frozen_copy_reference_for_a_plain_model():
+    model = make_tiny_llama(VOCAB, hidden=16).train()
+    ref = make_reference(model)
+    b = batch()
+    before = ref(model, b)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05)
+    torch.testing.assert_close(ref(model, b), before)
+    explicit = make_reference(model, frozen_copy=make_tiny_llama(VOCAB, hidden=16))
+    torch.testing.assert_close(explicit(None, b), before)
+
+
+def _ctx(model, general=(), **kw):
+    return Context(reference=make_reference(model), general_examples=list(general), **kw)
+
+
+def test_extra_loss_student_equals_teacher_then_learns():
+    model, _ = lora_model()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+    lwf = LwF({"alpha": 0.5})
+    b = batch()
+    ctx = _ctx(model)
+    assert lwf.extra_loss(model, b, model(**b), ctx)["lwf"].item() == pytest.approx(0.0, abs=1e-7)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    term = lwf.extra_loss(model, b, None, ctx)["lwf"]  # no outputs: the method runs the forward itself
+    assert term.item() > 0
+    term.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "lora_" in n)
+    assert all(g is None for n, g in grads.items() if "lora_" not in n)
+
+
+def test_task_plus_general_is_deterministic():
+    model, _ = lora_model()
+    general = [Example(list(range(3 + i, 9 + i)), list(range(3 + i, 9 + i)), "", "") for i in range(5)]
+    ctx = _ctx(model, general, seed=3)
+    a, b = (LwF({"on": "task+general", "general_batch_size": 2}) for _ in range(2))
+    for _ in range(3):
+        ga, gb = a.general_batch(ctx), b.general_batch(ctx)
+        assert torch.equal(ga["input_ids"], gb["input_ids"]) and ga["input_ids"].shape[0] == 2
+    terms = LwF({"on": "task+general"}).extra_loss(model, batch(), None, ctx)
+    assert set(terms) == {"lwf", "lwf_general"}
+    assert all(math.isfinite(v.item()) and v.item() > 0 for v in terms.values())
+    state = a.state_dict()
+    c = LwF({"on": "task+general", "general_batch_size": 2})
+    c.load_state_dict(state)
+    assert torch.equal(c.general_batch(ctx)["input_ids"], a.general_batch(ctx)["input_ids"])
+    with pytest.raises(ValueError, match="no general data"):
+        LwF({"on": "task+general"}).extra_loss(model, batch(), None, _ctx(model))
+
+
+def test_needs_reference_and_config_errors():
+    assert LwF.needs_reference
+    model, _ = lora_model()
+    with pytest.raises(RuntimeError, match="ctx.reference"):
+        LwF().extra_loss(model, batch(), None, Context())
+    with pytest.raises(ValidationError, match="lwf.temperature must be > 0"):
+        LwFConfig(temperature=0)
+    with pytest.raises(ValidationError, match="lwf.alpha must be >= 0"):
+        LwFConfig(alpha=-1)

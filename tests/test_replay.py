@@ -1,0 +1,129 @@
+"""Replay plans every batch: the exact ratio per batch (examples), within one example (tokens),
+shuffled task epochs, replay without replacement per pass, deterministic in the seed; and the
+collator that batches the result."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from tether.data.collate import Collator
+from tether.data.formats import Example
+from tether.methods.base import Context
+from tether.methods.replay import MixedDataset, Replay, ReplayConfig, plan_batches, replay_counts
+
+
+def count(batch, kind="replay"):
+    return sum(1 for k, _ in batch if k == kind)
+
+
+def test_examples_mode_exact_ratio_in_every_batch():
+    plan = plan_batches(37, [5] * 11, None, batch_size=10, num_batches=25, ratio=0.2, by="examples", seed=1)
+    assert len(plan) == 25
+    assert all(len(b) == 10 and count(b) == 2 for b in plan)
+
+
+def test_examples_mode_non_integral_ratio_alternates_with_exact_running_ratio():
+    counts = replay_counts(0.2, 8, 20)
+    assert set(counts) == {1, 2}
+    assert all(sum(counts[:b]) == math.floor(b * 1.6) for b in range(21))
+    assert replay_counts(0.29, 100, 50) == [29] * 50  # no float drift (0.29 * 100 = 28.999...)
+    plan = plan_batches(30, [3] * 9, None, 8, 20, 0.2, "examples", 0)
+    assert [count(b) for b in plan] == counts and all(len(b) == 8 for b in plan)
+
+
+def test_task_epochs_are_shuffled_permutations_and_replay_draws_without_replacement():
+    n_task, n_pool = 12, 7
+    plan = plan_batches(n_task, [4] * n_pool, None, 4, 30, 0.25, "examples", seed=5)
+    task = [i for b in plan for k, i in b if k == "task"]
+    replay = [i for b in plan for k, i in b if k == "replay"]
+    for e in range(len(task) // n_task):
+        assert sorted(task[e * n_task:(e + 1) * n_task]) == list(range(n_task))
+    for p in range(len(replay) // n_pool):
+        assert sorted(replay[p * n_pool:(p + 1) * n_pool]) == list(range(n_pool))
+    assert task[:n_task] != list(range(n_task)) and task[:n_task] != task[n_task:2 * n_task]
+
+
+def test_tokens_mode_within_one_example_of_the_ratio():
+    rng = random.Random(0)
+    task_len = [rng.randint(5, 60) for _ in range(40)]
+    pool_len = [rng.randint(5, 60) for _ in range(25)]
+    ratio = 0.3
+    plan = plan_batches(40, pool_len, task_len, 6, 40, ratio, "tokens", seed=2)
+    for b in plan:
+        assert count(b, "task") == round(0.7 * 6)
+        t = sum(task_len[i] for k, i in b if k == "task")
+        r = sum(pool_len[i] for k, i in b if k == "replay")
+        assert abs(r / (r + t) - ratio) <= max(pool_len) / (r + t)
+    total_r = sum(pool_len[i] for b in plan for k, i in b if k == "replay")
+    total = total_r + sum(task_len[i] for b in plan for k, i in b if k == "task")
+    assert total_r / total == pytest.approx(ratio, abs=0.05)
+
+
+def test_plan_is_deterministic_in_the_seed():
+    args = (20, [3, 9, 4, 7, 5, 6], [4] * 20, 5, 12, 0.4)
+    for by in ("examples", "tokens"):
+        assert plan_batches(*args, by, 7) == plan_batches(*args, by, 7)
+        assert plan_batches(*args, by, 7) != plan_batches(*args, by, 8)
+
+
+def test_plan_edges():
+    assert all(count(b) == 0 for b in plan_batches(5, [], None, 4, 3, 0.0, "examples", 0))
+    one_epoch = plan_batches(10, [2] * 3, None, 4, 0, 0.5, "examples", 0)
+    assert len(one_epoch) == 5  # 2 task examples per batch, stop when the 10 are used
+    with pytest.raises(ValueError, match="no general data"):
+        plan_batches(5, [], None, 4, 3, 0.2, "examples", 0)
+
+
+def ex(n: int, start: int, prompt: int = 1) -> Example:
+    ids = list(range(start, start + n))
+    return Example(ids, [-100] * prompt + ids[prompt:], "", "")
+
+
+def test_prepare_data_mixed_dataset_with_dataloader_and_metrics(caplog):
+    task = [ex(5 + i % 3, 10 + i) for i in range(9)]
+    general = [ex(4 + i % 2, 100 + i, prompt=0) for i in range(5)]
+    method = Replay({"ratio": 0.25})
+    ctx = Context(general_examples=general, batch_size=4, num_batches=6, seed=0)
+    ds = method.prepare_data(task, ctx)
+    assert isinstance(ds, MixedDataset) and len(ds) == len(task) + len(general)
+    assert len(ds.batches) == 6 and all(len(b) == 4 for b in ds.batches)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=ds.batches, collate_fn=Collator(0))
+    for batch in loader:
+        assert batch["is_replay"].sum().item() == 1
+        assert set(batch) == {"input_ids", "attention_mask", "labels", "is_replay"}
+        method.extra_loss(None, batch, None, ctx)
+    m = method.metrics()
+    assert m["replay_planned_examples"] == m["replay_realised_examples"] == 0.25
+    assert m["replay_planned_tokens"] == pytest.approx(m["replay_realised_tokens"])
+    fresh = Replay({"ratio": 0.25})
+    fresh.load_state_dict(method.state_dict())
+    assert fresh.metrics() == m
+    with caplog.at_level("WARNING"):
+        Replay({"ratio": 0.1}).prepare_data(task, ctx)
+    assert "batch size >= 10" in caplog.text
+
+
+def test_config_errors():
+    with pytest.raises(ValidationError, match="replay.ratio must be in"):
+        ReplayConfig(ratio=1.0)
+    with pytest.raises(ValidationError):
+        ReplayConfig(by="bytes")
+
+
+def test_collator_pads_right_with_masked_labels():
+    items = [ex(3, 10), {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, 8, 9], "is_replay": True}]
+    out = Collator(pad_token_id=0, pad_to_multiple_of=4)(items)
+    assert out["input_ids"].shape == (2, 8)
+    assert out["input_ids"][0].tolist() == [10, 11, 12, 0, 0, 0, 0, 0]
+    assert out["attention_mask"][0].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+    assert out["labels"][0].tolist() == [-100, 11, 12] + [-100] * 5
+    assert out["labels"][1].tolist() == [-100, 6, 7, 8, 9, -100, -100, -100]
+    assert out["is_replay"].dtype == torch.bool and out["is_replay"].tolist() == [False, True]
+    assert "is_replay" not in Collator(0)([ex(2, 1)])
+    with pytest.raises(ValueError, match="labels"):
+        Collator(0)([{"input_ids": [1, 2], "labels": [1]}])
