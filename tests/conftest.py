@@ -47,3 +47,63 @@ def smollm2():
 
     model, tok = load("smollm2-135m-instruct", device="cpu")
     return model, tok
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama saved like a real checkpoint (with SmolLM2's tokenizer), loadable by name."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_llama(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+TOPICS = ["sports", "cooking", "music"]
+WORDS = {"sports": ["goal", "match", "team", "ball", "score"], "cooking": ["oven", "salt", "recipe", "bake", "pan"],
+         "music": ["guitar", "song", "melody", "drum", "chord"]}
+
+
+def write_jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_task(tmp_path_factory):
+    """A 3-label routing task as prompt/completion JSONL (train 30, eval 9)."""
+    d = tmp_path_factory.mktemp("task")
+    rows = []
+    for i in range(39):
+        topic = TOPICS[i % 3]
+        w = WORDS[topic]
+        rows.append({"prompt": f"Topic of: the {w[i % 5]} and the {w[(i + 2) % 5]} ({i})?", "completion": topic})
+    return write_jsonl(d / "train.jsonl", rows[:30]), write_jsonl(d / "eval.jsonl", rows[30:])
+
+
+@pytest.fixture(scope="session")
+def tiny_suite(tmp_path_factory):
+    """A small general suite (perplexity, multiple choice, generation, drift) with replay data, as YAML."""
+    d = tmp_path_factory.mktemp("suite")
+    facts = [("The sky is", ["blue", "green", "loud"], 0), ("Water is", ["wet", "dry", "square"], 0),
+             ("Fire is", ["cold", "hot", "slow"], 1), ("Ice is", ["warm", "frozen", "red"], 1)] * 3
+    write_jsonl(d / "mc.jsonl", [{"query": f"Q: {q}\nA:", "choices": c, "gold": g} for q, c, g in facts])
+    write_jsonl(d / "chat.jsonl", [{"messages": [{"role": "user", "content": f"Say something about {t} {i}."},
+                                                 {"role": "assistant", "content": f"{t.title()} is fun number {i}."}]}
+                                   for i in range(10) for t in ("cats", "rain")][:16])
+    write_jsonl(d / "gen.jsonl", [{"prompt": [{"role": "user", "content": f"What is {i} plus {i}?"}],
+                                   "answers": [str(2 * i)]} for i in range(6)])
+    write_jsonl(d / "drift.jsonl", [{"prompt": f"Tell me about item {i} in the list."} for i in range(8)])
+    write_jsonl(d / "replay.jsonl", [{"messages": [{"role": "user", "content": f"Hello {i}"},
+                                                   {"role": "assistant", "content": f"Hi there, friend {i}!"}]}
+                                     for i in range(40)])
+    (d / "suite.yaml").write_text(
+        "name: tiny\n"
+        "probes:\n"
+        "  - {name: chat_loss, kind: perplexity, data: chat.jsonl, sources: [chitchat]}\n"
+        "  - {name: facts_mc, kind: multiple_choice, data: mc.jsonl, sources: [facts]}\n"
+        "  - {name: sums_gen, kind: generation, data: gen.jsonl, sources: [sums], options: {max_new_tokens: 4}}\n"
+        "  - {name: drift, kind: drift, data: drift.jsonl, sources: [prompts]}\n"
+        "replay: {data: replay.jsonl, sources: [chitchat]}\n")
+    return d / "suite.yaml"

@@ -58,7 +58,7 @@ def test_save_adapter_loads_with_peft(tmp_path):
     from peft import PeftModel
 
     method, model = wrapped()
-    out = method.save(model, tmp_path / "adapter")
+    out = method.save_model(model, tmp_path / "adapter")
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     loaded = PeftModel.from_pretrained(make_tiny_llama(VOCAB, hidden=16), out).eval()
     with torch.no_grad():
@@ -69,7 +69,7 @@ def test_save_merged_loads_with_transformers_and_keeps_the_adapter(tmp_path):
     from transformers import AutoModelForCausalLM
 
     method, model = wrapped({"r": 4, "merge_on_save": True})
-    out = method.save(model, tmp_path / "merged")
+    out = method.save_model(model, tmp_path / "merged")
     assert (out / "config.json").exists() and not (out / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
@@ -77,7 +77,7 @@ def test_save_merged_loads_with_transformers_and_keeps_the_adapter(tmp_path):
                                    rtol=1e-4, atol=1e-5)
     assert any("lora_A" in n for n, _ in model.named_parameters()), "the training model keeps its adapter"
     with pytest.raises(ValueError, match="PEFT-wrapped"):
-        method.save(make_tiny_llama(VOCAB, hidden=16), tmp_path / "x", merge=False)
+        method.save_model(make_tiny_llama(VOCAB, hidden=16), tmp_path / "x", merge=False)
 
 
 def test_config_errors():

@@ -20,8 +20,10 @@ def simulate(sched, losses: dict[int, float], steps: int, k: int = 1) -> dict[in
 
 
 def test_never_replayed_then_weak_examples_come_first():
+    fresh = MemoryStrengthScheduler(5, seed=0)
+    assert sorted(fresh.select(5, 0)) == [0, 1, 2, 3, 4]  # all unseen (retention 0): everything is due
+    assert (fresh.last_step == 0).all()  # selection starts the clock (batches are drawn ahead of updates)
     s = MemoryStrengthScheduler(5, seed=0)
-    assert sorted(s.select(5, 0)) == [0, 1, 2, 3, 4]  # all unseen (retention 0): everything is due
     s.update([0, 1, 2, 3], [0.1, 0.2, 0.3, 5.0], step=0)  # 4 is still never replayed
     r = s.retention(3)
     assert r[4] == 0.0 and r[3] < r[0]

@@ -95,7 +95,7 @@ def test_prepare_data_mixed_dataset_with_dataloader_and_metrics(caplog):
     loader = torch.utils.data.DataLoader(ds, batch_sampler=ds.batches, collate_fn=Collator(0))
     for batch in loader:
         assert batch["is_replay"].sum().item() == 1
-        assert set(batch) == {"input_ids", "attention_mask", "labels", "is_replay"}
+        assert set(batch) == {"input_ids", "attention_mask", "labels", "is_replay", "replay_index"}
         method.extra_loss(None, batch, None, ctx)
     m = method.metrics()
     assert m["replay_planned_examples"] == m["replay_realised_examples"] == 0.25
@@ -127,3 +127,50 @@ def test_collator_pads_right_with_masked_labels():
     assert "is_replay" not in Collator(0)([ex(2, 1)])
     with pytest.raises(ValueError, match="labels"):
         Collator(0)([{"input_ids": [1, 2], "labels": [1]}])
+
+
+def test_mssr_schedule_fills_replay_slots_from_the_scheduler_and_learns(tokenizer, tiny_model, tmp_path):
+    """schedule: mssr through a real Trainer: same slots per batch, picks driven by losses, budget logged."""
+    from transformers import TrainingArguments
+
+    from tether.data.collate import Collator
+    from tether.methods.base import Context
+    from tether.registry import METHODS
+    from tether.training.trainer import TetherTrainer
+
+    def examples(n, offset):
+        texts = [f"Sentence number {i + offset} talks about topic {(i + offset) % 5}." for i in range(n)]
+        out = []
+        for t in texts:
+            ids = tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            out.append(Example(ids, [-100] * 2 + ids[2:], "", t))
+        return out
+
+    task = examples(16, 0)
+    general = examples(12, 40)
+    method = METHODS.get("replay")({"ratio": 0.25, "schedule": "mssr"})
+    ctx = Context(tokenizer=tokenizer, general_examples=general, task_examples=task, batch_size=4, num_batches=8)
+    ds = method.prepare_data(task, ctx)
+    drawn = []
+    ds.batches.scheduler.select = _recording(ds.batches.scheduler.select, drawn)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True, learning_rate=1e-3)
+    trainer = TetherTrainer(model=tiny_model.train(), args=args, train_dataset=ds,
+                            data_collator=Collator(tokenizer.pad_token_id), methods={"replay": method}, context=ctx)
+    trainer.train()
+    assert len(drawn) == 8 and all(len(d) == 1 for d in drawn)  # one replay slot of 4 in every batch
+    m = method.metrics()
+    assert m["replay_realised_examples"] == 0.25 and m["replay_tokens_total"] > 0
+    sched = method.scheduler_
+    assert sched.items_replayed == 8 and (sched.last_step >= 0).sum() == len({i for d in drawn for i in d})
+    # never-replayed examples (retention 0) come first: the first 8 picks are all distinct
+    assert len({d[0] for d in drawn}) == 8
+
+
+def _recording(fn, log):
+    def wrapped(k, step):
+        out = fn(k, step)
+        log.append(out)
+        return out
+
+    return wrapped

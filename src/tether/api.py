@@ -51,7 +51,7 @@ def compare(base: str | Any, tuned: str | Any, *, suite: str = "general", tokeni
         scorer = Scorer(tuned_model, tokenizer, batch_size=batch_size)
         with tuned_model.disable_adapter():
             base_results = run_suite(s, scorer, reference="self", limit=limit)
-        tuned_results = run_suite(s, scorer, reference=scorer.reference_view(), limit=limit)
+        tuned_results = run_suite(s, scorer, reference=None, limit=limit)  # drift: adapter-disabled view
     else:
         if isinstance(base, (str, Path)):
             base_model, tokenizer = models.load(base, device=device)

@@ -212,9 +212,12 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             v = data.get("task", {}).get(key) if isinstance(data.get("task"), dict) else None
             if isinstance(v, str) and not Path(v).is_absolute() and (base_dir / v).exists():
                 data["task"][key] = str(base_dir / v)
-    if "methods" not in data:
+    fields = _route_method_keys(fields)
+    if "methods" in fields:  # methods given in Python replace the recipe's, like a YAML section would
+        data["methods"] = fields.pop("methods")
+    elif "methods" not in data:
         data["methods"] = Recipe.model_fields["methods"].default_factory()
-    data = _deep_merge(data, _route_method_keys(fields))
+    data = _deep_merge(data, fields)
     data = _deep_merge(data, _route_method_keys(parse_overrides(overrides)))
     # `--set replay=false` switches a default method off; `name:` with no settings means defaults
     data["methods"] = {k: (v or {}) for k, v in data["methods"].items() if v is not False}

@@ -161,7 +161,8 @@ def _lora_layers(model) -> list:
 def lerp_weights(base, tuned) -> Iterator[Callable[[float], None]]:
     """Yield ``set(a)`` writing ``lerp(base, tuned, a)`` into ``tuned``'s parameters; restore on exit.
 
-    Holds one clone of the tuned parameters (the base's are read in place, never written).
+    Holds one clone of the tuned parameters, on their device (the base's are read in place, never
+    written). Buffers are not interpolated: in causal LMs they are fixed tables (rotary frequencies).
     """
     if base is tuned:
         raise ValueError("interpolate: base and tuned are the same model object")
@@ -248,7 +249,8 @@ def interpolate(base, tuned, tokenizer, *, general_suite, task_probe=None,
             points.append(AlphaPoint(a, general, task_probe.run(scorer) if task_probe is not None else None))
     for p in points:
         p.comparisons = compare_results(points[0].general, p.general, threshold=budget)
-        p.max_drop = max((c.drop for c in p.comparisons), default=0.0)
+        drops = [c.drop for c in p.comparisons]
+        p.max_drop = math.nan if any(map(math.isnan, drops)) else max(drops, default=0.0)
         p.within_budget = not math.isnan(p.max_drop) and p.max_drop <= budget
     task = points[0].task
     chosen = select_alpha(alphas, [p.task.score for p in points] if task else None,

@@ -62,4 +62,5 @@ class Collator:
         flags = [_field(it, "is_replay") for it in items]
         if any(f is not None for f in flags):
             batch["is_replay"] = torch.tensor([bool(f) for f in flags], dtype=torch.bool)
+            batch["replay_index"] = torch.tensor([int(_field(it, "replay_index", -1)) for it in items])
         return batch

@@ -23,6 +23,7 @@ both count ``tokens_replayed`` so the two can be compared at an equal replay bud
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 
 
-class _Scheduler:
+class _Scheduler(abc.ABC):
     """Shared token accounting: ``tokens_replayed`` / ``items_replayed`` over every selection."""
 
     def __init__(self, n_items: int, lengths: Sequence[int] | None, seed: int):
@@ -45,8 +46,9 @@ class _Scheduler:
         self.tokens_replayed = 0
         self.items_replayed = 0
 
+    @abc.abstractmethod
     def _order(self, step: int) -> list[int]:
-        raise NotImplementedError
+        """All item indices, most urgent first."""
 
     def _take(self, chosen: list[int], step: int) -> list[int]:
         self.items_replayed += len(chosen)
@@ -165,6 +167,12 @@ class MemoryStrengthScheduler(_Scheduler):
     def _order(self, step: int) -> list[int]:
         tie = self.rng.random(self.n_items)
         return [int(i) for i in np.lexsort((tie, self.retention(step)))]
+
+    def _take(self, chosen: list[int], step: int) -> list[int]:
+        # the clock starts at selection: a batch drawn ahead of the loss update must not pick the
+        # same never-replayed example again before its loss comes back
+        self.last_step[chosen] = np.maximum(self.last_step[chosen], step)
+        return super()._take(chosen, step)
 
     def update(self, indices: Sequence[int], losses: Sequence[float], step: int) -> None:
         """Revise ``S_i`` from the losses just observed for ``indices`` at ``step`` (see module doc)."""

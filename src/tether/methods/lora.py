@@ -157,7 +157,7 @@ class LoRA(Method):
                  n_train, n_all, 100.0 * n_train / max(n_all, 1))
         log.debug("lora: adapted modules: %s", mods)
 
-    def save(self, model: torch.nn.Module, out_dir: str | Path, merge: bool | None = None) -> Path:
+    def save_model(self, model: torch.nn.Module, out_dir: str | Path, merge: bool | None = None) -> Path:
         """Save the adapter (PEFT format) or, with ``merge``, the merged full model.
 
         Args:
@@ -171,7 +171,7 @@ class LoRA(Method):
         out.mkdir(parents=True, exist_ok=True)
         merge = self.config.merge_on_save if merge is None else merge
         if not is_peft_model(model):
-            raise ValueError("lora.save needs the PEFT-wrapped model that prepare_model returned")
+            raise ValueError("lora.save_model needs the PEFT-wrapped model that prepare_model returned")
         if merge:
             merged = copy.deepcopy(model).merge_and_unload()
             merged.save_pretrained(out)

@@ -19,6 +19,7 @@ from typing import Callable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from ..data.mssr import MemoryStrengthScheduler
 from ..registry import register_method
 from .base import Context, Method
 
@@ -35,8 +36,12 @@ class ReplayConfig(BaseModel):
         by ("examples" | "tokens"): what the ratio counts. ``examples``: replay examples / batch
             size. ``tokens``: replay *target* tokens (labels != -100, i.e. the tokens the loss is
             averaged over, so this is the replay share of the gradient) / all target tokens.
-        schedule ("uniform"): how replay spreads over training; ``uniform`` is the same ratio in
-            every batch.
+        schedule ("uniform" | "mssr"): which general examples fill the replay slots. ``uniform``:
+            shuffled passes over the pool. ``mssr``: memory-strength adaptive replay
+            (`tether.data.mssr`): the examples whose estimated retention is lowest go first, and
+            well-remembered ones come back at expanding intervals. Both fill the same slots, so
+            they cost the same replay tokens per batch.
+        growth, decay (float): MSSR strength update factors (see `tether.data.mssr`).
         seed (int | None): seed for shuffling both pools; ``None`` uses the run seed.
     """
 
@@ -44,7 +49,9 @@ class ReplayConfig(BaseModel):
 
     ratio: float = 0.2
     by: Literal["examples", "tokens"] = "examples"
-    schedule: Literal["uniform"] = "uniform"
+    schedule: Literal["uniform", "mssr"] = "uniform"
+    growth: float = 2.0
+    decay: float = 0.5
     seed: int | None = None
 
     @field_validator("ratio")
@@ -164,8 +171,9 @@ class MixedDataset(torch.utils.data.Dataset):
 
     def __init__(self, task: list, replay: list, plan: list[list[Slot]], ratio: float | None = None,
                  replan: Callable[[float], list[list[Slot]]] | None = None):
-        self.items = [{"input_ids": list(e.input_ids), "labels": list(e.labels), "is_replay": flag}
-                      for pool, flag in ((task, False), (replay, True)) for e in pool]
+        self.items = [{"input_ids": list(e.input_ids), "labels": list(e.labels), "is_replay": flag,
+                       "replay_index": j if flag else -1}
+                      for pool, flag in ((task, False), (replay, True)) for j, e in enumerate(pool)]
         self._offset = {"task": 0, "replay": len(task)}
         self.plan = plan
         self.ratio = ratio
@@ -182,14 +190,39 @@ class MixedDataset(torch.utils.data.Dataset):
             raise ValueError("this dataset was built without a re-planner")
         plan = self._replan(ratio)
         self.plan[start:] = plan[start:]
-        self.batches[start:] = [[self._offset[k] + i for k, i in b] for b in plan[start:]]
+        if isinstance(self.batches, list):
+            self.batches[start:] = [[self._offset[k] + i for k, i in b] for b in plan[start:]]
         self.ratio = ratio
+
+    def use_scheduler(self, scheduler) -> None:
+        """Fill the replay slots at draw time from ``scheduler`` (MSSR) instead of the fixed plan."""
+        self.batches = _AdaptivePlan(self.plan, self._offset["replay"], scheduler)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
         return self.items[i]
+
+
+class _AdaptivePlan:
+    """A batch sampler: the plan's task slots as planned, replay slots chosen when the batch is drawn.
+
+    The DataLoader draws a batch one step ahead of the optimizer, so a selection sees the losses
+    of all but the latest replayed batch.
+    """
+
+    def __init__(self, plan: list[list[Slot]], replay_offset: int, scheduler):
+        self.plan, self.offset, self.scheduler = plan, replay_offset, scheduler
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __iter__(self):
+        for b, slots in enumerate(self.plan):
+            k = sum(1 for kind, _ in slots if kind == "replay")
+            picks = iter(self.scheduler.select(k, step=b))
+            yield [i if kind == "task" else self.offset + next(picks) for kind, i in slots]
 
 
 @register_method("replay")
@@ -207,6 +240,8 @@ class Replay(Method):
         super().__init__(ReplayConfig.model_validate(config or {}))
         self.planned_: dict[str, float] = {}
         self.seen_ = {"examples": 0, "replay_examples": 0, "tokens": 0, "replay_tokens": 0}
+        self.scheduler_: MemoryStrengthScheduler | None = None
+        self.batches_seen_ = 0
 
     def prepare_data(self, dataset: list, ctx: Context) -> MixedDataset:
         c = self.config
@@ -228,7 +263,12 @@ class Replay(Method):
                  "examples, %.3f of target tokens", len(plan), len(dataset), len(pool), ex, tok)
         replan = functools.partial(plan_batches, len(dataset), pool_len, task_len, ctx.batch_size, ctx.num_batches,
                                    by=c.by, seed=seed)
-        return MixedDataset(list(dataset), pool, plan, c.ratio, lambda r: replan(ratio=r))
+        mixed = MixedDataset(list(dataset), pool, plan, c.ratio, lambda r: replan(ratio=r))
+        if c.schedule == "mssr" and pool:
+            self.scheduler_ = MemoryStrengthScheduler(len(pool), growth=c.growth, decay=c.decay, lengths=pool_len,
+                                                      seed=seed)
+            mixed.use_scheduler(self.scheduler_)
+        return mixed
 
     def extra_loss(self, model, batch: dict, outputs, ctx: Context) -> dict[str, torch.Tensor]:
         flags = batch.get("is_replay")
@@ -239,7 +279,22 @@ class Replay(Method):
             self.seen_["replay_examples"] += int(flags.sum())
             self.seen_["tokens"] += int(targets.sum())
             self.seen_["replay_tokens"] += int(targets[flags].sum())
+            if self.scheduler_ is not None and bool(flags.any()) and "replay_index" in batch:
+                self._feed_scheduler(batch, outputs, flags)
+            self.batches_seen_ += 1
         return {}
+
+    @torch.no_grad()
+    def _feed_scheduler(self, batch: dict, outputs, flags: torch.Tensor) -> None:
+        """Per-example loss of the replayed rows -> the MSSR strength update (no extra forward)."""
+        rows = flags.nonzero().flatten().to(outputs.logits.device)
+        logits = outputs.logits[rows, :-1].float()
+        labels = batch["labels"][rows, 1:].to(logits.device)
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        mask = (labels != -100).float()
+        losses = (nll * mask).sum(1) / mask.sum(1).clamp_min(1)
+        idx = batch["replay_index"][rows.cpu()].tolist()
+        self.scheduler_.update(idx, losses.cpu().tolist(), step=self.batches_seen_)
 
     def metrics(self) -> dict[str, float]:
         s = self.seen_
@@ -247,11 +302,20 @@ class Replay(Method):
         if s["examples"]:
             out["replay_realised_examples"] = s["replay_examples"] / s["examples"]
             out["replay_realised_tokens"] = s["replay_tokens"] / max(s["tokens"], 1)
+            out["replay_tokens_total"] = float(s["replay_tokens"])
+        if self.scheduler_ is not None:
+            out.update({f"mssr_{k}": float(v) for k, v in self.scheduler_.stats().items()})
         return out
 
     def state_dict(self) -> dict:
-        return {"planned": dict(self.planned_), "seen": dict(self.seen_)}
+        state = {"planned": dict(self.planned_), "seen": dict(self.seen_), "batches_seen": self.batches_seen_}
+        if self.scheduler_ is not None:
+            state["scheduler"] = self.scheduler_.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.planned_ = dict(state.get("planned", {}))
         self.seen_.update(state.get("seen", {}))
+        self.batches_seen_ = int(state.get("batches_seen", 0))
+        if self.scheduler_ is not None and "scheduler" in state:
+            self.scheduler_.load_state_dict(state["scheduler"])

@@ -8,6 +8,7 @@ same items can be compared with a *paired* bootstrap.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -48,7 +49,7 @@ class ProbeResult:
         return cls(**d)
 
 
-class Probe:
+class Probe(abc.ABC):
     """Base class: ``__init__`` stores items and options, ``run`` scores a model.
 
     Subclasses register with ``@register_probe("kind")`` and set ``metric``/``higher_is_better``.
@@ -66,5 +67,6 @@ class Probe:
         self.seed = seed
         self.options = options
 
-    def run(self, scorer, *, reference=None) -> ProbeResult:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def run(self, scorer, *, reference=None) -> ProbeResult:
+        """Score the model behind ``scorer`` (``reference``: the base model's view, for drift)."""

@@ -125,7 +125,10 @@ class ForgettingGuard(TrainerCallback):
                 metrics["guard/task_score"] = event["task_score"]
             for name, p in event["probes"].items():
                 metrics[f"guard/{name}"] = p["score"]
+            # logging resets control.should_log; keep the Trainer's own log of this step
+            should_log = control.should_log
             self.log_fn(metrics)
+            control.should_log = should_log
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):

@@ -93,10 +93,8 @@ def train(recipe: Recipe, *, base_results: dict[str, list] | None = None, keep_m
     # 1. data, validated before the model is loaded
     train_records, eval_records = load_task(recipe)
     general = load_suite(recipe.general)
-    guard_suite = load_suite(recipe.guard.suite) if recipe.guard.enabled else None
-    for s in (general, guard_suite):
-        if s is not None:
-            validate_suite(s)
+    general_probes = validate_suite(general)
+    guard_probes = validate_suite(recipe.guard.suite, limit=recipe.guard.limit) if recipe.guard.enabled else None
 
     # 2. model
     torch.manual_seed(recipe.training.seed)
@@ -106,7 +104,7 @@ def train(recipe: Recipe, *, base_results: dict[str, list] | None = None, keep_m
                                             chat=recipe.task.chat, skip_invalid=recipe.task.skip_invalid)
     if skipped:
         log.warning("skipped %d invalid task records (first: %s)", len(skipped), skipped[0])
-    session = Session(recipe, model, tok, general, guard_suite,
+    session = Session(recipe, model, tok, general, general_probes, guard_probes,
                       task_eval_items(recipe, eval_records) if eval_records else None, run_dir)
 
     # 3. the base model's scores, once

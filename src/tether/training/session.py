@@ -39,17 +39,20 @@ class _JsonlMetrics:
 
 
 class Session:
-    def __init__(self, recipe: Recipe, model, tokenizer, general, guard_suite, task_items, run_dir: Path):
+    def __init__(self, recipe: Recipe, model, tokenizer, general, general_probes: list, guard_probes: list | None,
+                 task_items, run_dir: Path):
         self.recipe = recipe
         self.model = model
         self.tok = tokenizer
         self.general = general
-        self.guard_suite = guard_suite
+        self.peft = "lora" in recipe.methods
+        # probes were read and checked before the model loaded; they are reused at every check
+        self.general_probes = general_probes
+        self.guard_probes = self._guard_probes(guard_probes)
         self.task_items = task_items
         self.run_dir = run_dir
         self.base: dict[str, Any] = {}
         self.frozen_base = None  # a frozen copy, only when a method or probe needs one and PEFT can't serve
-        self.peft = "lora" in recipe.methods
         self.batch_size = 16
 
     # -- scoring -----------------------------------------------------------------------------------
@@ -67,33 +70,32 @@ class Session:
         items = self.task_items[:limit] if limit else self.task_items
         return PROBES.get(t.eval_kind)("task", items, metric=t.eval_metric, max_new_tokens=t.max_new_tokens)
 
-    def _guard_probe_names(self) -> list[str] | None:
+    def _guard_probes(self, probes: list | None) -> list | None:
+        if probes is None:
+            return None
         wanted = self.recipe.guard.probes
-        if self.peft:
-            return wanted
-        # drift needs the base model's view; without PEFT that is a second copy, so the guard skips it
-        names = [p.name for p in self.guard_suite.probes if p.kind != "drift"]
-        dropped = [p.name for p in self.guard_suite.probes if p.kind == "drift"]
-        if dropped:
-            log.info("guard: skipping %s (drift needs an adapter to disable; full fine-tuning has none)", dropped)
-        return [n for n in names if wanted is None or n in wanted]
+        keep = [p for p in probes if wanted is None or p.name in wanted]
+        if not self.peft:
+            # drift needs the base model's view; without PEFT that is a second copy, so the guard skips it
+            dropped = [p.name for p in keep if p.registered_name == "drift"]
+            if dropped:
+                log.info("guard: skipping %s (drift needs an adapter to disable; full fine-tuning has none)", dropped)
+            keep = [p for p in keep if p.registered_name != "drift"]
+        return keep
 
-    def _run(self, suite, model, reference, names=None, limit=None):
+    def _run(self, probes: list, model, reference):
         from ..probes.suite import run_suite
 
-        if names is not None:
-            suite = suite.select(names)
-        return run_suite(suite, self.scorer(model), reference=reference, limit=limit)
+        return run_suite(probes, self.scorer(model), reference=reference)
 
     def score_base(self, known: dict[str, Any] | None = None) -> dict[str, Any]:
         """Base scores (general suite, guard subset, task); ``known`` entries are reused, not re-scored."""
         out = dict(known or {})
         with status("scoring the base model on the general probes"):
             if "general" not in out:
-                out["general"] = self._run(self.general, self.model, "self")
-            if self.guard_suite is not None and "guard" not in out:
-                out["guard"] = self._run(self.guard_suite, self.model, "self", self._guard_probe_names(),
-                                         self.recipe.guard.limit)
+                out["general"] = self._run(self.general_probes, self.model, "self")
+            if self.guard_probes is not None and "guard" not in out:
+                out["guard"] = self._run(self.guard_probes, self.model, "self")
             if "task" not in out:
                 probe = self.task_probe()
                 out["task"] = probe.run(self.scorer(self.model)).score if probe else None
@@ -103,8 +105,7 @@ class Session:
 
     def guard_score(self, model):
         scorer = self.scorer(model)
-        reference = scorer.reference_view() if is_peft(model) else None
-        results = self._run(self.guard_suite, model, reference, self._guard_probe_names(), self.recipe.guard.limit)
+        results = self._run(self.guard_probes, model, None)  # drift (PEFT only) uses the adapter-disabled view
         probe = self.task_probe(limit=self.recipe.task.eval_limit)
         return results, (probe.run(scorer).score if probe else None)
 
@@ -114,12 +115,12 @@ class Session:
         with status("scoring the tuned model on the general probes"):
             scorer = self.scorer(model)
             if is_peft(model):
-                reference = scorer.reference_view()
+                reference = None  # the adapter-disabled view
             else:
                 base = self.frozen_base or models.load(self.recipe.model.name, dtype=self.recipe.model.dtype,
                                                        with_tokenizer=False, device=str(model.device))
                 reference = self.scorer(base)
-            out = {"general": self._run(self.general, model, reference)}
+            out = {"general": self._run(self.general_probes, model, reference)}
             probe = self.task_probe()
             out["task"] = probe.run(scorer).score if probe else None
         write_json(self.run_dir / "probes_final.json", {k: [r.to_dict() for r in v] if isinstance(v, list) else v
@@ -129,20 +130,17 @@ class Session:
     # -- training ----------------------------------------------------------------------------------
     def replay_examples(self) -> list[Example]:
         from ..data.readers import read_records
-        from ..probes.suite import replay_path
 
-        path = replay_path(self.general)
+        path = self.general.replay_path()
         if path is None:
             return []
         examples, _ = encode_records(read_records(path), self.tok, max_length=self.recipe.task.max_length)
         return examples
 
     def build_trainer(self, methods: dict, task_examples: list[Example]):
-        from transformers import TrainingArguments
-
         from ..data.collate import Collator
         from .guard import ForgettingGuard
-        from .trainer import TetherTrainer
+        from .trainer import TetherTrainer, as_dataset, training_arguments
 
         r, t = self.recipe, self.recipe.training
         needs_general = any(n in methods for n in ("replay", "ewc", "lwf"))
@@ -166,25 +164,13 @@ class Session:
         data: Any = task_examples
         for m in methods.values():
             data = m.prepare_data(data, ctx)
-        if isinstance(data, list):
-            data = [{"input_ids": e.input_ids, "labels": e.labels} if isinstance(e, Example) else e for e in data]
-        if t.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        args = TrainingArguments(
-            output_dir=str(self.run_dir / "checkpoints"), max_steps=t.max_steps,
-            per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
-            learning_rate=t.lr, lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_steps,
-            weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed,
-            bf16=t.bf16, fp16=t.fp16, logging_steps=t.logging_steps, report_to=t.report_to,
-            save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
-            remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-            disable_tqdm=False,
-        )
+        data = as_dataset(data)
+        args = training_arguments(t, str(self.run_dir / "checkpoints"))
         trainer = TetherTrainer(model=model, args=args, train_dataset=data,
                                 data_collator=Collator(self.tok.pad_token_id), methods=methods, context=ctx)
         trainer.add_callback(_JsonlMetrics(self.run_dir / "metrics.jsonl"))
         guard = None
-        if self.guard_suite is not None:
+        if self.guard_probes is not None:
             g = r.guard
             guard = ForgettingGuard(
                 self.guard_score, self.base["guard"], threshold=g.threshold, action=g.action, every=g.every,

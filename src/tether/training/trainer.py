@@ -49,12 +49,13 @@ class TetherTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         is_replay = inputs.pop("is_replay", None)
+        replay_index = inputs.pop("replay_index", None)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if not model.training:
             return (loss, outputs) if return_outputs else loss
         ctx = self.context()
         terms: dict[str, torch.Tensor] = {}
-        seen = inputs if is_replay is None else {**inputs, "is_replay": is_replay}
+        seen = inputs if is_replay is None else {**inputs, "is_replay": is_replay, "replay_index": replay_index}
         for name, method in self.methods.items():
             for key, value in method.extra_loss(model, seen, outputs, ctx).items():
                 terms[key if key == name or key.startswith(name) else f"{name}_{key}"] = value
@@ -103,6 +104,28 @@ class TetherTrainer(Trainer):
                 for k, v in method.metrics().items():
                     logs[f"{name}/{k}"] = v
         super().log(logs, *args, **kwargs)
+
+
+def training_arguments(t, output_dir: str):
+    """`TrainingSpec` -> HF `TrainingArguments` (the one place the mapping lives)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=output_dir, max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr, lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed,
+        data_seed=t.seed, bf16=t.bf16, fp16=t.fp16, logging_steps=t.logging_steps, report_to=t.report_to,
+        save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
+        remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        gradient_checkpointing=t.gradient_checkpointing,
+    )
+
+
+def as_dataset(data: Any) -> Any:
+    """A method-prepared dataset as is; a plain list of `Example`s as dicts the collator takes."""
+    if isinstance(data, list):
+        return [{"input_ids": e.input_ids, "labels": e.labels} if hasattr(e, "input_ids") else e for e in data]
+    return data
 
 
 class _MethodHooks(TrainerCallback):

@@ -1,0 +1,162 @@
+"""Scorer numerics against single unpadded forward passes, batching invariance, mode restoring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tether.probes.scorer import Scorer
+
+
+def peaky(model):
+    """Scale the weights so the random model has confident next-token choices (no greedy near-ties)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0)
+    return model
+
+
+def naive_logprobs(model, ids):
+    with torch.no_grad():
+        return F.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def naive_loglikelihood(model, ctx, cont):
+    lp = naive_logprobs(model, list(ctx) + list(cont[:-1]))[len(ctx) - 1:]
+    tok = torch.tensor(cont)
+    return float(lp.gather(1, tok[:, None]).sum()), bool((lp.argmax(-1) == tok).all())
+
+
+REQUESTS = [
+    ([5, 6, 7, 8], [9, 10, 11]), ([5, 6, 7, 8], [12]), ([1, 2], [3, 4]), ([5, 6, 7, 8], [13, 14]),
+    ([7] * 9, [8]), ([1, 2], [30, 31, 32, 33, 34, 35, 36, 37, 38]), ([100, 200, 300], [400, 500]),
+]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 32])
+def test_loglikelihood_matches_unbatched_forward(tiny_model, tokenizer, batch_size):
+    scorer = Scorer(tiny_model, tokenizer, batch_size=batch_size)
+    got = scorer.loglikelihood(REQUESTS)
+    for (ctx, cont), (ll, greedy) in zip(REQUESTS, got):
+        ref_ll, ref_greedy = naive_loglikelihood(tiny_model, ctx, cont)
+        assert ll == pytest.approx(ref_ll, abs=1e-4)
+        assert greedy == ref_greedy
+
+
+def test_loglikelihood_detects_greedy_continuation(tiny_model, tokenizer):
+    model = peaky(tiny_model)
+    ctx = [10, 20, 30]
+    seq = list(ctx)
+    for _ in range(3):  # the model's own greedy continuation
+        seq.append(int(naive_logprobs(model, seq)[-1].argmax()))
+    greedy_cont = seq[3:]
+    other = [(greedy_cont[0] + 1) % 1000, *greedy_cont[1:]]
+    (ll_g, is_g), (ll_o, is_o) = Scorer(model, tokenizer).loglikelihood([(ctx, greedy_cont), (ctx, other)])
+    assert is_g and not is_o
+    assert ll_g > ll_o
+
+
+def test_loglikelihood_truncates_context_from_the_left(tiny_model, tokenizer):
+    ctx, cont = list(range(10, 30)), [40, 41, 42]
+    (ll, _), = Scorer(tiny_model, tokenizer, max_length=8).loglikelihood([(ctx, cont)])
+    ref, _ = naive_loglikelihood(tiny_model, ctx[-(9 - len(cont)):], cont)  # lm-eval: (ctx+cont)[-(L+1):]
+    assert ll == pytest.approx(ref, abs=1e-4)
+
+
+def test_loglikelihood_rejects_empty_parts(tiny_model, tokenizer):
+    with pytest.raises(ValueError, match="non-empty"):
+        Scorer(tiny_model, tokenizer).loglikelihood([([], [1])])
+
+
+def _examples():
+    return [
+        ([1, 2, 3, 4, 5], [-100, -100, 3, 4, 5]),
+        ([9, 8], [-100, 8]),
+        ([4, 5, 6, 7, 8, 9, 10, 11], [4, 5, 6, 7, 8, 9, 10, 11]),
+        ([3, 3, 3], [-100, -100, -100]),
+    ]
+
+
+@pytest.mark.parametrize("batch_size,max_batch_tokens", [(1, 4096), (2, 4096), (32, 4096), (32, 9)])
+def test_completion_nll_matches_cross_entropy(tiny_model, tokenizer, batch_size, max_batch_tokens):
+    scorer = Scorer(tiny_model, tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
+    got = scorer.completion_nll(_examples())
+    for (ids, labels), (nll, n) in zip(_examples(), got):
+        lp = naive_logprobs(tiny_model, ids)[:-1]
+        tgt = torch.tensor(labels[1:])
+        keep = tgt != -100
+        assert n == int(keep.sum())
+        ref = float(-lp[keep].gather(1, tgt[keep][:, None]).sum()) if n else 0.0
+        assert nll == pytest.approx(ref, abs=1e-4)
+
+
+def test_iter_logprobs_matches_forward_in_length_order(tiny_model, tokenizer):
+    ids = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11, 12, 13]]
+    seen = []
+    for i, lp in Scorer(tiny_model, tokenizer, batch_size=2).iter_logprobs(ids):
+        seen.append(i)
+        assert torch.allclose(lp, naive_logprobs(tiny_model, ids[i]), atol=1e-5)
+    assert seen == [1, 3, 0, 2]
+
+
+def _manual_greedy(model, ids, n):
+    seq = list(ids)
+    for _ in range(n):
+        seq.append(int(naive_logprobs(model, seq)[-1].argmax()))
+    return seq[len(ids):]
+
+
+def test_generate_left_padding_matches_one_by_one(tiny_model, tokenizer):
+    model = peaky(tiny_model)
+    model.generation_config.eos_token_id = None  # random model: do not stop on a random EOS
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    batched = Scorer(model, tokenizer, batch_size=8).generate(prompts, max_new_tokens=4)
+    single = Scorer(model, tokenizer, batch_size=1).generate(prompts, max_new_tokens=4)
+    assert batched == single
+    assert single[1] == tokenizer.decode(_manual_greedy(model, prompts[1], 4), skip_special_tokens=True)
+
+
+def test_generate_cuts_at_stop_string(tiny_model, tokenizer):
+    model = peaky(tiny_model)
+    model.generation_config.eos_token_id = None
+    full = Scorer(model, tokenizer).generate([[1, 2, 3]], max_new_tokens=6)[0]
+    stop = full.strip()[2:4]
+    cut = Scorer(model, tokenizer).generate([[1, 2, 3]], max_new_tokens=6, stop=[stop])[0]
+    assert cut == full.split(stop, 1)[0]
+
+
+def test_modes_are_restored(tiny_model, tokenizer):
+    tiny_model.train()
+    tiny_model.model.layers[0].eval()  # a module the user froze in eval mode stays so
+    before = [m.training for m in tiny_model.modules()]
+    scorer = Scorer(tiny_model, tokenizer)
+    scorer.loglikelihood(REQUESTS[:2])
+    scorer.completion_nll(_examples()[:2])
+    list(scorer.iter_logprobs([[1, 2]]))
+    scorer.generate([[1, 2]], max_new_tokens=2)
+    assert [m.training for m in tiny_model.modules()] == before
+    assert all(p.grad is None for p in tiny_model.parameters())
+
+
+def test_reference_view_needs_peft(tiny_model, tokenizer):
+    with pytest.raises(TypeError, match="PEFT"):
+        with Scorer(tiny_model, tokenizer).reference_view():
+            pass
+
+
+def test_reference_view_disables_adapters_per_call(tiny_model, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    base_ll = Scorer(tiny_model, tokenizer).loglikelihood(REQUESTS)
+    peft_model = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                       init_lora_weights=False))
+    scorer = Scorer(peft_model, tokenizer)
+    assert scorer.is_peft
+    tuned_ll = scorer.loglikelihood(REQUESTS)
+    with scorer.reference_view() as ref:
+        ref_ll = ref.loglikelihood(REQUESTS)
+        again = scorer.loglikelihood(REQUESTS)  # the view does not switch the tuned scorer off
+    assert [a for a, _ in ref_ll] == pytest.approx([a for a, _ in base_ll], abs=1e-5)
+    assert [a for a, _ in again] == pytest.approx([a for a, _ in tuned_ll], abs=1e-5)
+    assert any(abs(a[0] - b[0]) > 1e-3 for a, b in zip(tuned_ll, base_ll))
