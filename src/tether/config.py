@@ -229,3 +229,81 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
 
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+class SequenceTask(_Strict):
+    """One task of a sequence: its data and how it is scored (exact match of greedy answers by default)."""
+
+    name: str
+    train: str
+    eval: str
+    eval_kind: Literal["generation", "perplexity", "multiple_choice"] = "generation"
+    eval_metric: Literal["exact_match", "contains"] = "exact_match"
+    max_new_tokens: int = 16
+
+
+class SequenceSpec(_Strict):
+    """`tether continual`: tasks trained one after another with the same methods.
+
+    ``memory_per_task``: examples of each finished task kept and replayed (with the general replay
+    data) while later tasks train — replay's continual-learning form. ``multitask`` trains all
+    tasks at once for the same total steps instead: the upper bound to compare against.
+    """
+
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    tasks: list[SequenceTask]
+    general: str = "general-quick"
+    methods: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"full": {}})
+    training: TrainingSpec = Field(default_factory=TrainingSpec)  # per task
+    max_length: int = 512
+    chat: bool | None = None
+    eval_limit: int | None = 100
+    memory_per_task: int = 50
+    multitask: bool = False
+    output_dir: str = "runs/continual"
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[SequenceTask]) -> list[SequenceTask]:
+        if len(v) < 2:
+            raise ValueError("tasks: a sequence needs at least two tasks")
+        names = [t.name for t in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks: names must be unique, got {names}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_methods(self) -> "SequenceSpec":
+        Recipe(methods=self.methods)  # same method validation as a single run
+        return self
+
+    def method_configs(self) -> dict[str, Any]:
+        return Recipe(methods=self.methods).method_configs()
+
+
+def load_sequence(path: str | Path | None = None, overrides: list[str] | None = None, **fields: Any) -> SequenceSpec:
+    """Read a sequence YAML, resolve task paths relative to it, apply overrides, validate."""
+    source = str(path) if path else "<python>"
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise RecipeError(f"{p}: sequence not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{p}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        for t in data.get("tasks") or []:
+            for key in ("train", "eval"):
+                if isinstance(t, dict) and isinstance(t.get(key), str) and (p.parent / t[key]).exists():
+                    t[key] = str(p.parent / t[key])
+    data = _deep_merge(data, _route_method_keys(fields))
+    data = _deep_merge(data, _route_method_keys(parse_overrides(overrides)))
+    if isinstance(data.get("methods"), dict):
+        data["methods"] = {k: (v or {}) for k, v in data["methods"].items() if v is not False}
+    try:
+        return SequenceSpec(**data)
+    except ValidationError as e:
+        raise RecipeError(f"{source}: {_first_error(e)}") from None
+    except ValueError as e:
+        raise RecipeError(f"{source}: {e}") from None

@@ -36,7 +36,11 @@ class TrainResult:
 
 
 def task_eval_items(recipe: Recipe, records) -> list[dict]:
-    """Held-out task records -> generation items (prompt as a chat turn when the model is chatty)."""
+    return records_to_eval_items(records, recipe.task.chat)
+
+
+def records_to_eval_items(records, chat: bool | None) -> list[dict]:
+    """Held-out task records -> generation items (a string prompt becomes a chat turn unless chat=False)."""
     items = []
     for r in records:
         d = r.data
@@ -45,7 +49,7 @@ def task_eval_items(recipe: Recipe, records) -> list[dict]:
             last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
             items.append({"prompt": msgs[:last], "answers": [msgs[last]["content"]]})
         elif "prompt" in d:
-            prompt = d["prompt"] if recipe.task.chat is False else [{"role": "user", "content": d["prompt"]}]
+            prompt = d["prompt"] if chat is False else [{"role": "user", "content": d["prompt"]}]
             items.append({"prompt": prompt, "answers": [d["completion"]]})
         else:
             raise ValueError(f"{r.source}:{r.line}: task eval records need 'messages' or 'prompt'/'completion'")

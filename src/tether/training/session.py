@@ -13,7 +13,7 @@ import torch
 
 from ..config import Recipe
 from ..data.formats import Example, encode_records
-from ..io import append_jsonl, write_json
+from ..io import write_json
 from ..methods.base import Context
 from ..progress import status
 
@@ -22,20 +22,6 @@ log = logging.getLogger(__name__)
 
 def is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
-class _JsonlMetrics:
-    """Trainer callback writing every log line to ``metrics.jsonl``."""
-
-    def __new__(cls, path: Path):
-        from transformers import TrainerCallback
-
-        class Cb(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs and state.is_world_process_zero:
-                    append_jsonl(path, {"step": state.global_step, **logs})
-
-        return Cb()
 
 
 class Session:
@@ -140,7 +126,7 @@ class Session:
     def build_trainer(self, methods: dict, task_examples: list[Example]):
         from ..data.collate import Collator
         from .guard import ForgettingGuard
-        from .trainer import TetherTrainer, as_dataset, training_arguments
+        from .trainer import JsonlMetrics, TetherTrainer, as_dataset, training_arguments
 
         r, t = self.recipe, self.recipe.training
         needs_general = any(n in methods for n in ("replay", "ewc", "lwf"))
@@ -168,7 +154,7 @@ class Session:
         args = training_arguments(t, str(self.run_dir / "checkpoints"))
         trainer = TetherTrainer(model=model, args=args, train_dataset=data,
                                 data_collator=Collator(self.tok.pad_token_id), methods=methods, context=ctx)
-        trainer.add_callback(_JsonlMetrics(self.run_dir / "metrics.jsonl"))
+        trainer.add_callback(JsonlMetrics(self.run_dir / "metrics.jsonl"))
         guard = None
         if self.guard_probes is not None:
             g = r.guard

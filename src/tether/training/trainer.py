@@ -128,6 +128,19 @@ def as_dataset(data: Any) -> Any:
     return data
 
 
+class JsonlMetrics(TrainerCallback):
+    """Writes every log line to a JSONL file (``extra`` fields, e.g. the task index, on each line)."""
+
+    def __init__(self, path, extra: dict | None = None):
+        self.path, self.extra = path, extra or {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and state.is_world_process_zero:
+            from ..io import append_jsonl
+
+            append_jsonl(self.path, {**self.extra, "step": state.global_step, **logs})
+
+
 class _MethodHooks(TrainerCallback):
     """Calls `before_optimizer_step` on every method (gradient projection, masking)."""
 

@@ -1,0 +1,67 @@
+"""`tether continual` end to end on a tiny model: a two-task sequence fills the matrix and metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tether.config import RecipeError, load_sequence
+from tether.training.continual import render_continual, run_continual
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def two_tasks(tmp_path):
+    a = [{"prompt": f"Colour of item {i}?", "completion": ["red", "blue"][i % 2]} for i in range(20)]
+    b = [{"prompt": f"Size of item {i}?", "completion": ["big", "small"][i % 2]} for i in range(20)]
+    return [{"name": "colour", "train": write(tmp_path / "a.jsonl", a[:14]), "eval": write(tmp_path / "ae.jsonl", a[14:]),
+             "max_new_tokens": 3},
+            {"name": "size", "train": write(tmp_path / "b.jsonl", b[:14]), "eval": write(tmp_path / "be.jsonl", b[14:]),
+             "max_new_tokens": 3}]
+
+
+@pytest.mark.parametrize("methods", [{"full": {}, "replay": {"ratio": 0.25}, "ewc": {"fisher_samples": 4}},
+                                     {"olora": {"r": 2, "target_modules": ["q_proj", "v_proj"]}}])
+def test_two_task_sequence(tmp_path, tiny_model_dir, tiny_suite, two_tasks, methods):
+    seq = load_sequence(None, model={"name": str(tiny_model_dir)}, tasks=two_tasks, general=str(tiny_suite),
+                        methods=methods, memory_per_task=4, output_dir=str(tmp_path / "run"),
+                        training={"max_steps": 2, "batch_size": 4, "lr": 1e-3, "logging_steps": 1})
+    out = run_continual(seq)
+    assert out["tasks"] == ["colour", "size"] and len(out["matrix"]) == 2 and all(len(r) == 2 for r in out["matrix"])
+    m = out["metrics"]
+    R = out["matrix"]
+    assert m["acc"] == pytest.approx(sum(R[1]) / 2)
+    assert m["bwt"] == pytest.approx(R[1][0] - R[0][0])
+    assert m["fwt"] == pytest.approx(R[0][1] - out["base"][1])
+    assert len(out["general"]) == 2 and len(out["general"][0]) == len(out["general_probes"]) == 4
+    saved = json.loads((tmp_path / "run" / "continual.json").read_text())
+    assert saved["matrix"] == R
+    assert (tmp_path / "run" / "plots" / "accuracy_matrix.png").exists()
+    logs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {x["task"] for x in logs} == {0, 1}
+    tables = render_continual(out)
+    assert len(tables) == 2
+    if "olora" in methods:
+        assert out["method_metrics"]["olora"]["n_adapters"] == 2
+
+
+def test_multitask_upper_bound(tmp_path, tiny_model_dir, tiny_suite, two_tasks):
+    seq = load_sequence(None, model={"name": str(tiny_model_dir)}, tasks=two_tasks, general=str(tiny_suite),
+                        multitask=True, output_dir=str(tmp_path / "mt"),
+                        training={"max_steps": 2, "batch_size": 4, "logging_steps": 1})
+    out = run_continual(seq)
+    assert len(out["matrix"]) == 1 and out["metrics"]["acc"] == pytest.approx(sum(out["matrix"][0]) / 2)
+
+
+def test_sequence_validation(tmp_path, two_tasks):
+    with pytest.raises(RecipeError, match="at least two tasks"):
+        load_sequence(None, tasks=two_tasks[:1])
+    with pytest.raises(RecipeError, match="unique"):
+        load_sequence(None, tasks=[two_tasks[0], two_tasks[0]])
+    with pytest.raises(RecipeError, match="unknown method"):
+        load_sequence(None, tasks=two_tasks, methods={"nope": {}})
