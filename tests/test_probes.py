@@ -62,7 +62,8 @@ def test_perplexity_rejects_bad_record_and_option():
 
 # ---------------------------------------------------------------- multiple choice
 MC_ITEMS = [
-    {"query": "Question: What colour is the sky?\nAnswer:", "choices": ["blue", "green", "a red one"], "gold": 0},
+    {"query": "Question: What colour is the sky?\nAnswer:", "choices": ["blue", "green", "a red one"],
+     "gold": 0},
     {"query": "Question: 2 + 3 = ", "choices": ["5", "23"], "gold": 0},  # trailing space moves
     {"query": "The capital of France is", "choices": ["Paris", "Rome", "Berlin", "Oslo"], "gold": 2},
 ]
@@ -174,7 +175,8 @@ def test_generation_validation():
     with pytest.raises(DataError, match="answers"):
         GenerationProbe.validate_item(Record({"prompt": "x", "answers": "y"}, "f", 2))
     with pytest.raises(DataError, match=r"prompt\[0\]"):
-        GenerationProbe.validate_item(Record({"prompt": [{"role": "bot", "content": "x"}], "answers": ["y"]}, "f", 2))
+        bad = {"prompt": [{"role": "bot", "content": "x"}], "answers": ["y"]}
+        GenerationProbe.validate_item(Record(bad, "f", 2))
 
 
 # ---------------------------------------------------------------- drift
@@ -214,8 +216,9 @@ def test_drift_via_peft_reference_view(tiny_model, tokenizer, init, nonzero):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"],
-                                                  init_lora_weights=init))
+    config = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"],
+                        init_lora_weights=init)
+    model = get_peft_model(tiny_model, config)
     result = DriftProbe("drift", DRIFT_ITEMS).run(Scorer(model, tokenizer))
     if nonzero:
         assert result.extra["kl"] > 1e-4

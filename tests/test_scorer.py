@@ -65,8 +65,10 @@ def test_loglikelihood_truncates_context_from_the_left(tiny_model, tokenizer):
 
 
 def test_loglikelihood_rejects_empty_parts(tiny_model, tokenizer):
+    scorer = Scorer(tiny_model, tokenizer)
+    assert scorer.loglikelihood([]) == [] and scorer.completion_nll([]) == [] and scorer.generate([]) == []
     with pytest.raises(ValueError, match="non-empty"):
-        Scorer(tiny_model, tokenizer).loglikelihood([([], [1])])
+        scorer.loglikelihood([([], [1])])
 
 
 def _examples():
@@ -140,9 +142,8 @@ def test_modes_are_restored(tiny_model, tokenizer):
 
 
 def test_reference_view_needs_peft(tiny_model, tokenizer):
-    with pytest.raises(TypeError, match="PEFT"):
-        with Scorer(tiny_model, tokenizer).reference_view():
-            pass
+    with pytest.raises(TypeError, match="PEFT"), Scorer(tiny_model, tokenizer).reference_view():
+        pass
 
 
 def test_reference_view_disables_adapters_per_call(tiny_model, tokenizer):

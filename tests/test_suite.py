@@ -8,8 +8,15 @@ import textwrap
 import pytest
 
 from tether.probes.scorer import Scorer
-from tether.probes.suite import (ProbeSpec, SuiteError, SuiteSpec, builtin_suites, load_suite, run_suite,
-                                 validate_suite)
+from tether.probes.suite import (
+    ProbeSpec,
+    SuiteError,
+    SuiteSpec,
+    builtin_suites,
+    load_suite,
+    run_suite,
+    validate_suite,
+)
 
 MC = [{"query": f"Question {i}?", "choices": ["yes", "no", "maybe so"], "gold": i % 3} for i in range(6)]
 TEXT = [{"text": f"Sentence number {i} about cats."} for i in range(4)]
@@ -82,10 +89,11 @@ def test_unknown_key_names_file_and_key(tmp_path):
 
 
 @pytest.mark.parametrize("body,message", [
-    ("name: x\nprobes:\n  - {name: a, kind: nope, data: d.jsonl}\n", "probes[0].kind: unknown probe kind 'nope'"),
+    ("name: x\nprobes:\n  - {name: a, kind: nope, data: d.jsonl}\n",
+     "probes[0].kind: unknown probe kind 'nope'"),
     ("name: x\nprobes:\n  - {name: a, kind: drift}\n", "exactly one of 'data'"),
     ("name: x\nprobes: []\n", "probes"),
-    ("name: x\nprobes:\n  - {name: a, kind: drift, data: d.jsonl}\n  - {name: a, kind: drift, data: d.jsonl}\n",
+    ("name: x\nprobes:\n" + "  - {name: a, kind: drift, data: d.jsonl}\n" * 2,
      "duplicate probe name 'a'"),
     ("- just a list\n", "expected a mapping"),
     ("name: [unclosed\n", "invalid YAML"),
@@ -98,17 +106,19 @@ def test_bad_suites_are_reported(tmp_path, body, message):
     assert message in str(e.value) and str(path) in str(e.value)
 
 
+HEAD = "name: x\nprobes:\n  - {name: mc, kind: multiple_choice, "
+
+
 def test_bad_item_and_option_are_reported_before_any_model(tmp_path):
     write_jsonl(tmp_path / "mc.jsonl", [MC[0], {**MC[1], "gold": 7}])
-    (tmp_path / "s.yaml").write_text("name: x\nprobes:\n  - {name: mc, kind: multiple_choice, data: mc.jsonl}\n")
+    (tmp_path / "s.yaml").write_text(HEAD + "data: mc.jsonl}\n")
     with pytest.raises(SuiteError, match=r"probes\[0\] \(mc\): .*mc.jsonl:2: field 'gold'"):
         validate_suite(tmp_path / "s.yaml")
     write_jsonl(tmp_path / "mc.jsonl", MC)
-    (tmp_path / "s.yaml").write_text(
-        "name: x\nprobes:\n  - {name: mc, kind: multiple_choice, data: mc.jsonl, options: {delim: ' '}}\n")
+    (tmp_path / "s.yaml").write_text(HEAD + "data: mc.jsonl, options: {delim: ' '}}\n")
     with pytest.raises(SuiteError, match=r"options: .*unknown option 'delim'"):
         validate_suite(tmp_path / "s.yaml")
-    (tmp_path / "s.yaml").write_text("name: x\nprobes:\n  - {name: mc, kind: multiple_choice, data: nope.jsonl}\n")
+    (tmp_path / "s.yaml").write_text(HEAD + "data: nope.jsonl}\n")
     with pytest.raises(SuiteError, match="nope.jsonl: file not found"):
         validate_suite(tmp_path / "s.yaml")
 

@@ -90,3 +90,109 @@ def train(recipe: str | Path | None = None, *, overrides: list[str] | None = Non
     from .training.run import train as run_train
 
     return run_train(load_recipe(recipe, overrides, **fields))
+
+
+def continual(sequence: str | Path | None = None, *, overrides: list[str] | None = None, **fields: Any) -> dict:
+    """Train a task sequence (YAML or fields); returns the ``continual.json`` content."""
+    from .config import load_sequence
+    from .training.continual import run_continual
+
+    return run_continual(load_sequence(sequence, overrides, **fields))
+
+
+def _task_probe(eval_data: str | Path | None, *, chat: bool | None = None, limit: int | None = 200,
+                max_new_tokens: int = 16, metric: str = "exact_match"):
+    """A generation probe over held-out task records (prompt/completion or chat), or ``None``."""
+    if not eval_data:
+        return None
+    from .data.formats import validate_records
+    from .data.readers import read_records
+    from .registry import PROBES
+    from .training.run import records_to_eval_items
+
+    records = read_records(eval_data, limit=limit)
+    validate_records(records)
+    return PROBES.get("generation")("task", records_to_eval_items(records, chat), metric=metric,
+                                    max_new_tokens=max_new_tokens)
+
+
+def interpolate(base: str, tuned: str, *, task_eval: str | Path | None = None, suite: str = "general",
+                alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0), budget: float = 0.05,
+                limit: int | None = None, batch_size: int = 16, output_dir: str | Path = "runs/interpolate",
+                max_new_tokens: int = 16):
+    """WiSE-FT: score the interpolation path base -> tuned, pick the best task score within budget, save it.
+
+    For a LoRA adapter the adapter is scaled (no merged copies); a full fine-tune is interpolated
+    in place in one working model. Writes ``interpolate.json``, the plot and ``model/``.
+    """
+    from . import models
+    from .after.interpolate import interpolate as run_interpolate
+    from .after.interpolate import save_choice
+    from .probes.suite import validate_suite
+
+    probes = validate_suite(suite, limit=limit)  # before any model is loaded
+    task_probe = _task_probe(task_eval, max_new_tokens=max_new_tokens)
+    out = Path(output_dir)
+    adapter = models.is_adapter_dir(models.resolve(str(tuned)))
+    if adapter:
+        tuned_model, tok = models.load(tuned, base=base)
+        base_model = None
+    else:
+        base_model, tok = models.load(base)
+        tuned_model = models.load(tuned, with_tokenizer=False)
+    result = run_interpolate(base_model, tuned_model, tok, general_suite=probes, task_probe=task_probe,
+                             alphas=alphas, budget=budget, batch_size=batch_size)
+    save_choice(result, out / "model")
+    write_json(out / "interpolate.json", result.to_dict())
+    result.plot(out / "plots" / "interpolation.png")
+    return result
+
+
+def diagnose(base: str, tuned: str, *, prompts: str | Path | None = None, suite: str = "general",
+             output_dir: str | Path = "runs/diagnose", batch_size: int = 8, max_prompts: int = 64):
+    """Which blocks moved: per-block weight change, CKA of hidden states, output KL, and a suggestion.
+
+    ``prompts``: a JSONL of ``{"prompt": ...}`` records; by default the suite's drift prompts.
+    """
+    from . import models
+    from .after.diagnose import diagnose as run_diagnose
+    from .data.readers import read_records
+    from .probes.suite import load_suite
+
+    if prompts is None:
+        s = load_suite(suite)
+        spec = next((p for p in s.probes if p.kind == "drift"), None)
+        if spec is None:
+            raise ValueError(f"suite {suite!r} has no drift prompts; pass --prompts FILE.jsonl")
+        prompts = s.resolve(spec.data)
+    records = read_records(prompts, limit=max_prompts)
+    texts = []
+    for r in records:
+        if "prompt" not in r.data:
+            raise ValueError(f"{r.source}:{r.line}: field 'prompt': missing")
+        texts.append(r.data["prompt"])
+    if models.is_adapter_dir(models.resolve(str(tuned))):
+        tuned_model, tok = models.load(tuned, base=base)
+        base_model = None
+    else:
+        base_model, tok = models.load(base)
+        tuned_model = models.load(tuned, with_tokenizer=False)
+    d = run_diagnose(base_model, tuned_model, tok, texts, batch_size=batch_size)
+    out = Path(output_dir)
+    write_json(out / "diagnose.json", d.to_dict())
+    d.plot(out / "plots" / "layer_drift.png")
+    return d
+
+
+def recover(model: str, base: str, task: str, **kwargs: Any):
+    """Repair a forgotten full model with replay-heavy training until the guard says it is back."""
+    from .training.recover import recover as run_recover
+
+    return run_recover(model, base, task, **kwargs)
+
+
+def report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """One self-contained HTML page for any run directory (train, eval, continual, interpolate, diagnose)."""
+    from .report.html import write_report
+
+    return write_report(run_dir, out)

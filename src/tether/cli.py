@@ -122,6 +122,112 @@ def demo_cmd(
         _fail(e)
 
 
+@app.command("continual")
+def continual_cmd(
+    sequence: Path = typer.Argument(..., help="Sequence YAML: tasks (name, train, eval), methods, training."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a key, e.g. --set training.max_steps=30."),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o"),
+) -> None:
+    """Train tasks one after another; accuracy matrix, backward/forward transfer, forgetting."""
+    from . import api
+    from .training.continual import render_continual
+
+    try:
+        result = api.continual(sequence, overrides=overrides, **({"output_dir": output_dir} if output_dir else {}))
+    except _expected_errors() as e:
+        _fail(e)
+    for table in render_continual(result):
+        _console().print(table)
+
+
+@app.command("interpolate")
+def interpolate_cmd(
+    base: str = typer.Option(..., "--base", help="Base model."),
+    tuned: str = typer.Option(..., "--tuned", help="Fine-tuned model or PEFT adapter directory."),
+    task_eval: Optional[Path] = typer.Option(None, "--task-eval", help="Held-out task data for the task score."),
+    alphas: str = typer.Option("0,0.25,0.5,0.75,1", help="Comma-separated interpolation weights."),
+    budget: float = typer.Option(0.05, help="Largest relative drop of any general probe."),
+    suite: str = typer.Option("general", "--suite", "-s"),
+    limit: Optional[int] = typer.Option(None, help="Items per general probe."),
+    output_dir: str = typer.Option("runs/interpolate", "--output-dir", "-o"),
+) -> None:
+    """WiSE-FT: interpolate base -> tuned, keep the best task score within the general budget."""
+    from . import api
+
+    try:
+        result = api.interpolate(base, tuned, task_eval=task_eval, suite=suite, budget=budget, limit=limit,
+                                 alphas=tuple(float(a) for a in alphas.split(",")), output_dir=output_dir)
+    except _expected_errors() as e:
+        _fail(e)
+    _console().print(result.render_table())
+    _console().print(f"chosen alpha {result.chosen_alpha:g}; saved to {Path(output_dir) / 'model'}")
+
+
+@app.command("diagnose")
+def diagnose_cmd(
+    base: str = typer.Option(..., "--base", help="Base model."),
+    tuned: str = typer.Option(..., "--tuned", help="Fine-tuned model or PEFT adapter directory."),
+    prompts: Optional[Path] = typer.Option(None, help="JSONL of {prompt} records (default: the suite's drift prompts)."),
+    suite: str = typer.Option("general", "--suite", "-s"),
+    output_dir: str = typer.Option("runs/diagnose", "--output-dir", "-o"),
+) -> None:
+    """Per-block weight change, hidden-state CKA and output KL; suggests what to freeze."""
+    from . import api
+
+    try:
+        d = api.diagnose(base, tuned, prompts=prompts, suite=suite, output_dir=output_dir)
+    except _expected_errors() as e:
+        _fail(e)
+    _console().print(d.render_table())
+    _console().print(f"[bold]suggestion:[/] {d.suggestion}")
+    if d.recipe:
+        _console().print(d.recipe_yaml)
+
+
+@app.command("recover")
+def recover_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="The fine-tuned model that forgot (full model)."),
+    base: str = typer.Option(..., "--base", help="Its original base: the reference for the general probes."),
+    task: str = typer.Option(..., "--task", "-t", help="The task's training data."),
+    eval_data: Optional[str] = typer.Option(None, "--eval", help="Held-out task data, to report what was kept."),
+    max_steps: int = typer.Option(100, help="Step limit."),
+    replay_ratio: float = typer.Option(0.75, help="Share of each batch that is general replay."),
+    budget: float = typer.Option(0.05, help="Stop once every probe is within this relative drop."),
+    output_dir: str = typer.Option("runs/recover", "--output-dir", "-o"),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe key."),
+) -> None:
+    """Continue training a forgotten model on a replay-heavy mix until the general probes are back."""
+    from . import api
+
+    try:
+        result = api.recover(model, base, task, eval_data=eval_data, max_steps=max_steps, replay_ratio=replay_ratio,
+                             budget=budget, output_dir=output_dir, overrides=overrides)
+    except _expected_errors() as e:
+        _fail(e)
+    rec = result.summary["recovery"]
+    t = result.summary["task"]
+    at = rec["recovered_at"]
+    _console().print(f"recovered within budget at step {at}" if at else f"not within budget after {max_steps} steps")
+    if t["base"] is not None:
+        _console().print(f"task score {t['base']:.3f} -> {t['final']:.3f}")
+    _console().print(f"run directory: {result.run_dir}")
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="A run directory (train, eval, continual, interpolate, diagnose)."),
+    out: Optional[Path] = typer.Option(None, "--output", "-o", help="HTML file (default: RUN_DIR/report.html)."),
+) -> None:
+    """One self-contained HTML page (no server, no network) for a run directory."""
+    from . import api
+
+    try:
+        path = api.report(run_dir, out)
+    except _expected_errors() as e:
+        _fail(e)
+    _console().print(f"wrote {path}")
+
+
 @data_app.command("build")
 def data_build(
     name: str = typer.Option("general-v1", help="Probe pack to build."),

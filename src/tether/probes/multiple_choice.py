@@ -78,7 +78,8 @@ class MultipleChoiceProbe(Probe):
                 raise DataError(rec.source, rec.line, f"choices[{i}]", "expected a non-empty string")
         gold = d.get("gold")
         if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
-            raise DataError(rec.source, rec.line, "gold", f"expected an index in [0, {len(choices)}), got {gold!r}")
+            raise DataError(rec.source, rec.line, "gold",
+                            f"expected an index in [0, {len(choices)}), got {gold!r}")
 
     def _build(self, tok) -> list[tuple[list[int], list[int]]]:
         if self._requests is None or self._requests[0] is not tok:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,17 +49,19 @@ class Scorer:
         self._adapters_off = False
         # transformers 5.x renamed the forward's `past_key_values` to `cache`
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        params = inspect.signature(base.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     # ----------------------------------------------------------------- plumbing
     @property
     def is_peft(self) -> bool:
         """True for a PEFT ``PeftModel`` or a transformers model with PEFT adapters loaded."""
-        return hasattr(self.model, "disable_adapter") and hasattr(self.model, "peft_config") or bool(
-            getattr(self.model, "_hf_peft_config_loaded", False))
+        if hasattr(self.model, "disable_adapter") and hasattr(self.model, "peft_config"):
+            return True
+        return bool(getattr(self.model, "_hf_peft_config_loaded", False))
 
     @contextlib.contextmanager
-    def reference_view(self) -> Iterator["Scorer"]:
+    def reference_view(self) -> Iterator[Scorer]:
         """A view of this scorer whose every forward pass runs with the adapters disabled.
 
         Disabling happens per forward pass, not for the whole block, so the view and the tuned
@@ -135,7 +137,8 @@ class Scorer:
             yield batch
 
     # ----------------------------------------------------------------- request types
-    def loglikelihood(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]
+                      ) -> list[tuple[float, bool]]:
         """Summed log-prob of each continuation given its context, and whether it is the greedy one.
 
         Contexts longer than ``max_length + 1 - len(continuation)`` are cut from the left, as in
@@ -161,8 +164,9 @@ class Scorer:
                 batch.append(key)
                 n_req += len(groups[key])
                 continue
-            with self._inference():
-                self._score_groups(batch, groups, conts, results)
+            if batch:
+                with self._inference():
+                    self._score_groups(batch, groups, conts, results)
             batch, n_req = ([key], len(groups[key])) if key is not None else ([], 0)
         return results
 
@@ -206,7 +210,8 @@ class Scorer:
             ll, greedy = results[r]
             results[r] = (ll + float(s.sum()), greedy and bool(h.all()))
 
-    def completion_nll(self, examples: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, int]]:
+    def completion_nll(self, examples: Sequence[tuple[Sequence[int], Sequence[int]]]
+                       ) -> list[tuple[float, int]]:
         """Summed NLL over label tokens (labels != -100) and their count, per (input_ids, labels)."""
         seqs = [list(ids)[: self.max_length] for ids, _ in examples]
         labs = [list(lab)[: self.max_length] for _, lab in examples]
@@ -262,7 +267,8 @@ class Scorer:
         if stop:
             cfg.stop_strings = list(stop)
         eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
-        seqs = [list(p)[-(self.max_length - max_new_tokens):] for p in prompts]
+        room = max(1, self.max_length - max_new_tokens)  # keep the prompt's end if it is too long
+        seqs = [list(p)[-room:] for p in prompts]
         order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
         out = [""] * len(seqs)
         for start in range(0, len(order), self.batch_size):

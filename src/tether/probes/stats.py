@@ -9,7 +9,7 @@ difficulty and gives much tighter intervals than two independent CIs.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 

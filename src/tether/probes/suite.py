@@ -22,11 +22,20 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..data.readers import DataError, read_records
 from ..io import tether_home
@@ -61,7 +70,7 @@ class ProbeSpec(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _one_data_source(self) -> "ProbeSpec":
+    def _one_data_source(self) -> ProbeSpec:
         if (self.data is None) == (self.items is None):
             raise ValueError("give exactly one of 'data' (a file or pack:// reference) and 'items'")
         return self
@@ -89,7 +98,7 @@ class SuiteSpec(BaseModel):
     _origin: str = PrivateAttr(default="<python>")  # the YAML file, for error messages
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "SuiteSpec":
+    def _unique_names(self) -> SuiteSpec:
         seen: set[str] = set()
         for p in self.probes:
             if p.name in seen:
@@ -99,7 +108,7 @@ class SuiteSpec(BaseModel):
 
     @classmethod
     def from_probes(cls, probes: Sequence[ProbeSpec | dict], *, name: str = "custom",
-                    replay: ReplaySpec | dict | None = None, base_dir: str | Path | None = None) -> "SuiteSpec":
+                    replay: ReplaySpec | dict | None = None, base_dir: str | Path | None = None) -> SuiteSpec:
         """Build a suite in Python, e.g. ``SuiteSpec.from_probes([{"name": "mc", "kind":
         "multiple_choice", "items": [...]}])``; relative paths resolve against ``base_dir``."""
         try:
@@ -215,8 +224,9 @@ def validate_suite(suite: SuiteSpec | str | Path, *, limit: int | None = None) -
         except (DataError, SuiteError) as e:
             raise SuiteError(f"{where}: {e}") from None
         try:
+            shares = suite.shares_source_with_replay(spec)
             probes.append(cls(spec.name, [r.data for r in records], sources=spec.sources, seed=spec.seed,
-                              shares_source_with_replay=suite.shares_source_with_replay(spec), **spec.options))
+                              shares_source_with_replay=shares, **spec.options))
         except ValueError as e:
             raise SuiteError(f"{where}.options: {e}") from None
     return probes

@@ -42,7 +42,8 @@ class ForgettingGuard(TrainerCallback):
         score: ``model -> (general ProbeResults, task score or None)``; scores the live model.
         base_results: general ProbeResults of the base model on the same items.
         threshold: relative drop that counts as forgetting (0.05 = 5%).
-        action: ``stop`` | ``adapt`` | ``warn``.
+        action: ``stop`` | ``adapt`` | ``warn`` | ``recover`` (the reverse: training repairs a model
+            that already forgot, and stops at the first check where every probe is back within budget).
         every: evaluate every this many optimizer steps (and at the last step).
         run_dir: where ``guard.jsonl`` and the best trainable weights go.
         on_adapt: called with the event when ``action == "adapt"`` (e.g. raise the replay ratio).
@@ -101,7 +102,13 @@ class ForgettingGuard(TrainerCallback):
         if step % self.every != 0 and step != state.max_steps:
             return control
         event = self.check(model, step)
-        if event["breached"]:
+        if self.action == "recover":
+            if not event["breached"]:
+                event["action"] = "recovered"
+                control.should_training_stop = True
+                self.stopped_at = step
+                log.warning("guard: every probe is back within %.0f%% at step %d; stopping", 100 * self.threshold, step)
+        elif event["breached"]:
             event["action"] = self.action
             if self.action == "stop":
                 control.should_training_stop = True
@@ -132,7 +139,7 @@ class ForgettingGuard(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if self.stopped_at is not None and self.best is not None and model is not None:
+        if self.action != "recover" and self.stopped_at is not None and self.best is not None and model is not None:
             restore_trainable(model, self.best["state"])
             self.restored_step = self.best["step"]
             log.warning("guard: restored the weights of step %d (best within budget)", self.restored_step)

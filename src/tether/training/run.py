@@ -78,9 +78,16 @@ def build_methods(recipe: Recipe) -> dict[str, Any]:
     return {n: METHODS.get(n)(configs[n]) for n in names}
 
 
-def train(recipe: Recipe, *, base_results: dict[str, list] | None = None, keep_model: bool = False) -> TrainResult:
-    """Run one recipe. ``base_results`` ({"general": [...], "guard": [...], "task": float}) skips re-scoring
-    the base model when several runs share it (the demo and the benchmarks do)."""
+def train(recipe: Recipe, *, base_results: dict[str, list] | None = None, keep_model: bool = False,
+          compare_to: str | None = None) -> TrainResult:
+    """Run one recipe.
+
+    Args:
+        base_results: ``{"general": [...], "guard": [...], "task": float}`` already measured on the
+            base; skips re-scoring when several runs share a base (the demo and the benchmarks do).
+        compare_to: measure general ability against this model instead of the one being trained
+            (`tether recover` trains a model that already forgot, against its original base).
+    """
     import torch
 
     from .. import models
@@ -110,6 +117,8 @@ def train(recipe: Recipe, *, base_results: dict[str, list] | None = None, keep_m
         log.warning("skipped %d invalid task records (first: %s)", len(skipped), skipped[0])
     session = Session(recipe, model, tok, general, general_probes, guard_probes,
                       task_eval_items(recipe, eval_records) if eval_records else None, run_dir)
+    if compare_to is not None:
+        session.base_name = compare_to
 
     # 3. the base model's scores, once
     base = session.score_base(known=base_results)

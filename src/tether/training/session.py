@@ -39,6 +39,7 @@ class Session:
         self.run_dir = run_dir
         self.base: dict[str, Any] = {}
         self.frozen_base = None  # a frozen copy, only when a method or probe needs one and PEFT can't serve
+        self.base_name = recipe.model.name  # the model general scores are compared against
         self.batch_size = 16
 
     # -- scoring -----------------------------------------------------------------------------------
@@ -76,12 +77,19 @@ class Session:
 
     def score_base(self, known: dict[str, Any] | None = None) -> dict[str, Any]:
         """Base scores (general suite, guard subset, task); ``known`` entries are reused, not re-scored."""
+        from .. import models
+
         out = dict(known or {})
-        with status("scoring the base model on the general probes"):
+        with status(f"scoring the base model ({self.base_name}) on the general probes"):
+            ref = self.model
+            if self.base_name != self.recipe.model.name and ("general" not in out or "guard" not in out):
+                ref = models.load(self.base_name, dtype=self.recipe.model.dtype, with_tokenizer=False,
+                                  device=str(self.model.device))
             if "general" not in out:
-                out["general"] = self._run(self.general_probes, self.model, "self")
+                out["general"] = self._run(self.general_probes, ref, "self")
             if self.guard_probes is not None and "guard" not in out:
-                out["guard"] = self._run(self.guard_probes, self.model, "self")
+                out["guard"] = self._run(self.guard_probes, ref, "self")
+            del ref
             if "task" not in out:
                 probe = self.task_probe()
                 out["task"] = probe.run(self.scorer(self.model)).score if probe else None
@@ -103,7 +111,7 @@ class Session:
             if is_peft(model):
                 reference = None  # the adapter-disabled view
             else:
-                base = self.frozen_base or models.load(self.recipe.model.name, dtype=self.recipe.model.dtype,
+                base = self.frozen_base or models.load(self.base_name, dtype=self.recipe.model.dtype,
                                                        with_tokenizer=False, device=str(model.device))
                 reference = self.scorer(base)
             out = {"general": self._run(self.general_probes, model, reference)}
