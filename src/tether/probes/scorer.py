@@ -34,7 +34,7 @@ class Scorer:
     """
 
     def __init__(self, model, tokenizer, *, batch_size: int = 32, max_length: int | None = None,
-                 device: str | torch.device | None = None, max_batch_tokens: int = 4096):
+                 device: str | torch.device | None = None, max_batch_tokens: int = 2048):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.model = model
@@ -187,7 +187,8 @@ class Scorer:
             if not chunks or w0 - w > max(3, w0 // 2):
                 chunks.append([])
             chunks[-1].append(gr)
-        cache = getattr(out, "cache", None) or out.past_key_values
+        cache = getattr(out, "cache", None)
+        cache = out.past_key_values if cache is None else cache
         for n, chunk in enumerate(chunks):  # each chunk extends its own copy of the cache
             self._score_tails(cache if n == len(chunks) - 1 else copy.deepcopy(cache), chunk, ctxs,
                               ctx_mask, conts, results)
@@ -252,7 +253,7 @@ class Scorer:
             ids, mask = self._pad([seqs[i] for i in batch])
             with self._inference():
                 logits, _ = self._logits(ids, mask)
-            lp = F.log_softmax(logits, dim=-1)
+            lp = logits.sub_(logits.logsumexp(-1, keepdim=True))  # in place: B x T x V is the peak
             for row, i in enumerate(batch):
                 yield i, lp[row, : len(seqs[i])]
 
