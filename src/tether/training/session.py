@@ -208,7 +208,15 @@ class Session:
             "guard": guard.summary() if guard else None,
             "skipped_records": [str(e) for e in skipped],
             "method_metrics": {n: m.metrics() for n, m in methods.items()},
+            "extra_memory_mb": self.extra_memory_mb(methods),
         }
+
+    def extra_memory_mb(self, methods: dict) -> float:
+        """Memory a method adds beyond the model: a frozen teacher copy, Fisher and anchors, ..."""
+        copy_mb = 0.0
+        if self.frozen_base is not None:
+            copy_mb = sum(p.numel() * p.element_size() for p in self.frozen_base.parameters()) / 2**20
+        return copy_mb + sum(v for m in methods.values() for k, v in m.metrics().items() if k.endswith("memory_mb"))
 
 
 def _raise_replay(dataset, step: float, start: int) -> dict:

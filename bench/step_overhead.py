@@ -1,0 +1,145 @@
+"""Step-time overhead of each method: plain HF Trainer + PEFT LoRA vs tether's LoRA with a method on.
+
+Same model (the embedded SmolLM2 by default), data, batch size and seed; every configuration runs
+the same number of optimizer steps after warm-up steps, in one process, one after another. CPU
+wall time is noisy on a shared machine, so each configuration keeps its *median* step time and the
+table reports the ratio to plain Trainer + PEFT measured in the same run.
+
+    python bench/step_overhead.py --steps 8 --warmup 2 --batch-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+HERE = Path(__file__).resolve().parent
+
+CONFIGS = {
+    "tether LoRA": {"lora": {}},
+    "+ replay 20%": {"lora": {}, "replay": {"ratio": 0.25}},
+    "+ freeze 50%": {"lora": {}, "freeze": {"fraction": 0.5}},
+    "+ EWC": {"lora": {}, "ewc": {"fisher_samples": 32}},
+    "+ LwF": {"lora": {}, "lwf": {}},
+}
+
+
+class StepTimer:
+    """Trainer callback recording each optimizer step's wall time."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Cb(TrainerCallback):
+            times: list[float] = []
+
+            def on_step_begin(self, args, state, control, **kw):
+                self.t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                self.times.append(time.perf_counter() - self.t0)
+
+        cb = Cb()
+        cb.times = []
+        return cb
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--out", default=str(HERE / "results" / "step_overhead.json"))
+    args = ap.parse_args()
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from rich.console import Console
+    from rich.table import Table
+    from transformers import Trainer
+
+    from tether import models
+    from tether.config import TrainingSpec
+    from tether.data.collate import Collator
+    from tether.data.formats import encode_records
+    from tether.data.pack import build_task, ensure_pack
+    from tether.data.readers import read_records
+    from tether.io import write_json
+    from tether.methods.base import Context
+    from tether.methods.lwf import make_reference
+    from tether.methods.lora import LoraMethodConfig
+    from tether.registry import METHODS
+    from tether.training.trainer import TetherTrainer, as_dataset, training_arguments
+
+    torch.manual_seed(0)
+    task_dir, pack = build_task("fortune-topics"), ensure_pack("general-v1")
+    total = args.steps + args.warmup
+    spec = TrainingSpec(max_steps=total, batch_size=args.batch_size, lr=1e-4, logging_steps=10_000)
+    results = {}
+
+    def run(label, make):
+        model, tok = models.load(args.model, device="cpu")
+        trainer = make(model, tok)
+        timer = StepTimer()
+        trainer.add_callback(timer)
+        trainer.train()
+        times = timer.times[args.warmup:]
+        results[label] = {"median_s": statistics.median(times), "mean_s": statistics.mean(times), "steps": len(times)}
+        Console().print(f"{label}: median {results[label]['median_s']:.3f} s/step")
+
+    def plain(model, tok):
+        examples = encode_records(read_records(task_dir / "train.jsonl"), tok, max_length=256)[0]
+        lcfg = LoraMethodConfig()
+        peft_model = get_peft_model(model, LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
+                                                      target_modules=lcfg.target_modules, task_type="CAUSAL_LM"))
+        return Trainer(model=peft_model, args=training_arguments(spec, "/tmp/tether-bench-plain"),
+                       train_dataset=as_dataset(examples), data_collator=Collator(tok.pad_token_id))
+
+    def tethered(methods_cfg):
+        def make(model, tok):
+            examples = encode_records(read_records(task_dir / "train.jsonl"), tok, max_length=256)[0]
+            general = encode_records(read_records(pack / "replay.jsonl", limit=400), tok, max_length=256)[0]
+            methods = {n: METHODS.get(n)(c) for n, c in methods_cfg.items()}
+            ctx = Context(tokenizer=tok, general_examples=general, task_examples=examples, batch_size=args.batch_size,
+                          num_batches=total)
+            for m in methods.values():
+                model = m.prepare_model(model, ctx)
+            if any(m.needs_reference for m in methods.values()):
+                import dataclasses
+
+                ctx = dataclasses.replace(ctx, reference=make_reference(model))
+            model.train()
+            for m in methods.values():
+                m.on_task_start(model, ctx)
+            data = examples
+            for m in methods.values():
+                data = m.prepare_data(data, ctx)
+            return TetherTrainer(model=model, args=training_arguments(spec, "/tmp/tether-bench-t"),
+                                 train_dataset=as_dataset(data), data_collator=Collator(tok.pad_token_id),
+                                 methods=methods, context=ctx)
+        return make
+
+    run("plain Trainer + PEFT LoRA", plain)
+    for label, cfg in CONFIGS.items():
+        run(label, tethered(cfg))
+    ref = results["plain Trainer + PEFT LoRA"]["median_s"]
+    table = Table(title=f"step time, {args.model}, batch {args.batch_size}, median of {args.steps} steps "
+                        f"(after {args.warmup} warm-up), one process")
+    for col in ("configuration", "s/step", "vs plain Trainer+PEFT"):
+        table.add_column(col, justify="right" if col != "configuration" else "left")
+    for label, r in results.items():
+        r["ratio"] = r["median_s"] / ref
+        table.add_row(label, f"{r['median_s']:.3f}", f"{r['ratio']:.2f}x ({r['ratio'] - 1:+.0%})")
+    Console().print(table)
+    write_json(args.out, {"model": args.model, "batch_size": args.batch_size, "steps": args.steps,
+                          "threads": torch.get_num_threads(), "results": results})
+
+
+if __name__ == "__main__":
+    main()

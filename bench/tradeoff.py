@@ -1,0 +1,101 @@
+"""The forgetting trade-off: each method vs naive full fine-tuning, same task, steps, seed and probes.
+
+On the embedded model and the demo's task (quotes routed to 8 topic labels), trains every
+configuration for the same number of steps from the same base, then reports task gain, the
+relative change of every general probe (paired bootstrap CI), wall time and extra memory.
+The base model is scored once and shared.
+
+    python bench/tradeoff.py --steps 60 --suite general
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+HERE = Path(__file__).resolve().parent
+
+CONFIGS = {
+    "naive full FT": ({"full": {}}, False),
+    "LoRA": ({"lora": {}}, False),
+    "full + replay 20%": ({"full": {}, "replay": {"ratio": 0.25}}, False),
+    "full + EWC": ({"full": {}, "ewc": {"lambda": 100.0, "fisher_samples": 64}}, False),
+    "full + LwF": ({"full": {}, "lwf": {"alpha": 1.0}}, False),
+    "full + freeze 50%": ({"full": {}, "freeze": {"fraction": 0.5}}, False),
+    "default recipe": ({"lora": {}, "replay": {"ratio": 0.25}}, True),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--suite", default="general")
+    ap.add_argument("--eval-limit", type=int, default=120)
+    ap.add_argument("--only", nargs="*", help="run only these configurations")
+    ap.add_argument("--out", default=str(HERE / "results" / "tradeoff.json"))
+    ap.add_argument("--runs", default="runs/bench-tradeoff")
+    args = ap.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from tether.config import load_recipe
+    from tether.data.pack import build_task, ensure_pack
+    from tether.io import write_json
+    from tether.training.run import train
+
+    ensure_pack("general-v1")
+    task = build_task("fortune-topics")
+    console = Console()
+    results, base = {}, None
+    for label, (methods, guard) in CONFIGS.items():
+        if args.only and label not in args.only:
+            continue
+        recipe = load_recipe(
+            None, methods=methods, general=args.suite,
+            task={"train": str(task / "train.jsonl"), "eval": str(task / "eval.jsonl"), "eval_limit": args.eval_limit},
+            training={"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "logging_steps": 10},
+            guard={"enabled": guard, "every": max(5, args.steps // 4)},
+            output_dir=f"{args.runs}/{label.replace(' ', '_').replace('%', '')}",
+        )
+        console.rule(f"{label}: {', '.join(methods)}")
+        t0 = time.perf_counter()
+        res = train(recipe, base_results=base)
+        base = {"general": res.base_results, "task": res.summary["task"]["base"]}
+        s = res.summary
+        s["wall_s"] = time.perf_counter() - t0
+        results[label] = s
+        write_json(args.out, {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                              "suite": args.suite, "results": results})
+
+    probes = [p["probe"] for p in next(iter(results.values()))["probes"]]
+    shared = {p["probe"]: p["shares_source_with_replay"] for p in next(iter(results.values()))["probes"]}
+    naive_gain = results.get("naive full FT", {}).get("task", {}).get("gain")
+    table = Table(title=f"trade-off: {args.steps} steps, batch {args.batch_size}, lr {args.lr}",
+                  caption="general: relative change vs base (red = forgot); * shares a source with replay")
+    table.add_column("method")
+    table.add_column("task acc", justify="right")
+    table.add_column("gain vs naive", justify="right")
+    for p in probes:
+        table.add_column(p + (" *" if shared[p] else ""), justify="right")
+    table.add_column("train s", justify="right")
+    table.add_column("extra MB", justify="right")
+    for label, s in results.items():
+        t = s["task"]
+        rel = "-" if not naive_gain else f"{t['gain'] / naive_gain:.0%}"
+        cells = []
+        for c in s["probes"]:
+            colour = "red" if c["verdict"] == "forgot" else ("yellow" if c["verdict"] == "uncertain" else "green")
+            cells.append(f"[{colour}]{c['rel_change']:+.1%}[/]")
+        table.add_row(label, f"{t['final']:.1%}", rel, *cells, f"{s['seconds']:.0f}", f"{s['extra_memory_mb']:.0f}")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
