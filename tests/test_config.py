@@ -55,3 +55,23 @@ def test_bad_recipes_name_file_and_key(tmp_path, yaml_text, message):
 def test_bad_override_format():
     with pytest.raises(RecipeError, match="expected key=value"):
         load_recipe(overrides=["lora.r"])
+
+
+def test_every_shipped_recipe_and_suite_validates():
+    from importlib import resources
+
+    from tether.probes.suite import load_suite
+
+    recipes = sorted(p for p in resources.files("tether.recipes").iterdir() if p.name.endswith(".yaml"))
+    assert len(recipes) >= 4
+    for p in recipes:
+        r = load_recipe(p)
+        load_suite(r.general)
+        load_suite(r.guard.suite)
+    default = load_recipe(resources.files("tether.recipes") / "default.yaml")
+    assert set(default.methods) == set(load_recipe().methods) and default.methods["replay"]["ratio"] == 0.2
+    assert default.training.lr == 1e-4 and default.guard.threshold == 0.05
+    suites = sorted(p.name[:-5] for p in resources.files("tether.suites").iterdir() if p.name.endswith(".yaml"))
+    assert {"general", "general-quick", "general-demo"} <= set(suites)
+    for name in suites:
+        load_suite(name)
