@@ -60,15 +60,12 @@ REPLAY_SOURCES = ["chatterbot", "python-docs"]
 
 # BIG-bench multiple-choice tasks: items drawn, query template (the probe appends " " + choice)
 _Q = "Question: {x}\nAnswer:"
-MC_TASKS: dict[str, tuple[int, str]] = {
-    "physical_intuition": (60, _Q), "social_iqa": (40, _Q), "strategyqa": (40, _Q),
-    "known_unknowns": (30, _Q),
-    "misconceptions": (40, "Is the following statement true or false?\nStatement: {x}\nAnswer:"),
-    "sports_understanding": (30, "Is this sentence plausible or implausible?\nSentence: {x}\nAnswer:"),
-    "human_organs_senses": (30, _Q), "riddle_sense": (40, "Riddle: {x}\nAnswer:"),
-    "date_understanding": (30, _Q),
-    "anachronisms": (30, "Sentence: {x}\nQuestion: Does this sentence contain an anachronism?\nAnswer:"),
-    "crass_ai": (40, _Q), "odd_one_out": (30, _Q),
+MC_TASKS: dict[str, tuple[int, str]] = {  # sizes favour tasks where SmolLM2-135M is above chance
+    "physical_intuition": (70, _Q), "human_organs_senses": (40, _Q), "known_unknowns": (40, _Q),
+    "misconceptions": (60, "Is the following statement true or false?\nStatement: {x}\nAnswer:"),
+    "anachronisms": (40, "Sentence: {x}\nQuestion: Does this sentence contain an anachronism?\nAnswer:"),
+    "date_understanding": (40, _Q), "odd_one_out": (40, _Q), "riddle_sense": (40, "Riddle: {x}\nAnswer:"),
+    "strategyqa": (30, _Q), "social_iqa": (30, _Q), "crass_ai": (20, _Q),
 }
 _MC_CHOICE_MAP = {"misconceptions": {"T": "True", "F": "False"}}
 # qa_wikidata relations asked as questions in trivia_gen: prefix, question template, items
