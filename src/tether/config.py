@@ -81,6 +81,7 @@ class GuardSpec(_Strict):
     suite: str = "general-quick"
     probes: list[str] | None = None  # subset of the suite's probes; None = all
     limit: int | None = None  # items per probe
+    task_limit: int | None = 40  # held-out task items scored at each check
     adapt_replay_step: float = 0.1
     adapt_lr_factor: float = 0.5
 

@@ -100,7 +100,7 @@ class Session:
     def guard_score(self, model):
         scorer = self.scorer(model)
         results = self._run(self.guard_probes, model, None)  # drift (PEFT only) uses the adapter-disabled view
-        probe = self.task_probe(limit=self.recipe.task.eval_limit)
+        probe = self.task_probe(limit=self.recipe.guard.task_limit)
         return results, (probe.run(scorer).score if probe else None)
 
     def score_final(self, model) -> dict[str, Any]:
