@@ -277,4 +277,19 @@ def test_task_is_reproducible(tmp_path, task_dir):
     out = P.build_task("fortune-topics", tmp_path / "t", seed=0)
     for f in ("train.jsonl", "eval.jsonl"):
         assert _sha(out / f) == _sha(task_dir / f)
-    assert P.TASKS == ("fortune-topics",)
+    assert P.TASKS[0] == "fortune-topics"
+
+
+def test_sequence_tasks_have_disjoint_labels_and_quotes():
+    import json
+
+    labels, quotes = [], []
+    for name in ("fortune-seq-a", "fortune-seq-b", "fortune-seq-c"):
+        path = P.ensure_task(name)
+        rows = [json.loads(x) for f in ("train.jsonl", "eval.jsonl") for x in (path / f).read_text().splitlines()]
+        labels.append({r["completion"] for r in rows})
+        quotes.append({r["prompt"].split("Quote: ", 1)[1] for r in rows})
+        assert len(rows) == 340 and len(labels[-1]) == 4
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert not labels[i] & labels[j] and not quotes[i] & quotes[j]

@@ -41,7 +41,7 @@ from . import sources as S
 
 PACK_VERSION = 1  # bump when the builder's output changes: ensure_pack rebuilds older packs
 PACKS = ("general-v1",)
-TASKS = ("fortune-topics",)
+TASKS = ("fortune-topics", "fortune-seq-a", "fortune-seq-b", "fortune-seq-c")
 
 # (file stem, kind, ability, sources, description)
 PROBE_FILES = (
@@ -449,23 +449,36 @@ def pack_summary(path: str | os.PathLike) -> list[dict]:
 
 # ------------------------------------------------------------------------------------ demo task
 FORTUNE_TOPICS = ("art", "computers", "food", "law", "love", "politics", "science", "sports")
+# a three-task sequence for `tether continual` benchmarks: disjoint 4-way label sets, so learning a
+# later task pulls answers toward its labels and forgetting an earlier one shows
+TASK_TOPICS = {
+    "fortune-topics": FORTUNE_TOPICS,
+    "fortune-seq-a": ("art", "computers", "food", "law"),
+    "fortune-seq-b": ("love", "politics", "science", "sports"),
+    "fortune-seq-c": ("literature", "people", "wisdom", "work"),
+}
 TASK_TRAIN_PER_CLASS, TASK_EVAL_PER_CLASS = 60, 25
 
 
 def build_task(name: str = "fortune-topics", out_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
-    """Demo task: route a quote to one of 8 fortune topics (prompt/completion), train + eval."""
+    """Route a quote to one of its fortune topics (prompt/completion), train + eval.
+
+    ``fortune-topics`` (8 topics) is the demo task; ``fortune-seq-a/b/c`` (4 topics each, disjoint)
+    form a task sequence.
+    """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+    topics = TASK_TOPICS[name]
     out = Path(out_dir) if out_dir else tether_home() / "data" / "tasks" / name
-    instruction = f"Classify the topic of this quote. Answer with one word from: {', '.join(FORTUNE_TOPICS)}."
-    quotes = {t: [re.sub(r"\s+", " ", q) for q in S.fortune_quotes(t)] for t in FORTUNE_TOPICS}
+    instruction = f"Classify the topic of this quote. Answer with one word from: {', '.join(topics)}."
+    quotes = {t: [re.sub(r"\s+", " ", q) for q in S.fortune_quotes(t)] for t in topics}
     count = defaultdict(set)
     for t, qs in quotes.items():
         for q in qs:
             count[normalise(q)].add(t)
     train, evals = [], []
     need = TASK_TRAIN_PER_CLASS + TASK_EVAL_PER_CLASS
-    for t in FORTUNE_TOPICS:
+    for t in topics:
         seen, pool = set(), []
         for i, q in enumerate(quotes[t]):
             k = normalise(q)
@@ -488,7 +501,7 @@ def build_task(name: str = "fortune-topics", out_dir: str | os.PathLike | None =
             p = write_jsonl(tmp / f"{split}.jsonl", rows)
             files[p.name] = {"items": len(rows), "sha256": _sha256(p)}
         write_json(tmp / "manifest.json", {
-            "name": name, "builder_version": PACK_VERSION, "seed": seed, "labels": list(FORTUNE_TOPICS),
+            "name": name, "builder_version": PACK_VERSION, "seed": seed, "labels": list(topics),
             "files": files, "sources": {"fortunes": dict(S.SOURCES["fortunes"])}})
         _swap_into_place(tmp, out)
     finally:
