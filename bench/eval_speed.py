@@ -4,7 +4,8 @@ Items default to the 282 MMLU questions shipped inside lm_eval (the flan CoT few
 cloze-style: context ``Question: ...\\nAnswer:``, one continuation per option text, so choices have
 several tokens and ``acc_norm`` differs from ``acc``. Both sides include tokenisation in their time.
 Wall time on a shared machine is noisy, so CPU time (all threads of this process) is reported too,
-and each side keeps its best of ``--repeats`` runs.
+and each side keeps its best of ``--repeats`` runs. One torch thread by default: on a busy 2-core
+machine, OpenMP barriers make multi-threaded timings of either side swing by up to 10x.
 
     python bench/eval_speed.py --n-items 100 --batch-size 32
 """
@@ -72,7 +73,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="tether alias, path or hub id")
     ap.add_argument("--items", type=Path, help="a JSONL of {query, choices, gold} instead of MMLU")
     ap.add_argument("--repeats", type=int, default=1, help="runs per side; the best one counts")
-    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's choice)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "eval_speed.json")
     args = ap.parse_args()
 

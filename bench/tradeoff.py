@@ -5,7 +5,7 @@ configuration for the same number of steps from the same base, then reports task
 relative change of every general probe (paired bootstrap CI), wall time and extra memory.
 The base model is scored once and shared.
 
-    python bench/tradeoff.py --steps 60 --suite general
+    python bench/tradeoff.py --steps 60 --suite general-demo
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--suite", default="general")
-    ap.add_argument("--eval-limit", type=int, default=120)
+    ap.add_argument("--suite", default="general-demo")
+    ap.add_argument("--eval-limit", type=int, default=80)
     ap.add_argument("--only", nargs="*", help="run only these configurations")
     ap.add_argument("--out", default=str(HERE / "results" / "tradeoff.json"))
     ap.add_argument("--runs", default="runs/bench-tradeoff")

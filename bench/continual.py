@@ -1,0 +1,92 @@
+"""Continual learning on a three-task sequence: every method vs sequential fine-tuning and multi-task.
+
+Tasks (from the Debian fortunes package, disjoint 4-way label sets): route a quote to its topic
+among {art, computers, food, law}, then {love, politics, science, sports}, then {literature,
+people, wisdom, work}. Same steps per task, seed and probes for every method; multi-task trains on
+all three at once for the same total steps (the upper bound). Reports average accuracy, backward
+transfer, forgetting and the general change, as a table and JSON.
+
+    python bench/continual.py --steps 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+HERE = Path(__file__).resolve().parent
+
+CONFIGS = {
+    "sequential FT": {"full": {}},
+    "replay": {"full": {}, "replay": {"ratio": 0.25}},
+    "MSSR replay": {"full": {}, "replay": {"ratio": 0.25, "schedule": "mssr"}},
+    "EWC (online)": {"full": {}, "ewc": {"lambda": 100.0, "fisher_samples": 32}},
+    "LwF": {"full": {}, "lwf": {"alpha": 1.0}},
+    "O-LoRA": {"olora": {"r": 8, "lambda1": 0.5}},
+    "OPLoRA": {"oplora": {"r": 8, "k": 16}},
+    "multi-task (upper bound)": {"full": {}},
+}
+TASKS = ("fortune-seq-a", "fortune-seq-b", "fortune-seq-c")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=15, help="optimizer steps per task")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--adapter-lr", type=float, default=1e-3, help="learning rate of the LoRA-style methods")
+    ap.add_argument("--eval-limit", type=int, default=40)
+    ap.add_argument("--suite", default="general-demo")
+    ap.add_argument("--only", nargs="*")
+    ap.add_argument("--out", default=str(HERE / "results" / "continual.json"))
+    ap.add_argument("--runs", default="runs/bench-continual")
+    args = ap.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from tether.config import load_sequence
+    from tether.data.pack import ensure_pack, ensure_task
+    from tether.io import write_json
+    from tether.training.continual import run_continual
+
+    ensure_pack("general-v1")
+    tasks = [{"name": n.removeprefix("fortune-"), "train": str(ensure_task(n) / "train.jsonl"),
+              "eval": str(ensure_task(n) / "eval.jsonl"), "max_new_tokens": 4} for n in TASKS]
+    console = Console()
+    results = {}
+    for label, methods in CONFIGS.items():
+        if args.only and label not in args.only:
+            continue
+        adapter = any(m in methods for m in ("olora", "oplora"))
+        seq = load_sequence(None, tasks=tasks, methods=methods, general=args.suite, eval_limit=args.eval_limit,
+                            multitask=label.startswith("multi-task"), memory_per_task=40,
+                            training={"max_steps": args.steps, "batch_size": args.batch_size, "logging_steps": 5,
+                                      "lr": args.adapter_lr if adapter else args.lr},
+                            output_dir=f"{args.runs}/{label.split(' ')[0].lower()}")
+        console.rule(f"{label}: {', '.join(methods)}")
+        out = run_continual(seq)
+        results[label] = out
+        write_json(args.out, {"steps_per_task": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                              "adapter_lr": args.adapter_lr, "suite": args.suite, "tasks": list(TASKS),
+                              "results": results})
+
+    table = Table(title=f"continual: 3 fortune-routing tasks, {args.steps} steps each, batch {args.batch_size}",
+                  caption="ACC: mean final score; BWT: mean final - just-trained (>= -0.02 is the goal); "
+                          "general: mean relative drop of the general probes after the last task")
+    for col in ("method", "ACC", "BWT", "max forgetting", "general drop", "final row"):
+        table.add_column(col, justify="right" if col != "method" else "left")
+    for label, r in results.items():
+        m = r["metrics"]
+        bwt = "-" if m["bwt"] is None else f"{m['bwt']:+.3f}"
+        forg = "-" if not m["forgetting"] else f"{max(m['forgetting']):.3f}"
+        gen = sum(r["general_drop"][-1]) / len(r["general_drop"][-1])
+        table.add_row(label, f"{m['acc']:.3f}", bwt, forg, f"{gen:+.1%}", " ".join(f"{v:.2f}" for v in r["matrix"][-1]))
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
