@@ -59,7 +59,8 @@ def main() -> None:
             continue
         recipe = load_recipe(
             None, methods=methods, general=args.suite,
-            task={"train": str(task / "train.jsonl"), "eval": str(task / "eval.jsonl"), "eval_limit": args.eval_limit},
+            task={"train": str(task / "train.jsonl"), "eval": str(task / "eval.jsonl"), "eval_limit": args.eval_limit,
+                  "max_new_tokens": 4},
             training={"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "logging_steps": 10},
             guard={"enabled": guard, "every": max(5, args.steps // 4)},
             output_dir=f"{args.runs}/{label.replace(' ', '_').replace('%', '')}",

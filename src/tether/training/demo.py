@@ -24,7 +24,8 @@ def run_demo(steps: int = 60, output_dir: str | Path = "runs/demo", batch_size: 
     ensure_pack("general-v1")
     task_dir = build_task("fortune-topics")
     out = Path(output_dir)
-    common = {"task": {"train": str(task_dir / "train.jsonl"), "eval": str(task_dir / "eval.jsonl"), "eval_limit": 80},
+    common = {"task": {"train": str(task_dir / "train.jsonl"), "eval": str(task_dir / "eval.jsonl"), "eval_limit": 80,
+                       "max_new_tokens": 4},
               "general": "general-demo"}
     training = {"max_steps": steps, "batch_size": batch_size, "lr": 1e-4, "logging_steps": 5}
     runs = {
