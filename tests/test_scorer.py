@@ -44,6 +44,18 @@ def test_loglikelihood_matches_unbatched_forward(tiny_model, tokenizer, batch_si
         assert greedy == ref_greedy
 
 
+def test_loglikelihood_split_into_chunks_and_small_caches(tiny_model, tokenizer, monkeypatch):
+    import tether.probes.scorer as scorer_mod
+
+    monkeypatch.setattr(scorer_mod, "_PASS_COST_TOKENS", 0)  # split continuations by width eagerly
+    assert len(scorer_mod._width_chunks([8, 2, 2, 1])) >= 2
+    scorer = Scorer(tiny_model, tokenizer, max_batch_tokens=1)  # cache budget: one group per batch
+    for (ctx, cont), (ll, greedy) in zip(REQUESTS, scorer.loglikelihood(REQUESTS)):
+        assert ll == pytest.approx(naive_loglikelihood(tiny_model, ctx, cont)[0], abs=1e-4)
+    got = Scorer(tiny_model, tokenizer, batch_size=32).loglikelihood(REQUESTS)
+    assert [a for a, _ in got] == pytest.approx([a for a, _ in scorer.loglikelihood(REQUESTS)], abs=1e-5)
+
+
 def test_loglikelihood_detects_greedy_continuation(tiny_model, tokenizer):
     model = peaky(tiny_model)
     ctx = [10, 20, 30]

@@ -98,6 +98,8 @@ def train_cmd(
     from .report.compare import ProbeComparison
 
     s = result.summary
+    if not s:  # a non-main process under torchrun: the main one reports
+        return
     comps = [ProbeComparison(**p) for p in s["probes"]]
     _console().print(render_comparison(comps, s["general"]["threshold"], title=f"General probes after {s['steps']} steps"))
     task_s = s["task"]

@@ -20,6 +20,25 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+# A forward pass has a fixed cost (every weight is read once): padding is split off into another
+# pass only when that saves more than this many tokens (tuned on CPU with bench/eval_speed.py).
+_PASS_COST_TOKENS = 64
+# Expanded KV cache allowed per batch (rows x context length), in units of max_batch_tokens.
+_CACHE_TOKENS_PER_BATCH_TOKEN = 16
+
+
+def _width_chunks(widths: Sequence[int]) -> list[slice]:
+    """Split rows sorted widest first into runs padded together, where a split saves enough padding."""
+    out, start = [], 0
+    while start < len(widths):
+        w0, n = widths[start], len(widths) - start
+        saved, cut = max(((w0 - widths[i]) * (len(widths) - i), i) for i in range(start, len(widths)))
+        if saved < max(_PASS_COST_TOKENS, w0 * n // 4) or cut <= start:  # cut == start would loop forever
+            cut = len(widths)
+        out.append(slice(start, cut))
+        start = cut
+    return out
+
 
 class Scorer:
     """Log-likelihoods, completion losses, greedy generations and next-token log-probs of a model.
@@ -157,17 +176,22 @@ class Scorer:
             conts.append(cont)
         keys = sorted(groups, key=lambda c: (-len(c), c))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        # batch_size requests per batch (as lm-eval counts them: fewer contexts means less padding)
+        # and a bounded KV cache once it is expanded over the choices
+        cache_budget = _CACHE_TOKENS_PER_BATCH_TOKEN * self.max_batch_tokens
         batch: list[tuple[int, ...]] = []
-        n_req = 0
+        n_rows = 0
         for key in keys + [None]:
-            if key is not None and (not batch or n_req + len(groups[key]) <= self.batch_size):
+            rows = n_rows + len(groups[key]) if key is not None else 0
+            fits = rows <= self.batch_size and rows * len(batch[0]) <= cache_budget if batch else True
+            if key is not None and fits:
                 batch.append(key)
-                n_req += len(groups[key])
+                n_rows = rows
                 continue
             if batch:
                 with self._inference():
                     self._score_groups(batch, groups, conts, results)
-            batch, n_req = ([key], len(groups[key])) if key is not None else ([], 0)
+            batch, n_rows = ([key], len(groups[key])) if key is not None else ([], 0)
         return results
 
     def _score_groups(self, ctxs, groups, conts, results) -> None:
@@ -181,12 +205,7 @@ class Scorer:
             results[r] = (float(first_lp[g, conts[r][0]]), greedy_first[g] == conts[r][0])
         # the other continuation tokens run on the context's KV cache, in chunks of similar width
         tails = sorted((gr for gr in rows if len(conts[gr[1]]) > 1), key=lambda gr: -len(conts[gr[1]]))
-        chunks: list[list[tuple[int, int]]] = []
-        for gr in tails:
-            w, w0 = len(conts[gr[1]]), len(conts[chunks[-1][0][1]]) if chunks else 0
-            if not chunks or w0 - w > max(3, w0 // 2):
-                chunks.append([])
-            chunks[-1].append(gr)
+        chunks = [tails[s] for s in _width_chunks([len(conts[r]) - 1 for _, r in tails])]
         cache = getattr(out, "cache", None)
         cache = out.past_key_values if cache is None else cache
         for n, chunk in enumerate(chunks):  # each chunk extends its own copy of the cache

@@ -125,7 +125,8 @@ class ForgettingGuard(TrainerCallback):
                 log.warning("guard: %s dropped more than %.0f%% at step %d", ", ".join(event["breached"]),
                             100 * self.threshold, step)
         self.events.append(event)
-        append_jsonl(self.run_dir / "guard.jsonl", event)
+        if state.is_world_process_zero:  # every rank decides alike; one writes
+            append_jsonl(self.run_dir / "guard.jsonl", event)
         if self.log_fn is not None:
             metrics = {"guard/worst_drop": event["worst_drop"], "guard/breached": float(bool(event["breached"]))}
             if event["task_score"] is not None:

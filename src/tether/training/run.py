@@ -132,7 +132,9 @@ def train(recipe: Recipe, *, base_results: dict[str, list] | None = None, keep_m
     for m in methods.values():
         m.on_task_end(model, trainer.context())
 
-    # 5. save, score, report
+    # 5. save, score, report: once, on the main process (under torchrun / accelerate launch)
+    if not trainer.is_world_process_zero():
+        return TrainResult(run_dir, {}, base["general"], [])
     session.save_model(model, methods)
     final = session.score_final(model)
     summary = session.summarise(base, final, train_out, guard, methods, skipped, time.perf_counter() - t_start)

@@ -1,0 +1,75 @@
+"""TetherTrainer wiring: extra loss terms weigh the same at any gradient accumulation; DDP via torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tether.data.collate import Collator
+from tether.methods.base import Context
+from tether.registry import METHODS
+from tether.training.trainer import TetherTrainer, training_arguments
+
+
+def run_steps(tokenizer, batch_size, grad_accum, tmp_path, ewc_lambda):
+    from tether.config import TrainingSpec
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(len(tokenizer)).train()
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 9, 7, 12, 6, 8, 10, 11]
+    data = [{"input_ids": (ids := torch.randint(3, 400, (n,), generator=g).tolist()), "labels": ids} for n in lengths]
+    ewc = METHODS.get("ewc")({"lambda": ewc_lambda})
+    # anchor somewhere else than the start so the penalty has a gradient from step one
+    ewc.anchor_ = {n: p.detach() + 0.05 for n, p in model.named_parameters()}
+    ewc.fisher_ = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    spec = TrainingSpec(max_steps=1, batch_size=batch_size, grad_accum=grad_accum, lr=0.1, logging_steps=1)
+    args = training_arguments(spec, str(tmp_path / f"o{batch_size}"))
+    args.optim = "sgd"
+    trainer = TetherTrainer(model=model, args=args, train_dataset=data, data_collator=Collator(0),
+                            methods={"ewc": ewc}, context=Context(grad_accum_steps=grad_accum))
+    trainer.get_train_dataloader = _sequential(trainer, batch_size)
+    trainer.train()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _sequential(trainer, batch_size):
+    def loader():
+        dl = torch.utils.data.DataLoader(trainer.train_dataset, batch_size=batch_size, shuffle=False,
+                                         collate_fn=trainer.data_collator)
+        return trainer.accelerator.prepare(dl)
+    return loader
+
+
+@pytest.mark.parametrize("ewc_lambda", [0.0, 50.0])
+def test_extra_loss_weighs_the_same_at_any_accumulation(tokenizer, tmp_path, ewc_lambda):
+    one = run_steps(tokenizer, 8, 1, tmp_path, ewc_lambda)
+    two = run_steps(tokenizer, 4, 2, tmp_path, ewc_lambda)
+    for n in one:
+        assert torch.allclose(one[n], two[n], atol=1e-6), n
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+                    reason="torchrun not installed")
+def test_train_under_torchrun_two_processes(tmp_path, tiny_model_dir, tiny_task, tiny_suite):
+    """The same `tether train` under torchrun (2 CPU processes, gloo): one run directory, one model."""
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    run = tmp_path / "ddp"
+    cmd = [torchrun, "--nproc_per_node=2", "--master_port=29533", "-m", "tether.cli", "train",
+           "--task", str(tiny_task[0]), "--eval", str(tiny_task[1]), "--model", str(tiny_model_dir), "-o", str(run),
+           "--set", f"general={tiny_suite}", "--set", f"guard.suite={tiny_suite}", "--set", "guard.every=2",
+           "--set", "guard.action=warn", "--set", "training.max_steps=2", "--set", "training.batch_size=4",
+           "--set", "lora.r=4", "--set", "task.max_new_tokens=3", "--set", "training.logging_steps=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((run / "summary.json").read_text())
+    assert s["steps"] == 2 and (run / "model" / "adapter_config.json").exists()
+    logs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len([x for x in logs if "loss" in x]) == 2, logs  # written once, by the main process
