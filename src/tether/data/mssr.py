@@ -201,7 +201,7 @@ class MemoryStrengthScheduler(_Scheduler):
         seen = self.last_step >= 0
         return {**super().stats(), "coverage": float(seen.mean()),
                 "mean_strength": float(self.strength[seen].mean()) if seen.any() else float("nan"),
-                "mean_loss": float(np.nanmean(self.last_loss)) if seen.any() else float("nan")}
+                "mean_loss": float(np.nanmean(self.last_loss)) if np.isfinite(self.last_loss).any() else float("nan")}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "strength": self.strength.tolist(),

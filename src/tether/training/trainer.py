@@ -117,7 +117,7 @@ def training_arguments(t, output_dir: str):
         data_seed=t.seed, bf16=t.bf16, fp16=t.fp16, logging_steps=t.logging_steps, report_to=t.report_to,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
         remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-        gradient_checkpointing=t.gradient_checkpointing,
+        **({"gradient_checkpointing": True} if t.gradient_checkpointing else {}),
     )
 
 
