@@ -22,11 +22,11 @@ HERE = Path(__file__).resolve().parent
 CONFIGS = {
     "naive full FT": ({"full": {}}, False),
     "LoRA": ({"lora": {}}, False),
-    "full + replay 20%": ({"full": {}, "replay": {"ratio": 0.25}}, False),
+    "full + replay 20%": ({"full": {}, "replay": {"ratio": 0.2}}, False),
     "full + EWC": ({"full": {}, "ewc": {"lambda": 100.0, "fisher_samples": 64}}, False),
     "full + LwF": ({"full": {}, "lwf": {"alpha": 1.0}}, False),
     "full + freeze 50%": ({"full": {}, "freeze": {"fraction": 0.5}}, False),
-    "default recipe": ({"lora": {}, "replay": {"ratio": 0.25}}, True),
+    "default recipe": ({"lora": {}, "replay": {"ratio": 0.2}}, True),
 }
 
 
@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--suite", default="general-demo")
     ap.add_argument("--eval-limit", type=int, default=80)
     ap.add_argument("--only", nargs="*", help="run only these configurations")
+    ap.add_argument("--reuse", help="demo.json of `tether demo` with the same settings: its two runs are taken as is")
     ap.add_argument("--out", default=str(HERE / "results" / "tradeoff.json"))
     ap.add_argument("--runs", default="runs/bench-tradeoff")
     args = ap.parse_args()
@@ -54,8 +55,12 @@ def main() -> None:
     task = build_task("fortune-topics")
     console = Console()
     results, base = {}, None
+    if args.reuse:
+        import json
+
+        results.update(json.loads(Path(args.reuse).read_text()))  # same labels as CONFIGS
     for label, (methods, guard) in CONFIGS.items():
-        if args.only and label not in args.only:
+        if (args.only and label not in args.only) or label in results:
             continue
         recipe = load_recipe(
             None, methods=methods, general=args.suite,
@@ -72,9 +77,11 @@ def main() -> None:
         s = res.summary
         s["wall_s"] = time.perf_counter() - t0
         results[label] = s
+        results = {k: results[k] for k in CONFIGS if k in results}
         write_json(args.out, {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                               "suite": args.suite, "results": results})
 
+    results = {k: results[k] for k in CONFIGS if k in results}
     probes = [p["probe"] for p in next(iter(results.values()))["probes"]]
     shared = {p["probe"]: p["shares_source_with_replay"] for p in next(iter(results.values()))["probes"]}
     naive_gain = results.get("naive full FT", {}).get("task", {}).get("gain")

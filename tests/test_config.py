@@ -72,6 +72,6 @@ def test_every_shipped_recipe_and_suite_validates():
     assert set(default.methods) == set(load_recipe().methods) and default.methods["replay"]["ratio"] == 0.2
     assert default.training.lr == 1e-4 and default.guard.threshold == 0.05
     suites = sorted(p.name[:-5] for p in resources.files("tether.suites").iterdir() if p.name.endswith(".yaml"))
-    assert {"general", "general-quick", "general-demo"} <= set(suites)
+    assert {"general", "general-quick", "general-demo", "general-mini"} <= set(suites)
     for name in suites:
         load_suite(name)
