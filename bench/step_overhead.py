@@ -72,8 +72,8 @@ def main() -> None:
     from tether.data.readers import read_records
     from tether.io import write_json
     from tether.methods.base import Context
-    from tether.methods.lwf import make_reference
     from tether.methods.lora import LoraMethodConfig
+    from tether.methods.lwf import make_reference
     from tether.registry import METHODS
     from tether.training.trainer import TetherTrainer, as_dataset, training_arguments
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tether.probes.base import ProbeResult
-from tether.report.compare import comparison_json, compare_results, render_comparison, verdict_for
+from tether.report.compare import compare_results, comparison_json, render_comparison, verdict_for
 
 
 def res(values, weights=None, hib=True, name="p"):

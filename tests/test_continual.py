@@ -19,8 +19,8 @@ def write(path, rows):
 def two_tasks(tmp_path):
     a = [{"prompt": f"Colour of item {i}?", "completion": ["red", "blue"][i % 2]} for i in range(20)]
     b = [{"prompt": f"Size of item {i}?", "completion": ["big", "small"][i % 2]} for i in range(20)]
-    return [{"name": "colour", "train": write(tmp_path / "a.jsonl", a[:14]), "eval": write(tmp_path / "ae.jsonl", a[14:]),
-             "max_new_tokens": 3},
+    return [{"name": "colour", "train": write(tmp_path / "a.jsonl", a[:14]),
+             "eval": write(tmp_path / "ae.jsonl", a[14:]), "max_new_tokens": 3},
             {"name": "size", "train": write(tmp_path / "b.jsonl", b[:14]), "eval": write(tmp_path / "be.jsonl", b[14:]),
              "max_new_tokens": 3}]
 

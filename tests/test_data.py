@@ -115,7 +115,8 @@ def test_chat_mask_covers_only_assistant_turns(tokenizer):
 def test_prompt_completion_masks_prompt(tokenizer):
     ex = encode_record(Record({"prompt": "2+2=", "completion": " 4"}, "f", 1), tokenizer, chat=False)
     assert _target_text(tokenizer, ex) == " 4" + tokenizer.eos_token
-    assert ex.labels[: len(ex.input_ids) - ex.n_target_tokens] == [IGNORE_INDEX] * (len(ex.input_ids) - ex.n_target_tokens)
+    n_prompt = len(ex.input_ids) - ex.n_target_tokens
+    assert ex.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
     chat = encode_record(Record({"prompt": "2+2=", "completion": "4"}, "f", 1), tokenizer)  # tokenizer has a template
     assert "<|im_start|>user" in tokenizer.decode(chat.input_ids)
     assert _target_text(tokenizer, chat).startswith("4")

@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from rich.console import Console
 
-from conftest import make_tiny_llama
 from tether.after.diagnose import diagnose, freeze_fraction, linear_cka, suggest
 from tether.methods.freeze import select_frozen
 

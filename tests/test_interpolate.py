@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from rich.console import Console
 
-from conftest import make_tiny_llama
 from tether.after.interpolate import interpolate, save_choice, scale_lora, select_alpha
 from tether.probes.perplexity import PerplexityProbe
 from tether.probes.scorer import Scorer

@@ -50,7 +50,7 @@ def test_loglikelihood_split_into_chunks_and_small_caches(tiny_model, tokenizer,
     monkeypatch.setattr(scorer_mod, "_PASS_COST_TOKENS", 0)  # split continuations by width eagerly
     assert len(scorer_mod._width_chunks([8, 2, 2, 1])) >= 2
     scorer = Scorer(tiny_model, tokenizer, max_batch_tokens=1)  # cache budget: one group per batch
-    for (ctx, cont), (ll, greedy) in zip(REQUESTS, scorer.loglikelihood(REQUESTS)):
+    for (ctx, cont), (ll, _) in zip(REQUESTS, scorer.loglikelihood(REQUESTS)):
         assert ll == pytest.approx(naive_loglikelihood(tiny_model, ctx, cont)[0], abs=1e-4)
     got = Scorer(tiny_model, tokenizer, batch_size=32).loglikelihood(REQUESTS)
     assert [a for a, _ in got] == pytest.approx([a for a, _ in scorer.loglikelihood(REQUESTS)], abs=1e-5)

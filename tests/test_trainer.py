@@ -18,8 +18,8 @@ from tether.training.trainer import TetherTrainer, training_arguments
 
 
 def run_steps(tokenizer, batch_size, grad_accum, tmp_path, ewc_lambda):
-    from tether.config import TrainingSpec
     from tests.conftest import make_tiny_llama
+    from tether.config import TrainingSpec
 
     model = make_tiny_llama(len(tokenizer)).train()
     g = torch.Generator().manual_seed(0)
@@ -55,13 +55,14 @@ def test_extra_loss_weighs_the_same_at_any_accumulation(tokenizer, tmp_path, ewc
         assert torch.allclose(one[n], two[n], atol=1e-6), n
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
-                    reason="torchrun not installed")
+TORCHRUN = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+@pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
 def test_train_under_torchrun_two_processes(tmp_path, tiny_model_dir, tiny_task, tiny_suite):
     """The same `tether train` under torchrun (2 CPU processes, gloo): one run directory, one model."""
-    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     run = tmp_path / "ddp"
-    cmd = [torchrun, "--nproc_per_node=2", "--master_port=29533", "-m", "tether.cli", "train",
+    cmd = [TORCHRUN, "--nproc_per_node=2", "--master_port=29533", "-m", "tether.cli", "train",
            "--task", str(tiny_task[0]), "--eval", str(tiny_task[1]), "--model", str(tiny_model_dir), "-o", str(run),
            "--set", f"general={tiny_suite}", "--set", f"guard.suite={tiny_suite}", "--set", "guard.every=2",
            "--set", "guard.action=warn", "--set", "training.max_steps=2", "--set", "training.batch_size=4",

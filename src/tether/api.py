@@ -57,7 +57,8 @@ def compare(base: str | Any, tuned: str | Any, *, suite: str = "general", tokeni
             base_model, tokenizer = models.load(base, device=device)
         else:
             base_model = base
-        tuned_model = models.load(tuned, device=device, with_tokenizer=False) if isinstance(tuned, (str, Path)) else tuned
+        tuned_model = (models.load(tuned, device=device, with_tokenizer=False)
+                       if isinstance(tuned, (str, Path)) else tuned)
         base_scorer = Scorer(base_model, tokenizer, batch_size=batch_size)
         base_results = run_suite(s, base_scorer, reference="self", limit=limit)
         tuned_results = run_suite(s, Scorer(tuned_model, tokenizer, batch_size=batch_size), reference=base_scorer,

@@ -101,12 +101,14 @@ def train_cmd(
     if not s:  # a non-main process under torchrun: the main one reports
         return
     comps = [ProbeComparison(**p) for p in s["probes"]]
-    _console().print(render_comparison(comps, s["general"]["threshold"], title=f"General probes after {s['steps']} steps"))
+    title = f"General probes after {s['steps']} steps"
+    _console().print(render_comparison(comps, s["general"]["threshold"], title=title))
     task_s = s["task"]
     if task_s["base"] is not None:
         _console().print(f"task score: {task_s['base']:.3f} -> {task_s['final']:.3f}")
     if s.get("guard") and s["guard"]["stopped_at"] is not None:
-        _console().print(f"guard stopped at step {s['guard']['stopped_at']}, restored step {s['guard']['restored_step']}")
+        g = s["guard"]
+        _console().print(f"guard stopped at step {g['stopped_at']}, restored step {g['restored_step']}")
     _console().print(f"run directory: {result.run_dir}")
 
 
@@ -169,7 +171,8 @@ def interpolate_cmd(
 def diagnose_cmd(
     base: str = typer.Option(..., "--base", help="Base model."),
     tuned: str = typer.Option(..., "--tuned", help="Fine-tuned model or PEFT adapter directory."),
-    prompts: Optional[Path] = typer.Option(None, help="JSONL of {prompt} records (default: the suite's drift prompts)."),
+    prompts: Optional[Path] = typer.Option(
+        None, help="JSONL of {prompt} records (default: the suite's drift prompts)."),
     suite: str = typer.Option("general", "--suite", "-s"),
     output_dir: str = typer.Option("runs/diagnose", "--output-dir", "-o"),
 ) -> None:

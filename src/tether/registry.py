@@ -8,7 +8,8 @@ on first lookup so ``tether --help`` does not import torch.
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -28,7 +29,7 @@ class Registry(Generic[T]):
             if name in self._entries and self._entries[name] is not obj:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             self._entries[name] = obj
-            setattr(obj, "registered_name", name)
+            obj.registered_name = name
             return obj
 
         return deco

@@ -6,7 +6,8 @@ prefix it would see unpadded; labels are padded with ``-100`` so padding never e
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -12,8 +12,9 @@ follow whatever template the tokenizer carries instead of a hard-coded role mark
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from .readers import DataError, Record
 
@@ -46,7 +47,8 @@ def detect_shape(rec: Record) -> Shape:
         return "text"
     keys = ", ".join(sorted(d)) or "none"
     raise DataError(rec.source, rec.line, None,
-                    f"cannot tell the record's shape: expected 'messages', 'prompt'+'completion' or 'text' (keys: {keys})")
+                    "cannot tell the record's shape: expected 'messages', 'prompt'+'completion' or 'text' "
+                    f"(keys: {keys})")
 
 
 def validate(rec: Record, shape: Shape | None = None) -> Shape:

@@ -79,7 +79,7 @@ class _Scheduler(abc.ABC):
             used += self.lengths[i]
         return self._take(chosen, step)
 
-    def update(self, indices: Sequence[int], losses: Sequence[float], step: int) -> None:
+    def update(self, indices: Sequence[int], losses: Sequence[float], step: int) -> None:  # noqa: B027
         """Observed losses of replayed examples (ignored by schedulers that do not adapt)."""
 
     def stats(self) -> dict[str, float]:

@@ -32,8 +32,9 @@ import re
 import shutil
 import tempfile
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..io import tether_home, write_json, write_jsonl
 from ..progress import status

@@ -30,8 +30,8 @@ import subprocess
 import tarfile
 import tempfile
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from ..io import tether_home, write_text
 

@@ -8,8 +8,9 @@ hooks). ``__init__`` only stores its typed config; learned state carries a trail
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import copy
 import logging
 import random
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

@@ -9,12 +9,13 @@ shuffling only gives the ratio *on average*; here every batch is planned so the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-import functools
 import random
+from collections.abc import Callable
 from fractions import Fraction
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator

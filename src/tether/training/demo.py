@@ -56,7 +56,8 @@ def run_demo(steps: int = 60, output_dir: str | Path = "runs/demo", batch_size: 
         cells = []
         for s in results.values():
             c = s["probes"][i]
-            cells.append(f"[{colours[c['verdict']]}]{c['rel_change']:+.1%}[/] [{c['ci_low']:+.0%}, {c['ci_high']:+.0%}]")
+            ci = f"[{c['ci_low']:+.0%}, {c['ci_high']:+.0%}]"
+            cells.append(f"[{colours[c['verdict']]}]{c['rel_change']:+.1%}[/] {ci}")
         name = p["probe"] + (" *" if p["shares_source_with_replay"] else "")
         table.add_row(f"{name} ({p['metric']}{'' if p['higher_is_better'] else ', lower better'})", f"{p['base']:.3g}",
                       *cells)

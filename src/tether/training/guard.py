@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
@@ -120,7 +121,8 @@ class ForgettingGuard(TrainerCallback):
                 _scale_lr(optimizer, lr_scheduler, self.adapt_lr_factor)
                 if self.on_adapt is not None:
                     event.update(self.on_adapt(event) or {})
-                log.warning("guard: adapting at step %d: %s", step, {k: event[k] for k in event if k.startswith(("lr", "replay"))})
+                changes = {k: event[k] for k in event if k.startswith(("lr", "replay"))}
+                log.warning("guard: adapting at step %d: %s", step, changes)
             else:
                 log.warning("guard: %s dropped more than %.0f%% at step %d", ", ".join(event["breached"]),
                             100 * self.threshold, step)

@@ -9,8 +9,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..config import Recipe
 from ..data.formats import Example, encode_records
 from ..io import write_json
@@ -169,7 +167,8 @@ class Session:
             guard = ForgettingGuard(
                 self.guard_score, self.base["guard"], threshold=g.threshold, action=g.action, every=g.every,
                 run_dir=self.run_dir, adapt_lr_factor=g.adapt_lr_factor,
-                on_adapt=lambda ev: _raise_replay(data, g.adapt_replay_step, ev["step"] * t.grad_accum), log_fn=trainer.log,
+                on_adapt=lambda ev: _raise_replay(data, g.adapt_replay_step, ev["step"] * t.grad_accum),
+                log_fn=trainer.log,
             )
             trainer.add_callback(guard)
         self.model = model
