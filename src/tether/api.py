@@ -18,10 +18,10 @@ def evaluate(model: str | Any, *, suite: str = "general", tokenizer: Any = None,
     from .probes.suite import load_suite, run_suite, validate_suite
 
     s = load_suite(suite)
-    validate_suite(s)  # before any model is loaded
+    probes = validate_suite(s, limit=limit)  # every item checked before any model is loaded
     if isinstance(model, (str, Path)):
         model, tokenizer = models.load(model, device=device)
-    results = run_suite(s, Scorer(model, tokenizer, batch_size=batch_size), reference="self", limit=limit)
+    results = run_suite(probes, Scorer(model, tokenizer, batch_size=batch_size), reference="self")
     if output:
         write_json(output, {"suite": s.name, "probes": [r.to_dict() for r in results]})
     return results
@@ -41,7 +41,7 @@ def compare(base: str | Any, tuned: str | Any, *, suite: str = "general", tokeni
     from .report.compare import compare_results, comparison_json
 
     s = load_suite(suite)
-    validate_suite(s)
+    probes = validate_suite(s, limit=limit)  # every item checked before any model is loaded
     t0 = time.perf_counter()
     base_name, tuned_name = str(base) if isinstance(base, (str, Path)) else "<model>", (
         str(tuned) if isinstance(tuned, (str, Path)) else "<model>")
@@ -50,8 +50,8 @@ def compare(base: str | Any, tuned: str | Any, *, suite: str = "general", tokeni
         tuned_model, tokenizer = models.load(tuned, base=base, device=device)
         scorer = Scorer(tuned_model, tokenizer, batch_size=batch_size)
         with tuned_model.disable_adapter():
-            base_results = run_suite(s, scorer, reference="self", limit=limit)
-        tuned_results = run_suite(s, scorer, reference=None, limit=limit)  # drift: adapter-disabled view
+            base_results = run_suite(probes, scorer, reference="self")
+        tuned_results = run_suite(probes, scorer, reference=None)  # drift: adapter-disabled view
     else:
         if isinstance(base, (str, Path)):
             base_model, tokenizer = models.load(base, device=device)
@@ -60,9 +60,8 @@ def compare(base: str | Any, tuned: str | Any, *, suite: str = "general", tokeni
         tuned_model = (models.load(tuned, device=device, with_tokenizer=False)
                        if isinstance(tuned, (str, Path)) else tuned)
         base_scorer = Scorer(base_model, tokenizer, batch_size=batch_size)
-        base_results = run_suite(s, base_scorer, reference="self", limit=limit)
-        tuned_results = run_suite(s, Scorer(tuned_model, tokenizer, batch_size=batch_size), reference=base_scorer,
-                                  limit=limit)
+        base_results = run_suite(probes, base_scorer, reference="self")
+        tuned_results = run_suite(probes, Scorer(tuned_model, tokenizer, batch_size=batch_size), reference=base_scorer)
     comps = compare_results(base_results, tuned_results, threshold=threshold, n_boot=n_boot)
     meta = {"base": base_name, "tuned": tuned_name, "suite": s.name, "threshold": threshold,
             "seconds": round(time.perf_counter() - t0, 1)}

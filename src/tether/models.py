@@ -164,8 +164,9 @@ def load(
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype)
-        except OSError as e:
-            raise ModelNotAvailable(f"cannot load model {name_or_path!r}: {e}") from e
+        except (OSError, ValueError) as e:  # no weights / no config / not a causal LM
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelNotAvailable(f"cannot load model {name_or_path!r}: {first}") from e
         tok_src = src
     model.to(device).eval()
     if not with_tokenizer:

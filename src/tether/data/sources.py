@@ -243,6 +243,10 @@ def _apt_download(packages: list[str], dest: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         log.info("apt-get download %s", " ".join(packages))
         r = subprocess.run(["apt-get", "download", *packages], cwd=tmp, capture_output=True, text=True)
+        if r.returncode != 0 and os.geteuid() == 0:  # a fresh machine has no package lists yet
+            log.info("apt-get update (package lists missing or stale)")
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, text=True)
+            r = subprocess.run(["apt-get", "download", *packages], cwd=tmp, capture_output=True, text=True)
         debs = sorted(Path(tmp).glob("*.deb"))
         if r.returncode != 0 or len(debs) < len(packages):
             err = (r.stderr.strip().splitlines() or ["no .deb downloaded"])[-1]
