@@ -28,7 +28,7 @@ def perturbed_dir(tmp_path_factory, tiny_model_dir, tokenizer):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith("model.layers.1."):
-                p.add_(torch.randn(p.shape, generator=g) * 0.5 * p.abs().mean())
+                p.add_(torch.randn(p.shape, generator=g) * 3.0 * p.abs().mean())
     path = tmp_path_factory.mktemp("perturbed")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -26,7 +26,8 @@ def test_default_recipe_run_directory(tmp_path, tiny_model_dir, tiny_task, tiny_
     r = recipe(tmp_path, tiny_model_dir, tiny_task, tiny_suite, methods={"lora": {"r": 4}, "replay": {"ratio": 0.25}})
     result = train(r)
     run = result.run_dir
-    for f in ("recipe.yaml", "metrics.jsonl", "guard.jsonl", "probes_base.json", "probes_final.json", "summary.json"):
+    for f in ("recipe.yaml", "metrics.jsonl", "guard.jsonl", "probes_base.json", "probes_final.json", "summary.json",
+              "report.html", "plots/train_loss.png"):
         assert (run / f).exists(), f
     s = json.loads((run / "summary.json").read_text())
     assert s["steps"] == 4 and s["methods"] == ["lora", "replay"]

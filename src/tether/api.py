@@ -29,7 +29,8 @@ def evaluate(model: str | Any, *, suite: str = "general", tokenizer: Any = None,
 
 def compare(base: str | Any, tuned: str | Any, *, suite: str = "general", tokenizer: Any = None,
             threshold: float = DEFAULT_THRESHOLD, limit: int | None = None, batch_size: int = 16,
-            output: str | Path | None = None, device: str | None = None, n_boot: int = 1000) -> dict[str, Any]:
+            output: str | Path | None = None, device: str | None = None, n_boot: int = 1000,
+            drift_threshold: float = 0.25) -> dict[str, Any]:
     """The forgetting report: both models on the same items, paired relative change per probe.
 
     ``tuned`` may be a PEFT adapter directory on top of ``base``; then drift uses the adapter-disabled
@@ -62,8 +63,10 @@ def compare(base: str | Any, tuned: str | Any, *, suite: str = "general", tokeni
         base_scorer = Scorer(base_model, tokenizer, batch_size=batch_size)
         base_results = run_suite(probes, base_scorer, reference="self")
         tuned_results = run_suite(probes, Scorer(tuned_model, tokenizer, batch_size=batch_size), reference=base_scorer)
-    comps = compare_results(base_results, tuned_results, threshold=threshold, n_boot=n_boot)
+    comps = compare_results(base_results, tuned_results, threshold=threshold, n_boot=n_boot,
+                            kind_thresholds={"drift": drift_threshold})
     meta = {"base": base_name, "tuned": tuned_name, "suite": s.name, "threshold": threshold,
+            "drift_threshold": drift_threshold,
             "seconds": round(time.perf_counter() - t0, 1)}
     report = comparison_json(comps, threshold, meta)
     report["base_results"] = [r.to_dict() for r in base_results]

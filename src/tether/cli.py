@@ -42,6 +42,7 @@ def eval_cmd(
     suite: str = typer.Option("general", "--suite", "-s", help="Built-in suite name or a suite YAML."),
     limit: Optional[int] = typer.Option(None, help="Score only the first N items of each probe."),
     threshold: float = typer.Option(0.05, help="Relative drop that counts as forgetting."),
+    drift_threshold: float = typer.Option(0.25, help="The same for drift probes (they measure change, not ability)."),
     batch_size: int = typer.Option(16, help="Sequences per forward pass."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results as JSON here."),
 ) -> None:
@@ -57,7 +58,7 @@ def eval_cmd(
             _console().print(render_results(results, title=f"{model} on {suite}"))
         else:
             report = api.compare(base, tuned, suite=suite, threshold=threshold, limit=limit,
-                                 batch_size=batch_size, output=output)
+                                 batch_size=batch_size, output=output, drift_threshold=drift_threshold)
             _console().print(render_comparison(report["comparisons"], threshold,
                                                title=f"Forgetting report: {tuned} vs {base}"))
             s = report["summary"]

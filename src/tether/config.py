@@ -77,6 +77,7 @@ class GuardSpec(_Strict):
     enabled: bool = True
     every: int = 20
     threshold: float = 0.05
+    drift_threshold: float = 0.25  # drift measures change, not lost ability: a looser bound (see report.compare)
     action: Literal["stop", "adapt", "warn", "recover"] = "stop"  # recover: stop once back within budget
     suite: str = "general-quick"
     probes: list[str] | None = None  # subset of the suite's probes; None = all

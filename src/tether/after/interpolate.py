@@ -254,14 +254,16 @@ def interpolate(base, tuned, tokenizer, *, general_suite, task_probe=None,
             set_alpha(a)
             general = run_suite(probes, scorer, reference="self" if a == 0 else ref, progress=False)
             points.append(AlphaPoint(a, general, task_probe.run(scorer) if task_probe is not None else None))
+    excess = []  # how far the worst probe is past its own bound (budget; drift has a looser one)
     for p in points:
         p.comparisons = compare_results(points[0].general, p.general, threshold=budget)
         drops = [c.drop for c in p.comparisons]
         p.max_drop = math.nan if any(map(math.isnan, drops)) else max(drops, default=0.0)
-        p.within_budget = not math.isnan(p.max_drop) and p.max_drop <= budget
+        over = math.nan if math.isnan(p.max_drop) else max((c.drop - c.threshold for c in p.comparisons), default=0.0)
+        p.within_budget = not math.isnan(over) and over <= 0
+        excess.append(over + budget)
     task = points[0].task
-    chosen = select_alpha(alphas, [p.task.score for p in points] if task else None,
-                          [p.max_drop for p in points], budget,
+    chosen = select_alpha(alphas, [p.task.score for p in points] if task else None, excess, budget,
                           higher_is_better=task.higher_is_better if task else True)
     return InterpolationResult(mode, budget, points, chosen, models=(base, tuned, tokenizer))
 

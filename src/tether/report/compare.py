@@ -13,6 +13,15 @@ from typing import Any
 from ..probes.base import ProbeResult
 
 DEFAULT_THRESHOLD = 0.05
+# Drift measures how far the outputs moved, not what ability was lost: any useful fine-tune moves
+# them a little (on SmolLM2, LoRA at lr 1e-4 costs ~7% greedy agreement within 15 steps while every
+# ability probe holds), and a collapsed one moves them a lot (naive full FT: -45%). So drift gets
+# its own, looser bound.
+KIND_THRESHOLDS = {"drift": 0.25}
+
+
+def threshold_for(kind: str, threshold: float, kind_thresholds: dict[str, float] | None = None) -> float:
+    return (KIND_THRESHOLDS if kind_thresholds is None else kind_thresholds).get(kind, threshold)
 
 
 @dataclass
@@ -30,6 +39,8 @@ class ProbeComparison:
     verdict: str  # "forgot" | "ok" | "improved" | "uncertain"
     shares_source_with_replay: bool
     extra: dict[str, Any]
+    threshold: float = DEFAULT_THRESHOLD  # the bound this probe's verdict used
+    kind: str = ""
 
 
 def verdict_for(drop: float, drop_ci: tuple[float, float], threshold: float) -> str:
@@ -44,8 +55,12 @@ def verdict_for(drop: float, drop_ci: tuple[float, float], threshold: float) -> 
 
 
 def compare_results(base: list[ProbeResult], tuned: list[ProbeResult], *, threshold: float = DEFAULT_THRESHOLD,
-                    n_boot: int = 1000, seed: int = 0) -> list[ProbeComparison]:
-    """Pair probe results by name and compare; raises if the item sets differ."""
+                    n_boot: int = 1000, seed: int = 0,
+                    kind_thresholds: dict[str, float] | None = None) -> list[ProbeComparison]:
+    """Pair probe results by name and compare; raises if the item sets differ.
+
+    ``kind_thresholds`` overrides ``threshold`` per probe kind (default: `KIND_THRESHOLDS`).
+    """
     from ..probes.stats import paired_relative_change
 
     by_name = {r.name: r for r in base}
@@ -59,12 +74,13 @@ def compare_results(base: list[ProbeResult], tuned: list[ProbeResult], *, thresh
         ch = paired_relative_change(b.item_values, b.item_weights, t.item_values, t.item_weights,
                                     higher_is_better=t.higher_is_better, n_boot=n_boot, seed=seed)
         drop_ci = _drop_ci(ch, t.higher_is_better)
+        bound = threshold_for(t.kind, threshold, kind_thresholds)
         out.append(ProbeComparison(
             probe=t.name, metric=t.metric, higher_is_better=t.higher_is_better, n=t.n,
             base=b.score, tuned=t.score, rel_change=ch["rel_change"], ci_low=ch["ci_low"], ci_high=ch["ci_high"],
-            drop=ch["drop"], verdict=verdict_for(ch["drop"], drop_ci, threshold),
+            drop=ch["drop"], verdict=verdict_for(ch["drop"], drop_ci, bound),
             shares_source_with_replay=t.shares_source_with_replay,
-            extra={"base": b.extra, "tuned": t.extra},
+            extra={"base": b.extra, "tuned": t.extra}, threshold=bound, kind=t.kind,
         ))
     return out
 
@@ -94,7 +110,9 @@ def render_comparison(comparisons: list[ProbeComparison], threshold: float, titl
     """A rich Table: base, tuned, relative change with CI, verdict; replay-sharing probes marked."""
     from rich.table import Table
 
-    table = Table(title=title, caption=f"verdict: drop > {threshold:.0%} relative with a 95% CI excluding 0 = forgot"
+    loose = sorted({f"{c.kind} {c.threshold:.0%}" for c in comparisons if c.threshold != threshold})
+    bounds = f"{threshold:.0%}" + (f" ({', '.join(loose)})" if loose else "")
+    table = Table(title=title, caption=f"verdict: drop > {bounds} relative with a 95% CI excluding 0 = forgot"
                   "; * = probe shares a source with the replay data (flatters replay)")
     for col in ("probe", "metric", "n", "base", "tuned", "change", "95% CI", "verdict"):
         table.add_column(col, justify="right" if col not in ("probe", "metric", "verdict") else "left")

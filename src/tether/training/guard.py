@@ -49,15 +49,17 @@ class ForgettingGuard(TrainerCallback):
         run_dir: where ``guard.jsonl`` and the best trainable weights go.
         on_adapt: called with the event when ``action == "adapt"`` (e.g. raise the replay ratio).
         log_fn: forwards guard metrics to the Trainer's log (and so to ``report_to``).
+        kind_thresholds: per probe kind bounds (default `report.compare.KIND_THRESHOLDS`).
     """
 
     def __init__(self, score: Callable[[torch.nn.Module], tuple[list, float | None]], base_results: list, *,
                  threshold: float = 0.05, action: str = "stop", every: int = 20, run_dir: str | Path,
                  adapt_lr_factor: float = 0.5, on_adapt: Callable[[dict], dict] | None = None,
-                 log_fn: Callable[[dict], None] | None = None):
+                 log_fn: Callable[[dict], None] | None = None, kind_thresholds: dict[str, float] | None = None):
         self.score = score
         self.base_results = base_results
         self.threshold = threshold
+        self.kind_thresholds = kind_thresholds
         self.action = action
         self.every = every
         self.run_dir = Path(run_dir)
@@ -73,7 +75,8 @@ class ForgettingGuard(TrainerCallback):
     def check(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         results, task_score = self.score(model)
-        comps = compare_results(self.base_results, results, threshold=self.threshold)
+        comps = compare_results(self.base_results, results, threshold=self.threshold,
+                                kind_thresholds=self.kind_thresholds)
         breached = [c.probe for c in comps if c.verdict == "forgot"]
         event = {
             "step": step, "task_score": task_score, "breached": breached, "within_budget": not breached,

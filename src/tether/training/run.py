@@ -139,6 +139,9 @@ def train(recipe: Recipe, *, base_results: dict[str, list] | None = None, keep_m
     final = session.score_final(model)
     summary = session.summarise(base, final, train_out, guard, methods, skipped, time.perf_counter() - t_start)
     write_json(run_dir / "summary.json", summary)
+    from ..report.html import write_report
+
+    write_report(run_dir)  # report.html + plots/*.svg|png, readable without running anything
     append_jsonl(run_dir / "metrics.jsonl", {"event": "end", **{k: v for k, v in summary.items() if k == "task"}})
     return TrainResult(run_dir, summary, base["general"], final["general"],
                        model if keep_model else None, tok if keep_model else None)

@@ -168,7 +168,7 @@ class Session:
                 self.guard_score, self.base["guard"], threshold=g.threshold, action=g.action, every=g.every,
                 run_dir=self.run_dir, adapt_lr_factor=g.adapt_lr_factor,
                 on_adapt=lambda ev: _raise_replay(data, g.adapt_replay_step, ev["step"] * t.grad_accum),
-                log_fn=trainer.log,
+                log_fn=trainer.log, kind_thresholds={"drift": g.drift_threshold},
             )
             trainer.add_callback(guard)
         self.model = model
@@ -192,7 +192,8 @@ class Session:
         from ..report.compare import compare_results, summary
 
         g = self.recipe.guard
-        comps = compare_results(base["general"], final["general"], threshold=g.threshold)
+        comps = compare_results(base["general"], final["general"], threshold=g.threshold,
+                                kind_thresholds={"drift": g.drift_threshold})
         task_base, task_final = base.get("task"), final.get("task")
         return {
             "run_dir": str(self.run_dir),
