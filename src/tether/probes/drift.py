@@ -17,7 +17,7 @@ import torch
 from ..data.readers import Record
 from ..registry import register_probe
 from .base import Probe, ProbeResult
-from .generation import check_prompt, encode_prompt
+from .generation import check_prompt, prompt_ids
 from .stats import check_options, probe_result
 
 DEFAULTS: dict[str, Any] = {"chat": None, "n_boot": 1000}
@@ -59,9 +59,7 @@ class DriftProbe(Probe):
         check_prompt(rec)
 
     def _ids(self, tok) -> list[list[int]]:
-        if self._prompts is None or self._prompts[0] is not tok:
-            self._prompts = (tok, [encode_prompt(tok, it["prompt"], self.opts["chat"]) for it in self.items])
-        return self._prompts[1]
+        return prompt_ids(self, tok)
 
     def run(self, scorer, *, reference=None) -> ProbeResult:
         t0 = time.perf_counter()

@@ -48,6 +48,13 @@ def encode_prompt(tok, prompt: str | list[dict], chat: bool | None) -> list[int]
     return tok(prompt)["input_ids"]
 
 
+def prompt_ids(probe, tok) -> list[list[int]]:
+    """Token ids of a prompt probe's items, encoded once per tokenizer and cached on the probe."""
+    if probe._prompts is None or probe._prompts[0] is not tok:
+        probe._prompts = (tok, [encode_prompt(tok, it["prompt"], probe.opts["chat"]) for it in probe.items])
+    return probe._prompts[1]
+
+
 def normalise(text: str) -> str:
     """Lowercase, punctuation removed, whitespace collapsed: answers compare by content, not form."""
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
@@ -96,9 +103,7 @@ class GenerationProbe(Probe):
             raise DataError(rec.source, rec.line, "answers", "expected a non-empty list of strings")
 
     def _ids(self, tok) -> list[list[int]]:
-        if self._prompts is None or self._prompts[0] is not tok:
-            self._prompts = (tok, [encode_prompt(tok, it["prompt"], self.opts["chat"]) for it in self.items])
-        return self._prompts[1]
+        return prompt_ids(self, tok)
 
     def run(self, scorer, *, reference=None) -> ProbeResult:
         t0 = time.perf_counter()

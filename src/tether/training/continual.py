@@ -10,7 +10,6 @@ replay mixes in general data plus ``memory_per_task`` examples of every finished
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import random
 import time
@@ -100,7 +99,7 @@ def run_continual(seq: SequenceSpec) -> dict[str, Any]:
 
 def _train_phase(seq, model, tok, methods, phase: int, task_ids: list[int], encoded, general_replay, run_dir):
     from ..data.collate import Collator
-    from .trainer import JsonlMetrics, TetherTrainer, as_dataset, training_arguments
+    from .trainer import JsonlMetrics, TetherTrainer, start_task, training_arguments
 
     t = seq.training
     task_examples = [ex for i in task_ids for ex in encoded[i]]
@@ -116,20 +115,12 @@ def _train_phase(seq, model, tok, methods, phase: int, task_ids: list[int], enco
     if phase == 0:
         for m in methods.values():
             model = m.prepare_model(model, ctx)
-    if any(m.needs_reference for m in methods.values()):
-        from ..methods.lwf import make_reference
-
-        # LwF's teacher is the model before this task: the base at task 0, a frozen snapshot after
-        teacher = None if phase == 0 else copy.deepcopy(model).eval().requires_grad_(False)
-        ctx = dataclasses.replace(ctx, reference=make_reference(model, teacher))
-    model.train()
-    for m in methods.values():
-        m.on_task_start(model, ctx)
-    data: Any = task_examples
-    for m in methods.values():
-        data = m.prepare_data(data, ctx)
+    # LwF's teacher is the model before this task: the base at task 0, a frozen snapshot after
+    needs_teacher = phase > 0 and any(m.needs_reference for m in methods.values())
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if needs_teacher else None
+    ctx, data = start_task(model, methods, ctx, teacher)
     args = training_arguments(t.model_copy(update={"max_steps": steps}), str(run_dir / "checkpoints"))
-    trainer = TetherTrainer(model=model, args=args, train_dataset=as_dataset(data),
+    trainer = TetherTrainer(model=model, args=args, train_dataset=data,
                             data_collator=Collator(tok.pad_token_id), methods=methods, context=ctx)
     trainer.add_callback(JsonlMetrics(run_dir / "metrics.jsonl", {"task": phase}))
     trainer.train()

@@ -132,7 +132,7 @@ class Session:
     def build_trainer(self, methods: dict, task_examples: list[Example]):
         from ..data.collate import Collator
         from .guard import ForgettingGuard
-        from .trainer import JsonlMetrics, TetherTrainer, as_dataset, training_arguments
+        from .trainer import JsonlMetrics, TetherTrainer, start_task, training_arguments
 
         r, t = self.recipe, self.recipe.training
         needs_general = any(n in methods for n in ("replay", "ewc", "lwf"))
@@ -146,17 +146,7 @@ class Session:
         model = self.model
         for m in methods.values():
             model = m.prepare_model(model, ctx)
-        if any(m.needs_reference for m in methods.values()):
-            from ..methods.lwf import make_reference
-
-            ctx = dataclasses.replace(ctx, reference=make_reference(model, self.frozen_base))
-        model.train()
-        for m in methods.values():
-            m.on_task_start(model, ctx)
-        data: Any = task_examples
-        for m in methods.values():
-            data = m.prepare_data(data, ctx)
-        data = as_dataset(data)
+        ctx, data = start_task(model, methods, ctx, self.frozen_base)
         args = training_arguments(t, str(self.run_dir / "checkpoints"))
         trainer = TetherTrainer(model=model, args=args, train_dataset=data,
                                 data_collator=Collator(self.tok.pad_token_id), methods=methods, context=ctx)

@@ -121,6 +121,26 @@ def training_arguments(t, output_dir: str):
     )
 
 
+def start_task(model, methods: dict[str, Method], ctx: Context, teacher=None) -> tuple[Context, Any]:
+    """The steps between a prepared model and a Trainer, shared by single runs and sequences.
+
+    Gives methods that need one a reference (the teacher: a frozen copy, or for PEFT models the
+    adapter-disabled view when ``teacher`` is None), runs ``on_task_start`` (EWC's Fisher, O-LoRA's
+    new adapter) and chains ``prepare_data`` over ``ctx.task_examples``. Returns (context, dataset).
+    """
+    if any(m.needs_reference for m in methods.values()):
+        from ..methods.lwf import make_reference
+
+        ctx = dataclasses.replace(ctx, reference=make_reference(model, teacher))
+    model.train()
+    for m in methods.values():
+        m.on_task_start(model, ctx)
+    data: Any = ctx.task_examples
+    for m in methods.values():
+        data = m.prepare_data(data, ctx)
+    return ctx, as_dataset(data)
+
+
 def as_dataset(data: Any) -> Any:
     """A method-prepared dataset as is; a plain list of `Example`s as dicts the collator takes."""
     if isinstance(data, list):
