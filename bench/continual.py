@@ -57,7 +57,7 @@ def main() -> None:
     tasks = [{"name": n.removeprefix("fortune-"), "train": str(ensure_task(n) / "train.jsonl"),
               "eval": str(ensure_task(n) / "eval.jsonl"), "max_new_tokens": 4} for n in TASKS]
     console = Console()
-    results = {}
+    results, base = {}, None
     for label, methods in CONFIGS.items():
         if args.only and label not in args.only:
             continue
@@ -68,7 +68,8 @@ def main() -> None:
                                       "lr": args.adapter_lr if adapter else args.lr},
                             output_dir=f"{args.runs}/{label.split(' ')[0].lower()}")
         console.rule(f"{label}: {', '.join(methods)}")
-        out = run_continual(seq)
+        out = run_continual(seq, base=base)
+        base = out.pop("_base")
         results[label] = out
         write_json(args.out, {"steps_per_task": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                               "adapter_lr": args.adapter_lr, "suite": args.suite, "tasks": list(TASKS),

@@ -1,11 +1,11 @@
 """Rescue a model that forgot: WiSE-FT interpolation vs a recovery run vs the default recipe from scratch.
 
-Starts from the naive full fine-tune of the trade-off benchmark (`bench/tradeoff.py`, the run that
+Starts from the naive full fine-tune of `tether demo` (the same run as in `bench/tradeoff.py`, the one that
 forgets) and compares, on the same task and general probes: interpolating back toward the base
 (no training), `tether recover` (replay-heavy training with the guard in recover mode), and the
 default recipe trained from the base. Compute is wall time and optimizer steps in one process.
 
-    python bench/rescue.py --tradeoff runs/bench-tradeoff
+    python bench/rescue.py --naive runs/demo/naive --default runs/demo/default
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ HERE = Path(__file__).resolve().parent
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tradeoff", default="runs/bench-tradeoff", help="run folder of bench/tradeoff.py")
+    ap.add_argument("--naive", default="runs/demo/naive", help="run folder of a naive full fine-tune (tether demo)")
+    ap.add_argument("--default", default="runs/demo/default", help="run folder of the default recipe (tether demo)")
     ap.add_argument("--suite", default="general-demo")
     ap.add_argument("--recover-steps", type=int, default=40)
     ap.add_argument("--eval-limit", type=int, default=80)
@@ -39,11 +40,10 @@ def main() -> None:
     from tether.io import write_json
 
     task = build_task("fortune-topics")
-    naive_dir = Path(args.tradeoff) / "naive_full_FT"
-    default_dir = Path(args.tradeoff) / "default_recipe"
+    naive_dir, default_dir = Path(args.naive), Path(args.default)
     for d in (naive_dir, default_dir):
         if not (d / "summary.json").exists():
-            raise SystemExit(f"{d}: run bench/tradeoff.py first (it trains the naive fine-tune and the default recipe)")
+            raise SystemExit(f"{d}: run `tether demo` first (it trains the naive fine-tune and the default recipe)")
     naive = json.loads((naive_dir / "summary.json").read_text())
     default = json.loads((default_dir / "summary.json").read_text())
     rows = {}

@@ -26,7 +26,9 @@ from ..progress import status
 log = logging.getLogger(__name__)
 
 
-def run_continual(seq: SequenceSpec) -> dict[str, Any]:
+def run_continual(seq: SequenceSpec, *, base: tuple[list[float], list] | None = None) -> dict[str, Any]:
+    """Train the sequence; ``base`` (task scores, general ProbeResults of the untrained model on the
+    same items, as returned under ``"_base"``) skips re-scoring it when several runs share a base."""
     import torch
 
     from .. import models
@@ -65,8 +67,10 @@ def run_continual(seq: SequenceSpec) -> dict[str, Any]:
         scorer = Scorer(m, tok)
         return [p.run(scorer).score for p in task_probes], run_suite(general_probes, scorer, reference=reference)
 
-    with status("scoring the base model on every task and the general probes"):
-        base_tasks, base_general = score_row(model, "self")
+    if base is None:
+        with status("scoring the base model on every task and the general probes"):
+            base = score_row(model, "self")
+    base_tasks, base_general = base
     peft_like = any(n in seq.methods for n in ("lora", "olora"))
     needs_drift_ref = not peft_like and any(p.registered_name == "drift" for p in general_probes)
     frozen_base = copy.deepcopy(model).eval().requires_grad_(False) if needs_drift_ref else None
@@ -94,6 +98,7 @@ def run_continual(seq: SequenceSpec) -> dict[str, Any]:
                  compare_results, seconds=time.perf_counter() - t_start)
     if not seq.multitask:
         plot_accuracy_matrix(R, names, run_dir / "plots" / "accuracy_matrix.png")
+    out["_base"] = base  # not in continual.json: for callers running several methods from one base
     return out
 
 
