@@ -191,6 +191,21 @@ def _route_method_keys(d: dict) -> dict:
     return out
 
 
+def _read_yaml(p: Path, what: str) -> dict[str, Any]:
+    """A YAML mapping, or a one-line `RecipeError` naming the file (and line)."""
+    if not p.exists():
+        raise RecipeError(f"{p}: {what} not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise RecipeError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{p}: a {what} is a mapping of sections (model, task, methods, ...)")
+    return data
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
                 **fields: Any) -> Recipe:
     """Read a recipe YAML (or start from the defaults), apply overrides, validate."""
@@ -198,16 +213,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = {}
     if path:
         p = Path(path)
-        if not p.exists():
-            raise RecipeError(f"{p}: recipe not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise RecipeError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(data, dict):
-            raise RecipeError(f"{p}: a recipe is a mapping of sections (model, task, methods, ...)")
+        data = _read_yaml(p, "recipe")
         data = _route_method_keys(data)
         base_dir = p.parent
         for key in ("train", "eval"):
@@ -289,12 +295,7 @@ def load_sequence(path: str | Path | None = None, overrides: list[str] | None = 
     data: dict[str, Any] = {}
     if path:
         p = Path(path)
-        if not p.exists():
-            raise RecipeError(f"{p}: sequence not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{p}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        data = _read_yaml(p, "sequence")
         for t in data.get("tasks") or []:
             for key in ("train", "eval"):
                 if isinstance(t, dict) and isinstance(t.get(key), str) and (p.parent / t[key]).exists():
