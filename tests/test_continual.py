@@ -65,3 +65,22 @@ def test_sequence_validation(tmp_path, two_tasks):
         load_sequence(None, tasks=[two_tasks[0], two_tasks[0]])
     with pytest.raises(RecipeError, match="unknown method"):
         load_sequence(None, tasks=two_tasks, methods={"nope": {}})
+
+
+def test_sequence_yaml_with_relative_paths_and_overrides(tmp_path, two_tasks):
+    import shutil
+
+    for t in two_tasks:
+        for key in ("train", "eval"):
+            shutil.copy(t[key], tmp_path / f"{t['name']}_{key}.jsonl")
+    p = tmp_path / "seq.yaml"
+    p.write_text("tasks:\n" + "".join(f"  - {{name: {t['name']}, train: {t['name']}_train.jsonl, "
+                                      f"eval: {t['name']}_eval.jsonl}}\n" for t in two_tasks)
+                 + "methods: {full: {}, ewc: {lambda: 10}}\n")
+    seq = load_sequence(p, ["training.max_steps=3", "ewc.gamma=0.9"])
+    assert seq.tasks[0].train == str(tmp_path / "colour_train.jsonl")
+    assert seq.training.max_steps == 3 and seq.methods["ewc"] == {"lambda": 10, "gamma": 0.9}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tasks: [1\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml:\d+: invalid YAML"):
+        load_sequence(bad)
