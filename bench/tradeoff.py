@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=80)
     ap.add_argument("--only", nargs="*", help="run only these configurations")
     ap.add_argument("--reuse", help="demo.json of `tether demo` with the same settings: its two runs are taken as is")
+    ap.add_argument("--merge", nargs="*", help="result files of earlier runs (split across processes) to add")
     ap.add_argument("--out", default=str(HERE / "results" / "tradeoff.json"))
     ap.add_argument("--runs", default="runs/bench-tradeoff")
     args = ap.parse_args()
@@ -59,6 +60,10 @@ def main() -> None:
         import json
 
         results.update(json.loads(Path(args.reuse).read_text()))  # same labels as CONFIGS
+    for f in args.merge or []:
+        import json
+
+        results.update(json.loads(Path(f).read_text())["results"])
     for label, (methods, guard) in CONFIGS.items():
         if (args.only and label not in args.only) or label in results:
             continue
@@ -82,6 +87,8 @@ def main() -> None:
                               "suite": args.suite, "results": results})
 
     results = {k: results[k] for k in CONFIGS if k in results}
+    write_json(args.out, {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                          "suite": args.suite, "results": results})
     probes = [p["probe"] for p in next(iter(results.values()))["probes"]]
     shared = {p["probe"]: p["shares_source_with_replay"] for p in next(iter(results.values()))["probes"]}
     naive_gain = results.get("naive full FT", {}).get("task", {}).get("gain")
