@@ -75,8 +75,7 @@ def run_continual(seq: SequenceSpec, *, base: tuple[list[float], list] | None = 
     needs_drift_ref = not peft_like and any(p.registered_name == "drift" for p in general_probes)
     frozen_base = copy.deepcopy(model).eval().requires_grad_(False) if needs_drift_ref else None
 
-    def reference_for(m):
-        return Scorer(frozen_base, tok) if frozen_base is not None else None  # None: PEFT adapter-disabled view
+    reference = Scorer(frozen_base, tok) if frozen_base is not None else None  # None: PEFT adapter-disabled view
 
     names = [t.name for t in seq.tasks]
     rows: list[list[float]] = []
@@ -86,7 +85,7 @@ def run_continual(seq: SequenceSpec, *, base: tuple[list[float], list] | None = 
     for phase, (label, task_ids) in enumerate(phases):
         model = _train_phase(seq, model, tok, methods, phase, task_ids, encoded, general_replay, run_dir)
         with status(f"scoring after {label}"):
-            scores, general = score_row(model, reference_for(model))
+            scores, general = score_row(model, reference)
         rows.append(scores)
         general_rows.append(general)
         _write(run_dir, seq, names, rows, base_tasks, base_general, general_rows, methods, None, compare_results)

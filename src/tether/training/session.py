@@ -18,10 +18,6 @@ from ..progress import status
 log = logging.getLogger(__name__)
 
 
-def is_peft(model) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
 class Session:
     def __init__(self, recipe: Recipe, model, tokenizer, general, general_probes: list, guard_probes: list | None,
                  task_items, run_dir: Path):
@@ -106,7 +102,7 @@ class Session:
 
         with status("scoring the tuned model on the general probes"):
             scorer = self.scorer(model)
-            if is_peft(model):
+            if scorer.is_peft:
                 reference = None  # the adapter-disabled view
             else:
                 base = self.frozen_base or models.load(self.base_name, dtype=self.recipe.model.dtype,
