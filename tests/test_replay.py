@@ -174,3 +174,25 @@ def _recording(fn, log):
         return out
 
     return wrapped
+
+
+def test_balance_loss_gives_replay_its_ratio_of_the_loss():
+    """A one-token task label and a 30-token replay answer each weigh one example, not their token count."""
+    from tether.training.trainer import weighted_example_loss
+
+    on, off = Replay({"ratio": 0.25}), Replay({"ratio": 0.25, "balance_loss": False})
+    tokens = Replay({"ratio": 0.25, "by": "tokens"})
+    flags = torch.tensor([False, False, False, True])
+    batch = {"input_ids": torch.zeros(4, 32, dtype=torch.long), "is_replay": flags}
+    assert off.example_weights(batch, Context()) is None
+    assert tokens.example_weights(batch, Context()) is None
+    assert on.example_weights({"input_ids": batch["input_ids"]}, Context()) is None  # unmixed batch
+    w = on.example_weights(batch, Context())
+    labels = torch.full((4, 32), -100)
+    labels[:3, 5] = 1  # task: one target token each
+    labels[3, 2:] = 1  # replay: 30 target tokens
+    logits = torch.zeros(4, 32, 5)
+    logits[:3, 4, 1] = 10.0  # task rows predicted well, replay rows at uniform (loss log 5)
+    loss = weighted_example_loss(logits, labels, w)
+    task_nll = torch.log(1 + 4 * torch.exp(torch.tensor(-10.0)))
+    assert loss.item() == pytest.approx((3 * task_nll.item() + torch.log(torch.tensor(5.0)).item()) / 4, rel=1e-5)

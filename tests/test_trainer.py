@@ -12,12 +12,19 @@ import pytest
 import torch
 
 from tether.data.collate import Collator
-from tether.methods.base import Context
+from tether.methods.base import Context, Method
 from tether.registry import METHODS
-from tether.training.trainer import TetherTrainer, training_arguments
+from tether.training.trainer import TetherTrainer, training_arguments, weighted_example_loss
 
 
-def run_steps(tokenizer, batch_size, grad_accum, tmp_path, ewc_lambda):
+class EqualExamples(Method):
+    """Every example weighs the same (what replay's ``balance_loss`` asks for)."""
+
+    def example_weights(self, batch, ctx):
+        return torch.ones(batch["input_ids"].shape[0])
+
+
+def run_steps(tokenizer, batch_size, grad_accum, tmp_path, ewc_lambda, weighted=False):
     from tests.conftest import make_tiny_llama
     from tether.config import TrainingSpec
 
@@ -32,8 +39,9 @@ def run_steps(tokenizer, batch_size, grad_accum, tmp_path, ewc_lambda):
     spec = TrainingSpec(max_steps=1, batch_size=batch_size, grad_accum=grad_accum, lr=0.1, logging_steps=1)
     args = training_arguments(spec, str(tmp_path / f"o{batch_size}"))
     args.optim = "sgd"
+    methods = {"ewc": ewc, **({"w": EqualExamples()} if weighted else {})}
     trainer = TetherTrainer(model=model, args=args, train_dataset=data, data_collator=Collator(0),
-                            methods={"ewc": ewc}, context=Context(grad_accum_steps=grad_accum))
+                            methods=methods, context=Context(grad_accum_steps=grad_accum))
     trainer.get_train_dataloader = _sequential(trainer, batch_size)
     trainer.train()
     return {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -48,11 +56,30 @@ def _sequential(trainer, batch_size):
 
 
 @pytest.mark.parametrize("ewc_lambda", [0.0, 50.0])
-def test_extra_loss_weighs_the_same_at_any_accumulation(tokenizer, tmp_path, ewc_lambda):
-    one = run_steps(tokenizer, 8, 1, tmp_path, ewc_lambda)
-    two = run_steps(tokenizer, 4, 2, tmp_path, ewc_lambda)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_extra_loss_weighs_the_same_at_any_accumulation(tokenizer, tmp_path, ewc_lambda, weighted):
+    one = run_steps(tokenizer, 8, 1, tmp_path, ewc_lambda, weighted)
+    two = run_steps(tokenizer, 4, 2, tmp_path, ewc_lambda, weighted)
     for n in one:
         assert torch.allclose(one[n], two[n], atol=1e-6), n
+
+
+def test_weighted_example_loss_averages_within_each_example_first():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 11, generator=g)
+    labels = torch.full((3, 6), -100)
+    labels[0, 1:6] = torch.tensor([1, 2, 3, 4, 5])  # 5 targets
+    labels[1, 5] = 7  # 1 target
+    # row 2 has none: it must not count
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100,
+                                            reduction="none")
+    per = [nll[0].sum() / 5, nll[1].sum()]
+    got = weighted_example_loss(logits, labels, torch.ones(3))
+    assert got.item() == pytest.approx(((per[0] + per[1]) / 2).item(), rel=1e-6)
+    got = weighted_example_loss(logits, labels, torch.tensor([1.0, 3.0, 5.0]))
+    assert got.item() == pytest.approx(((per[0] + 3 * per[1]) / 4).item(), rel=1e-6)
+    plain = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
+    assert plain.item() != pytest.approx(got.item())  # the per-token mean is a different loss
 
 
 TORCHRUN = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")

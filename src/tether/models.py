@@ -110,6 +110,11 @@ def resolve(name_or_path: str) -> Path | str:
     return name_or_path
 
 
+def is_peft_model(model: Any) -> bool:
+    """True for a PEFT ``PeftModel`` (it has adapters to disable and a base model to reach)."""
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
 def is_adapter_dir(path: Path | str) -> bool:
     return Path(path, "adapter_config.json").exists()
 

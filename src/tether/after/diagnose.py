@@ -26,6 +26,7 @@ import torch
 
 from ..io import atomic_path
 from ..methods.freeze import find_blocks
+from ..models import is_peft_model
 
 GROUPS = ("attn", "mlp", "norm", "other")
 
@@ -179,10 +180,6 @@ def suggest(weight_change: Sequence[float], cka: Sequence[float], *, block_prefi
         {"freeze": {"patterns": [pattern]}}
 
 
-def _is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
 def _tuner_layers(model):
     """``(name, layer, plain)`` per PEFT tuner layer; ``plain``: LoRA without a variant (DoRA...)."""
     from peft.tuners.lora import LoraLayer
@@ -202,7 +199,7 @@ def effective_weights(model, *, adapters: bool = True) -> tuple[torch.nn.Module,
     gains ``scaling * B A`` of each active adapter: nothing is merged in place and only one weight
     is materialised at a time.
     """
-    peft = _is_peft(model)
+    peft = is_peft_model(model)
     root = model.get_base_model() if peft else model
     params = {n.replace(".base_layer", ""): p for n, p in root.named_parameters() if "lora_" not in n}
     deltas: dict[str, tuple[Any, list[str]]] = {}
@@ -307,10 +304,10 @@ def diagnose(base_model, tuned_model, tokenizer, prompts: Sequence[str | list[di
 
     if not prompts:
         raise ValueError("diagnose: give at least one prompt")
-    if base_model is None and not _is_peft(tuned_model):
+    if base_model is None and not is_peft_model(tuned_model):
         raise ValueError("diagnose: base_model is needed unless the tuned model is PEFT-wrapped")
     base_view = tuned_model if base_model is None else base_model  # adapters off when it is the tuned one
-    if _is_peft(tuned_model) and not all(plain for *_, plain in _tuner_layers(tuned_model)):
+    if is_peft_model(tuned_model) and not all(plain for *_, plain in _tuner_layers(tuned_model)):
         # non-LoRA tuners, DoRA...: no closed-form delta here, so read weights from merged copies
         w_base = base_model if base_model is not None else copy.deepcopy(tuned_model).unload()
         prefix, stats, outside = _weight_stats(w_base, copy.deepcopy(tuned_model).merge_and_unload(), True)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..io import atomic_path, write_json
+from ..models import is_peft_model
 from ..probes.base import ProbeResult
 from ..report.compare import ProbeComparison, compare_results
 
@@ -141,10 +142,6 @@ def select_alpha(alphas: Sequence[float], task_scores: Sequence[float] | None, d
     return max(ok, key=key)
 
 
-def _is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
 def _lora_layers(model) -> list:
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -242,7 +239,7 @@ def interpolate(base, tuned, tokenizer, *, general_suite, task_probe=None,
     if budget < 0:
         raise ValueError("interpolate: budget must be >= 0")
     alphas = sorted({0.0, *map(float, alphas)})
-    mode = "lora" if _is_peft(tuned) else "full"
+    mode = "lora" if is_peft_model(tuned) else "full"
     if mode == "full" and base is None:
         raise ValueError("interpolate: a fully fine-tuned model needs its base model")
     probes = general_suite if isinstance(general_suite, list) else validate_suite(general_suite, limit=limit)

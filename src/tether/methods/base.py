@@ -79,6 +79,14 @@ class Method:
         """Named loss terms to add to the task loss (already scaled as the method wants)."""
         return {}
 
+    def example_weights(self, batch: dict, ctx: Context) -> torch.Tensor | None:
+        """Per-example loss weights ``[B]``, or ``None`` for HF's plain per-token mean.
+
+        With weights, each example's loss is first averaged over its own target tokens, then the
+        batch loss is ``Σ w_i loss_i / Σ w_i``; weights from several methods multiply.
+        """
+        return None
+
     def before_optimizer_step(self, model: torch.nn.Module, ctx: Context) -> None:
         """Gradient projection or masking."""
 

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from ..models import is_peft_model
 from ..registry import register_method
 from .base import Context, Method
 
@@ -82,10 +83,6 @@ class LoraMethodConfig(BaseModel):
         if not v or "." in v:
             raise ValueError("lora.adapter_name must be a non-empty name without dots")
         return v
-
-
-def is_peft_model(model: torch.nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
 
 def check_targets(model: torch.nn.Module, targets: list[str]) -> dict[str, int]:

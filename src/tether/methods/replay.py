@@ -42,6 +42,11 @@ class ReplayConfig(BaseModel):
             (`tether.data.mssr`): the examples whose estimated retention is lowest go first, and
             well-remembered ones come back at expanding intervals. Both fill the same slots, so
             they cost the same replay tokens per batch.
+        balance_loss (bool): make replay ``ratio`` of the *loss*, not only of the examples. With
+            ``by: examples`` each example's loss is averaged over its own target tokens and examples
+            weigh equally; otherwise HF's per-token mean lets a 100-token general answer outweigh a
+            one-word task label 30 to 1, so 20% replay examples become ~90% of the gradient. With
+            ``by: tokens`` the per-token mean already is the ratio, so this changes nothing.
         growth, decay (float): MSSR strength update factors (see `tether.data.mssr`).
         seed (int | None): seed for shuffling both pools; ``None`` uses the run seed.
     """
@@ -51,6 +56,7 @@ class ReplayConfig(BaseModel):
     ratio: float = 0.2
     by: Literal["examples", "tokens"] = "examples"
     schedule: Literal["uniform", "mssr"] = "uniform"
+    balance_loss: bool = True
     growth: float = 2.0
     decay: float = 0.5
     seed: int | None = None
@@ -232,7 +238,8 @@ class Replay(Method):
 
     Hooks: ``prepare_data`` (returns a ``MixedDataset`` planned for ``ctx.num_batches`` batches of
     ``ctx.batch_size``) and ``extra_loss`` (returns nothing; it only counts the replay examples
-    and tokens the trainer really fed, so ``metrics`` can show the realised ratio next to the plan).
+    and tokens the trainer really fed, so ``metrics`` can show the realised ratio next to the plan);
+    ``example_weights`` makes the loss an example-weighted mean (``balance_loss``).
     """
 
     config_class = ReplayConfig
@@ -284,6 +291,11 @@ class Replay(Method):
                 self._feed_scheduler(batch, outputs, flags)
             self.batches_seen_ += 1
         return {}
+
+    def example_weights(self, batch: dict, ctx: Context) -> torch.Tensor | None:
+        if not self.config.balance_loss or self.config.by != "examples" or batch.get("is_replay") is None:
+            return None
+        return torch.ones(batch["is_replay"].shape[0])
 
     @torch.no_grad()
     def _feed_scheduler(self, batch: dict, outputs, flags: torch.Tensor) -> None:

@@ -50,12 +50,21 @@ class TetherTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         is_replay = inputs.pop("is_replay", None)
         replay_index = inputs.pop("replay_index", None)
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if not model.training:
-            return (loss, outputs) if return_outputs else loss
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
         ctx = self.context()
-        terms: dict[str, torch.Tensor] = {}
         seen = inputs if is_replay is None else {**inputs, "is_replay": is_replay, "replay_index": replay_index}
+        weights = self._example_weights(seen, ctx)
+        if weights is None:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+        else:
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            loss = weighted_example_loss(outputs.logits, inputs["labels"], weights)
+            if self._loss_already_scaled(num_items_in_batch):
+                loss = loss / self.current_gradient_accumulation_steps  # a per-micro-batch mean
+        terms: dict[str, torch.Tensor] = {}
         for name, method in self.methods.items():
             for key, value in method.extra_loss(model, seen, outputs, ctx).items():
                 terms[key if key == name or key.startswith(name) else f"{name}_{key}"] = value
@@ -68,6 +77,14 @@ class TetherTrainer(Trainer):
             loss = loss + extra
         self._record(terms, inputs, outputs, is_replay)
         return (loss, outputs) if return_outputs else loss
+
+    def _example_weights(self, batch: dict, ctx: Context) -> torch.Tensor | None:
+        weights = None
+        for method in self.methods.values():
+            w = method.example_weights(batch, ctx)
+            if w is not None:
+                weights = w if weights is None else weights * w
+        return weights
 
     def _loss_already_scaled(self, num_items_in_batch) -> bool:
         if self.loss_is_scaled_for_ga is not None:
@@ -104,6 +121,23 @@ class TetherTrainer(Trainer):
                 for k, v in method.metrics().items():
                     logs[f"{name}/{k}"] = v
         super().log(logs, *args, **kwargs)
+
+
+def weighted_example_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``Σ_i w_i · mean_t nll_{i,t} / Σ_i w_i`` over examples with target tokens (next-token shift).
+
+    Why: HF's per-token mean lets a 100-token replay answer outweigh a one-word task label 30 to 1;
+    averaging within each example first makes the loss share of each example what its weight says.
+    """
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
+    nll = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100,
+                                            reduction="none")
+    mask = (shift_labels != -100).to(nll.dtype)
+    counts = mask.sum(1)
+    has = counts > 0
+    per_example = (nll * mask).sum(1) / counts.clamp_min(1.0)
+    w = weights.to(nll.device, nll.dtype) * has.to(nll.dtype)
+    return (per_example * w).sum() / w.sum().clamp_min(torch.finfo(nll.dtype).tiny)
 
 
 def training_arguments(t, output_dir: str):
