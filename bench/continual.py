@@ -23,7 +23,7 @@ CONFIGS = {
     "sequential FT": {"full": {}},
     "replay": {"full": {}, "replay": {"ratio": 0.25}},
     "MSSR replay": {"full": {}, "replay": {"ratio": 0.25, "schedule": "mssr"}},
-    "EWC (online)": {"full": {}, "ewc": {"lambda": 100.0, "fisher_samples": 32}},
+    "EWC (online)": {"full": {}, "ewc": {"lambda": 1.0e4, "fisher_samples": 32}},
     "LwF": {"full": {}, "lwf": {"alpha": 1.0}},
     "O-LoRA": {"olora": {"r": 8, "lambda1": 0.5}},
     "OPLoRA": {"oplora": {"r": 8, "k": 16}},
@@ -49,7 +49,8 @@ def main() -> None:
     from rich.table import Table
 
     from tether.config import load_sequence
-    from tether.data.pack import ensure_pack, ensure_task
+    from tether.data.pack import ensure_pack
+    from tether.data.tasks import ensure_task
     from tether.io import write_json
     from tether.training.continual import run_continual
 

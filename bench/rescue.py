@@ -36,7 +36,7 @@ def main() -> None:
     from rich.table import Table
 
     from tether import api
-    from tether.data.pack import build_task
+    from tether.data.tasks import build_task
     from tether.io import write_json
 
     task = build_task("fortune-topics")

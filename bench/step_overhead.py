@@ -68,8 +68,9 @@ def main() -> None:
     from tether.config import TrainingSpec
     from tether.data.collate import Collator
     from tether.data.formats import encode_records
-    from tether.data.pack import build_task, ensure_pack
+    from tether.data.pack import ensure_pack
     from tether.data.readers import read_records
+    from tether.data.tasks import build_task
     from tether.io import write_json
     from tether.methods.base import Context
     from tether.methods.lora import LoraMethodConfig

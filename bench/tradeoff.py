@@ -19,14 +19,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
 
+# label -> (methods, guard on?); methods None = the default recipe exactly as `tether train` runs it
 CONFIGS = {
     "naive full FT": ({"full": {}}, False),
     "LoRA": ({"lora": {}}, False),
     "full + replay 20%": ({"full": {}, "replay": {"ratio": 0.2}}, False),
-    "full + EWC": ({"full": {}, "ewc": {"lambda": 100.0, "fisher_samples": 64}}, False),
+    "full + EWC": ({"full": {}, "ewc": {"lambda": 1.0e4, "fisher_samples": 64}}, False),
     "full + LwF": ({"full": {}, "lwf": {"alpha": 1.0}}, False),
     "full + freeze 50%": ({"full": {}, "freeze": {"fraction": 0.5}}, False),
-    "default recipe": ({"lora": {}, "replay": {"ratio": 0.2}}, True),
+    "LoRA + replay 20% + LwF (general)": ({"lora": {"alpha": 64}, "replay": {"ratio": 0.2},
+                                            "lwf": {"on": "task+general"}}, False),
+    "default recipe": (None, True),
 }
 
 
@@ -48,7 +51,8 @@ def main() -> None:
     from rich.table import Table
 
     from tether.config import load_recipe
-    from tether.data.pack import build_task, ensure_pack
+    from tether.data.pack import ensure_pack
+    from tether.data.tasks import build_task
     from tether.io import write_json
     from tether.training.run import train
 
@@ -67,15 +71,16 @@ def main() -> None:
     for label, (methods, guard) in CONFIGS.items():
         if (args.only and label not in args.only) or label in results:
             continue
+        extra = {"methods": methods} if methods is not None else {}
         recipe = load_recipe(
-            None, methods=methods, general=args.suite,
+            None, **extra, general=args.suite,
             task={"train": str(task / "train.jsonl"), "eval": str(task / "eval.jsonl"), "eval_limit": args.eval_limit,
                   "max_new_tokens": 4},
             training={"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "logging_steps": 10},
             guard={"enabled": guard, "every": max(5, args.steps // 4)},
             output_dir=f"{args.runs}/{label.replace(' ', '_').replace('%', '')}",
         )
-        console.rule(f"{label}: {', '.join(methods)}")
+        console.rule(f"{label}: {', '.join(recipe.methods)}")
         t0 = time.perf_counter()
         res = train(recipe, base_results=base)
         base = {"general": res.base_results, "task": res.summary["task"]["base"]}

@@ -70,6 +70,8 @@ def test_every_shipped_recipe_and_suite_validates():
         load_suite(r.guard.suite)
     default = load_recipe(resources.files("tether.recipes") / "default.yaml")
     assert set(default.methods) == set(load_recipe().methods) and default.methods["replay"]["ratio"] == 0.2
+    assert default.methods["lora"]["alpha"] == load_recipe().methods["lora"]["alpha"] == 64
+    assert default.methods["replay"]["answers"] == load_recipe().methods["replay"]["answers"] == "model"
     assert default.training.lr == 1e-4 and default.guard.threshold == 0.05
     suites = sorted(p.name[:-5] for p in resources.files("tether.suites").iterdir() if p.name.endswith(".yaml"))
     assert {"general", "general-quick", "general-demo", "general-mini"} <= set(suites)

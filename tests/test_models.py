@@ -64,7 +64,7 @@ def test_score_a_probe_subset_on_smollm2(smollm2, tmp_path):
 def test_default_recipe_few_steps_on_smollm2(smollm2, tmp_path):
     """The default recipe (LoRA + replay + guard) for a few steps on the embedded model and the demo task."""
     from tether.config import load_recipe
-    from tether.data.pack import ensure_task
+    from tether.data.tasks import ensure_task
     from tether.training.run import train
 
     suite = tmp_path / "suite.yaml"

@@ -17,6 +17,7 @@ import yaml
 
 from tether.data import pack as P
 from tether.data import sources as S
+from tether.data import tasks as T
 from tether.data.formats import validate
 from tether.data.readers import Record
 
@@ -43,7 +44,7 @@ def files(pack_dir, manifest) -> dict[str, list[dict]]:
 
 @pytest.fixture(scope="session")
 def task_dir() -> Path:
-    return P.ensure_task("fortune-topics")
+    return T.ensure_task("fortune-topics")
 
 
 def _norm(text: str) -> str:  # independent of the builder's normalise()
@@ -261,7 +262,7 @@ def test_task_is_balanced_and_disjoint(task_dir):
     assert len(labels) == 8
     rows = {s: [json.loads(x) for x in (task_dir / f"{s}.jsonl").read_text().splitlines()]
             for s in ("train", "eval")}
-    for split, per_class in (("train", P.TASK_TRAIN_PER_CLASS), ("eval", P.TASK_EVAL_PER_CLASS)):
+    for split, per_class in (("train", T.TASK_TRAIN_PER_CLASS), ("eval", T.TASK_EVAL_PER_CLASS)):
         assert Counter(r["completion"] for r in rows[split]) == {lab: per_class for lab in labels}
         assert man["files"][f"{split}.jsonl"]["sha256"] == _sha(task_dir / f"{split}.jsonl")
         for n, r in enumerate(rows[split], 1):
@@ -274,10 +275,10 @@ def test_task_is_balanced_and_disjoint(task_dir):
 
 
 def test_task_is_reproducible(tmp_path, task_dir):
-    out = P.build_task("fortune-topics", tmp_path / "t", seed=0)
+    out = T.build_task("fortune-topics", tmp_path / "t", seed=0)
     for f in ("train.jsonl", "eval.jsonl"):
         assert _sha(out / f) == _sha(task_dir / f)
-    assert P.TASKS[0] == "fortune-topics"
+    assert T.TASKS[0] == "fortune-topics"
 
 
 def test_sequence_tasks_have_disjoint_labels_and_quotes():
@@ -285,7 +286,7 @@ def test_sequence_tasks_have_disjoint_labels_and_quotes():
 
     labels, quotes = [], []
     for name in ("fortune-seq-a", "fortune-seq-b", "fortune-seq-c"):
-        path = P.ensure_task(name)
+        path = T.ensure_task(name)
         rows = [json.loads(x) for f in ("train.jsonl", "eval.jsonl") for x in (path / f).read_text().splitlines()]
         labels.append({r["completion"] for r in rows})
         quotes.append({r["prompt"].split("Quote: ", 1)[1] for r in rows})

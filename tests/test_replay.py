@@ -196,3 +196,55 @@ def test_balance_loss_gives_replay_its_ratio_of_the_loss():
     loss = weighted_example_loss(logits, labels, w)
     task_nll = torch.log(1 + 4 * torch.exp(torch.tensor(-10.0)))
     assert loss.item() == pytest.approx((3 * task_nll.item() + torch.log(torch.tensor(5.0)).item()) / 4, rel=1e-5)
+
+
+def _chat_example(tokenizer, question: str, answer: str) -> Example:
+    from tether.data.formats import encode_records
+    from tether.data.readers import Record
+
+    rec = Record({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]},
+                 "mem", 1)
+    return encode_records([rec], tokenizer, max_length=256)[0][0]
+
+
+def test_self_rehearsal_replays_the_models_own_greedy_answers(tokenizer, tiny_model):
+    """Batched, left-padded generation gives each prompt exactly its unbatched greedy answer."""
+    from tether.data.rehearsal import prompt_ids, self_rehearsal
+
+    chats = [_chat_example(tokenizer, q, "A dataset answer that the model never gave.")
+             for q in ("Hi?", "What is the capital of France, and why is it famous?", "Name a colour.")]
+    text_ids = tokenizer("Plain prose has no prompt.", add_special_tokens=False)["input_ids"]
+    prose = Example(text_ids, list(text_ids), "", "Plain prose has no prompt.")
+    model = tiny_model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out, n = self_rehearsal(model, tokenizer, chats + [prose], max_new_tokens=6, batch_size=2)
+    assert n == 3 and out[3] is prose and model.training
+    assert all(torch.equal(p, before[k]) for k, p in model.named_parameters())
+    model.eval()
+    for ex, new in zip(chats, out):
+        p = prompt_ids(ex)
+        assert new.input_ids[:len(p)] == p and new.labels[:len(p)] == [-100] * len(p)
+        with torch.no_grad():
+            alone = model.generate(input_ids=torch.tensor([p]), max_new_tokens=6, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id)[0, len(p):].tolist()
+        if 2 in alone:  # stopped on EOS: the answer keeps it
+            alone = alone[:alone.index(2) + 1]
+        assert new.input_ids[len(p):] == alone == new.labels[len(p):]
+        assert new.completion != ex.completion
+
+
+def test_replay_answers_model_replays_self_answers_for_what_the_plan_uses(tokenizer, tiny_model):
+    general = [_chat_example(tokenizer, f"Question {i}?", "Dataset answer.") for i in range(40)]
+    task = [_chat_example(tokenizer, f"Route {i}", "label") for i in range(16)]
+    method = Replay({"ratio": 0.25, "answers": "model", "max_new_tokens": 4})
+    ctx = Context(tokenizer=tokenizer, general_examples=general, task_examples=task, batch_size=4, num_batches=6)
+    method.on_task_start(tiny_model, ctx)
+    ds = method.prepare_data(task, ctx)
+    assert method.self_answered_ == 6 == len(method.pool_)  # 1 replay slot x 6 batches
+    replayed = [ds.items[i] for b in ds.batches for i in b if ds.items[i]["is_replay"]]
+    assert len(replayed) == 6
+    dataset_answer = _chat_example(tokenizer, "x", "Dataset answer.").labels[-4:]
+    assert all(r["labels"][-4:] != dataset_answer for r in replayed)
+    assert method.metrics()["replay_self_answered"] == 6.0
+    with pytest.raises(ValidationError):
+        ReplayConfig(answers="teacher")

@@ -79,7 +79,8 @@ def compare(base: str | Any, tuned: str | Any, *, suite: str = "general", tokeni
 
 def build_data(name: str = "general-v1", tasks: tuple[str, ...] = ("fortune-topics",)) -> dict[str, Path]:
     """Build (or find cached) the default probe pack and the demo task data."""
-    from .data.pack import build_task, ensure_pack
+    from .data.pack import ensure_pack
+    from .data.tasks import build_task
 
     out = {name: ensure_pack(name)}
     for t in tasks:

@@ -107,7 +107,9 @@ class Recipe(_Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     task: TaskSpec = Field(default_factory=TaskSpec)
     general: str = "general"  # the suite reported before/after
-    methods: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"lora": {}, "replay": {"ratio": 0.2}})
+    # the default recipe; LoRA scale alpha/r = 4 (see recipes/default.yaml for why)
+    methods: dict[str, dict[str, Any]] = Field(default_factory=lambda: {
+        "lora": {"r": 16, "alpha": 64}, "replay": {"ratio": 0.2, "answers": "model"}})
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     guard: GuardSpec = Field(default_factory=GuardSpec)
     output_dir: str = "runs/tether"

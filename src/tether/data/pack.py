@@ -1,4 +1,4 @@
-"""The general probe pack (``general-v1``) and the demo task data, built offline from packages.
+"""The general probe pack (``general-v1``), built offline from packages (tasks: ``tasks.py``).
 
 ``ensure_pack()`` returns ``tether_home()/data/general-v1``, building it on first use: one JSONL
 file per probe plus ``replay.jsonl`` and a ``manifest.json`` (items, sources, licenses, seed and
@@ -42,7 +42,6 @@ from . import sources as S
 
 PACK_VERSION = 1  # bump when the builder's output changes: ensure_pack rebuilds older packs
 PACKS = ("general-v1",)
-TASKS = ("fortune-topics", "fortune-seq-a", "fortune-seq-b", "fortune-seq-c")
 
 # (file stem, kind, ability, sources, description)
 PROBE_FILES = (
@@ -446,71 +445,3 @@ def pack_summary(path: str | os.PathLike) -> list[dict]:
     manifest = json.loads((Path(path) / "manifest.json").read_text(encoding="utf-8"))
     return [{"file": f, "kind": m["kind"], "ability": m["ability"], "items": m["items"],
              "sources": m["sources"]} for f, m in manifest["files"].items()]
-
-
-# ------------------------------------------------------------------------------------ demo task
-FORTUNE_TOPICS = ("art", "computers", "food", "law", "love", "politics", "science", "sports")
-# a three-task sequence for `tether continual` benchmarks: disjoint 4-way label sets, so learning a
-# later task pulls answers toward its labels and forgetting an earlier one shows
-TASK_TOPICS = {
-    "fortune-topics": FORTUNE_TOPICS,
-    "fortune-seq-a": ("art", "computers", "food", "law"),
-    "fortune-seq-b": ("love", "politics", "science", "sports"),
-    "fortune-seq-c": ("literature", "people", "wisdom", "work"),
-}
-TASK_TRAIN_PER_CLASS, TASK_EVAL_PER_CLASS = 60, 25
-
-
-def build_task(name: str = "fortune-topics", out_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
-    """Route a quote to one of its fortune topics (prompt/completion), train + eval.
-
-    ``fortune-topics`` (8 topics) is the demo task; ``fortune-seq-a/b/c`` (4 topics each, disjoint)
-    form a task sequence.
-    """
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
-    topics = TASK_TOPICS[name]
-    out = Path(out_dir) if out_dir else tether_home() / "data" / "tasks" / name
-    instruction = f"Classify the topic of this quote. Answer with one word from: {', '.join(topics)}."
-    quotes = {t: [re.sub(r"\s+", " ", q) for q in S.fortune_quotes(t)] for t in topics}
-    count = defaultdict(set)
-    for t, qs in quotes.items():
-        for q in qs:
-            count[normalise(q)].add(t)
-    train, evals = [], []
-    need = TASK_TRAIN_PER_CLASS + TASK_EVAL_PER_CLASS
-    for t in topics:
-        seen, pool = set(), []
-        for i, q in enumerate(quotes[t]):
-            k = normalise(q)
-            if 20 <= len(q) <= 300 and len(count[k]) == 1 and k not in seen:  # one topic, no repeats
-                seen.add(k)
-                pool.append({"id": f"{t}/{i}", "source": "fortunes", "label": t, "completion": t,
-                             "prompt": f"{instruction}\n\nQuote: {q}"})
-        if len(pool) < need:
-            raise S.SourceMissing(f"fortune topic {t!r} has {len(pool)} usable quotes, need {need}")
-        picked = _rng(seed, f"task/{t}").sample(pool, need)
-        train += picked[:TASK_TRAIN_PER_CLASS]
-        evals += picked[TASK_TRAIN_PER_CLASS:]
-    _rng(seed, "task/train").shuffle(train)
-    _rng(seed, "task/eval").shuffle(evals)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        files = {}
-        for split, rows in (("train", train), ("eval", evals)):
-            p = write_jsonl(tmp / f"{split}.jsonl", rows)
-            files[p.name] = {"items": len(rows), "sha256": _sha256(p)}
-        write_json(tmp / "manifest.json", {
-            "name": name, "builder_version": PACK_VERSION, "seed": seed, "labels": list(topics),
-            "files": files, "sources": {"fortunes": dict(S.SOURCES["fortunes"])}})
-        _swap_into_place(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
-
-
-def ensure_task(name: str = "fortune-topics") -> Path:
-    path = tether_home() / "data" / "tasks" / name
-    return path if _fresh(path) else build_task(name, path)

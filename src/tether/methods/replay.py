@@ -13,6 +13,7 @@ import functools
 import logging
 import math
 import random
+import time
 from collections.abc import Callable
 from fractions import Fraction
 from typing import Literal
@@ -47,6 +48,13 @@ class ReplayConfig(BaseModel):
             weigh equally; otherwise HF's per-token mean lets a 100-token general answer outweigh a
             one-word task label 30 to 1, so 20% replay examples become ~90% of the gradient. With
             ``by: tokens`` the per-token mean already is the ratio, so this changes nothing.
+        answers ("data" | "model"): what the replayed general examples answer with. ``data``: the
+            dataset's answers. ``model``: at task start the model answers each replay prompt itself
+            (greedy, up to ``max_new_tokens``) and those answers are replayed, so replay keeps what
+            *this* model said rather than pulling it toward the dataset's style (self-synthesised
+            rehearsal, https://arxiv.org/abs/2403.01244). Only as many examples as the plan uses
+            are answered; plain-text examples (no prompt) keep their text.
+        max_new_tokens (int): longest self-answer, with ``answers: model``.
         growth, decay (float): MSSR strength update factors (see `tether.data.mssr`).
         seed (int | None): seed for shuffling both pools; ``None`` uses the run seed.
     """
@@ -57,9 +65,18 @@ class ReplayConfig(BaseModel):
     by: Literal["examples", "tokens"] = "examples"
     schedule: Literal["uniform", "mssr"] = "uniform"
     balance_loss: bool = True
+    answers: Literal["data", "model"] = "data"
+    max_new_tokens: int = 96
     growth: float = 2.0
     decay: float = 0.5
     seed: int | None = None
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _mnt(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError("replay.max_new_tokens must be > 0")
+        return v
 
     @field_validator("ratio")
     @classmethod
@@ -250,10 +267,29 @@ class Replay(Method):
         self.seen_ = {"examples": 0, "replay_examples": 0, "tokens": 0, "replay_tokens": 0}
         self.scheduler_: MemoryStrengthScheduler | None = None
         self.batches_seen_ = 0
+        self.pool_: list | None = None  # self-answered general examples (answers: model)
+        self.self_answered_ = 0
+
+    def on_task_start(self, model, ctx: Context) -> None:
+        c = self.config
+        if c.answers != "model" or c.ratio <= 0 or not ctx.general_examples:
+            return
+        from ..data.rehearsal import self_rehearsal
+
+        pool = list(ctx.general_examples)
+        random.Random(ctx.seed if c.seed is None else c.seed).shuffle(pool)
+        if ctx.num_batches > 0:  # answer only what the plan can use (by tokens: a generous bound)
+            need = math.ceil(c.ratio * ctx.batch_size * ctx.num_batches) * (1 if c.by == "examples" else 2)
+            pool = pool[:max(need, ctx.batch_size)]
+        t0 = time.perf_counter()
+        self.pool_, self.self_answered_ = self_rehearsal(model, ctx.tokenizer, pool, max_new_tokens=c.max_new_tokens,
+                                                         batch_size=max(ctx.batch_size, 8))
+        log.info("replay: the model answered %d of %d replay prompts itself in %.1f s", self.self_answered_,
+                 len(pool), time.perf_counter() - t0)
 
     def prepare_data(self, dataset: list, ctx: Context) -> MixedDataset:
         c = self.config
-        pool = list(ctx.general_examples) if c.ratio > 0 else []
+        pool = (list(self.pool_) if self.pool_ is not None else list(ctx.general_examples)) if c.ratio > 0 else []
         task_len = [_n_target(e) for e in dataset]
         pool_len = [_n_target(e) for e in pool]
         seed = ctx.seed if c.seed is None else c.seed
@@ -316,6 +352,8 @@ class Replay(Method):
             out["replay_realised_examples"] = s["replay_examples"] / s["examples"]
             out["replay_realised_tokens"] = s["replay_tokens"] / max(s["tokens"], 1)
             out["replay_tokens_total"] = float(s["replay_tokens"])
+        if self.self_answered_:
+            out["replay_self_answered"] = float(self.self_answered_)
         if self.scheduler_ is not None:
             out.update({f"mssr_{k}": float(v) for k, v in self.scheduler_.stats().items()})
         return out

@@ -17,7 +17,8 @@ def run_demo(steps: int = 60, output_dir: str | Path = "runs/demo", batch_size: 
     from rich.console import Console
     from rich.table import Table
 
-    from ..data.pack import build_task, ensure_pack
+    from ..data.pack import ensure_pack
+    from ..data.tasks import build_task
     from ..io import write_json
 
     console = Console()
