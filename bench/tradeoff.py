@@ -27,8 +27,11 @@ CONFIGS = {
     "full + EWC": ({"full": {}, "ewc": {"lambda": 1.0e4, "fisher_samples": 64}}, False),
     "full + LwF": ({"full": {}, "lwf": {"alpha": 1.0}}, False),
     "full + freeze 50%": ({"full": {}, "freeze": {"fraction": 0.5}}, False),
-    "LoRA + replay 20% + LwF (general)": ({"lora": {"alpha": 64}, "replay": {"ratio": 0.2},
-                                            "lwf": {"on": "task+general"}}, False),
+    "LoRA α64 + replay 20% (dataset answers)": ({"lora": {"alpha": 64}, "replay": {"ratio": 0.2}}, False),
+    "LoRA α64 + replay 20% (dataset answers) + LwF (general)": ({"lora": {"alpha": 64}, "replay": {"ratio": 0.2},
+                                                                 "lwf": {"on": "task+general"}}, False),
+    "LoRA α64 + replay 20% (self answers)": ({"lora": {"alpha": 64}, "replay": {"ratio": 0.2, "answers": "model"}},
+                                             False),
     "default recipe": (None, True),
 }
 
