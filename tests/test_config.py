@@ -77,3 +77,14 @@ def test_every_shipped_recipe_and_suite_validates():
     assert {"general", "general-quick", "general-demo", "general-mini"} <= set(suites)
     for name in suites:
         load_suite(name)
+
+
+def test_yaml_on_off_yes_no_are_strings_not_booleans(tmp_path):
+    """YAML 1.1 reads `on:` as True: `lwf: {on: task+general}` must still mean the `on` field."""
+    p = tmp_path / "r.yaml"
+    p.write_text("task: {train: t.jsonl}\nmethods:\n  lora: {}\n  lwf: {on: task+general}\n"
+                 "guard: {enabled: no}\n")
+    r = load_recipe(p, ["lwf.temperature=2.5", "replay=false"])
+    assert r.methods["lwf"] == {"on": "task+general", "temperature": 2.5}
+    assert r.guard.enabled is False and "replay" not in r.methods
+    assert load_recipe(p, ["guard.enabled=true"]).guard.enabled is True
