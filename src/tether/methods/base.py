@@ -50,6 +50,19 @@ class Context:
     num_batches: int = 0
 
 
+def example_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example: the summed next-token NLL over its target tokens (labels != -100) and their count.
+
+    The one place the trainer (loss balancing, task/replay loss log) and replay (MSSR strengths)
+    take per-example losses from a forward pass's logits; float32, shifted like HF's causal LM loss.
+    """
+    shift_labels = labels[:, 1:].to(logits.device)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), shift_labels, ignore_index=-100,
+                                            reduction="none")
+    mask = (shift_labels != -100).to(nll.dtype)
+    return (nll * mask).sum(1), mask.sum(1)
+
+
 class Method:
     """Base class for every method; all hooks are optional."""
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from ..data.mssr import MemoryStrengthScheduler
 from ..registry import register_method
-from .base import Context, Method
+from .base import Context, Method, example_nll
 
 log = logging.getLogger(__name__)
 
@@ -337,11 +337,8 @@ class Replay(Method):
     def _feed_scheduler(self, batch: dict, outputs, flags: torch.Tensor) -> None:
         """Per-example loss of the replayed rows -> the MSSR strength update (no extra forward)."""
         rows = flags.nonzero().flatten().to(outputs.logits.device)
-        logits = outputs.logits[rows, :-1].float()
-        labels = batch["labels"][rows, 1:].to(logits.device)
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-        mask = (labels != -100).float()
-        losses = (nll * mask).sum(1) / mask.sum(1).clamp_min(1)
+        sums, counts = example_nll(outputs.logits[rows], batch["labels"][rows.cpu()])
+        losses = sums / counts.clamp_min(1)
         idx = batch["replay_index"][rows.cpu()].tolist()
         self.scheduler_.update(idx, losses.cpu().tolist(), step=self.batches_seen_)
 

@@ -279,18 +279,24 @@ class Scorer:
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
                  stop: Sequence[str] | None = None) -> list[str]:
         """Greedy continuations, batched with left padding, cut at the first stop string or EOS."""
-        cfg = copy.deepcopy(self.model.generation_config)
-        cfg.update(do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
-                   max_new_tokens=max_new_tokens, pad_token_id=self.pad_id)
-        if cfg.eos_token_id is None:
-            cfg.eos_token_id = self.tokenizer.eos_token_id
-        if stop:
-            cfg.stop_strings = list(stop)
-        eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+        eos = self._generation_config(max_new_tokens, stop)[1]
+        out = []
+        for new in self.generate_ids(prompts, max_new_tokens=max_new_tokens, stop=stop):
+            text = self.tokenizer.decode(new[:-1] if new and new[-1] in eos else new, skip_special_tokens=True)
+            for s in stop or ():
+                text = text.split(s, 1)[0]
+            out.append(text)
+        return out
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
+                     stop: Sequence[str] | None = None) -> list[list[int]]:
+        """Greedy continuations as token ids, batched widest first with left padding; each ends with
+        its EOS token when one was generated (nothing after it)."""
+        cfg, eos = self._generation_config(max_new_tokens, stop)
         room = max(1, self.max_length - max_new_tokens)  # keep the prompt's end if it is too long
         seqs = [list(p)[-room:] for p in prompts]
         order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
-        out = [""] * len(seqs)
+        out: list[list[int]] = [[] for _ in seqs]
         for start in range(0, len(order), self.batch_size):
             batch = order[start: start + self.batch_size]
             ids, mask = self._pad([seqs[i] for i in batch], side="left")
@@ -299,9 +305,16 @@ class Scorer:
                                           tokenizer=self.tokenizer)
             for row, i in enumerate(batch):
                 new = gen[row, ids.shape[1]:].tolist()
-                cut = next((k for k, t in enumerate(new) if t in eos), len(new))
-                text = self.tokenizer.decode(new[:cut], skip_special_tokens=True)
-                for s in stop or ():
-                    text = text.split(s, 1)[0]
-                out[i] = text
+                out[i] = new[:next((k + 1 for k, t in enumerate(new) if t in eos), len(new))]
         return out
+
+    def _generation_config(self, max_new_tokens: int, stop: Sequence[str] | None):
+        """Greedy decoding settings (the model's own config otherwise) and the set of EOS ids."""
+        cfg = copy.deepcopy(self.model.generation_config)
+        cfg.update(do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
+                   max_new_tokens=max_new_tokens, pad_token_id=self.pad_id)
+        if cfg.eos_token_id is None:
+            cfg.eos_token_id = self.tokenizer.eos_token_id
+        if stop:
+            cfg.stop_strings = list(stop)
+        return cfg, set(cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id])

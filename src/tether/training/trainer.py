@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from ..methods.base import Context, Method
+from ..methods.base import Context, Method, example_nll
 
 
 class TetherTrainer(Trainer):
@@ -56,12 +56,14 @@ class TetherTrainer(Trainer):
         ctx = self.context()
         seen = inputs if is_replay is None else {**inputs, "is_replay": is_replay, "replay_index": replay_index}
         weights = self._example_weights(seen, ctx)
+        nll = None  # per-example (NLL sum, target count), when the loss is computed here
         if weights is None:
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                  num_items_in_batch=num_items_in_batch)
         else:
             outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
-            loss = weighted_example_loss(outputs.logits, inputs["labels"], weights)
+            nll = example_nll(outputs.logits, inputs["labels"])
+            loss = _weighted_mean(*nll, weights)
             if self._loss_already_scaled(num_items_in_batch):
                 loss = loss / self.current_gradient_accumulation_steps  # a per-micro-batch mean
         terms: dict[str, torch.Tensor] = {}
@@ -75,7 +77,7 @@ class TetherTrainer(Trainer):
                 # divide again, so extra terms must be divided here to weigh the same at any accumulation
                 extra = extra / self.current_gradient_accumulation_steps
             loss = loss + extra
-        self._record(terms, inputs, outputs, is_replay)
+        self._record(terms, inputs, outputs, is_replay, nll)
         return (loss, outputs) if return_outputs else loss
 
     def _example_weights(self, batch: dict, ctx: Context) -> torch.Tensor | None:
@@ -92,21 +94,19 @@ class TetherTrainer(Trainer):
         return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func)
 
     @torch.no_grad()
-    def _record(self, terms, inputs, outputs, is_replay) -> None:
+    def _record(self, terms, inputs, outputs, is_replay, nll=None) -> None:
         for k, v in terms.items():
             self._term_sums[k] += float(v.detach())
             self._term_counts[k] += 1
         if is_replay is None or not bool(is_replay.any()) or bool(is_replay.all()):
             return
         # split the task loss into task and replay parts for the log (no extra forward pass)
-        logits = outputs.logits[:, :-1].float()
-        labels = inputs["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-        mask = (labels != -100).float()
+        sums, counts = (t.detach() for t in nll) if nll is not None else example_nll(outputs.logits, inputs["labels"])
         for name, sel in (("loss_task", ~is_replay), ("loss_replay", is_replay)):
-            denom = mask[sel].sum()
+            sel = sel.to(counts.device)
+            denom = counts[sel].sum()
             if denom > 0:
-                self._term_sums[name] += float((nll[sel] * mask[sel]).sum() / denom)
+                self._term_sums[name] += float(sums[sel].sum() / denom)
                 self._term_counts[name] += 1
         self._term_sums["replay_fraction"] += float(is_replay.float().mean())
         self._term_counts["replay_fraction"] += 1
@@ -129,15 +129,12 @@ def weighted_example_loss(logits: torch.Tensor, labels: torch.Tensor, weights: t
     Why: HF's per-token mean lets a 100-token replay answer outweigh a one-word task label 30 to 1;
     averaging within each example first makes the loss share of each example what its weight says.
     """
-    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
-    nll = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100,
-                                            reduction="none")
-    mask = (shift_labels != -100).to(nll.dtype)
-    counts = mask.sum(1)
-    has = counts > 0
-    per_example = (nll * mask).sum(1) / counts.clamp_min(1.0)
-    w = weights.to(nll.device, nll.dtype) * has.to(nll.dtype)
-    return (per_example * w).sum() / w.sum().clamp_min(torch.finfo(nll.dtype).tiny)
+    return _weighted_mean(*example_nll(logits, labels), weights)
+
+
+def _weighted_mean(sums: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    w = weights.to(sums.device, sums.dtype) * (counts > 0).to(sums.dtype)
+    return (sums / counts.clamp_min(1.0) * w).sum() / w.sum().clamp_min(torch.finfo(sums.dtype).tiny)
 
 
 def training_arguments(t, output_dir: str):
