@@ -1,12 +1,19 @@
 """Continual learning on a three-task sequence: every method vs sequential fine-tuning and multi-task.
 
-Tasks (from the Debian fortunes package, disjoint 4-way label sets): route a quote to its topic
-among {art, computers, food, law}, then {love, politics, science, sports}, then {literature,
-people, wisdom, work}. Same steps per task, seed and probes for every method; multi-task trains on
-all three at once for the same total steps (the upper bound). Reports average accuracy, backward
-transfer, forgetting and the general change, as a table and JSON.
+Three tasks from three packaged sources, each with its own input domain and answer format, so a
+model that forgets answers an earlier task in a later task's format:
 
-    python bench/continual.py --steps 15
+1. ``quotes``: route a fortune quote to {love, politics, science, sports} (answer: one word);
+2. ``foldoc``: the area of computing of a FOLDOC dictionary entry, four lettered options
+   (answer: a letter);
+3. ``stdlib``: the standard-library package of a Python function from its signature and docstring,
+   among asyncio, email, logging, tkinter (answer: ``import <package>``).
+
+Same steps per task, seed and probes for every method; multi-task trains on all three at once for
+the same total steps (the upper bound). Reports average accuracy, backward transfer, forgetting and
+the general change, as a table and JSON.
+
+    python bench/continual.py --steps 40
 """
 
 from __future__ import annotations
@@ -29,16 +36,16 @@ CONFIGS = {
     "OPLoRA": {"oplora": {"r": 8, "k": 16}},
     "multi-task (upper bound)": {"full": {}},
 }
-TASKS = ("fortune-seq-a", "fortune-seq-b", "fortune-seq-c")
+TASKS = {"quotes": ("fortune-seq-b", 4), "foldoc": ("foldoc-domain", 4), "stdlib": ("stdlib-module", 6)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=12, help="optimizer steps per task")
+    ap.add_argument("--steps", type=int, default=40, help="optimizer steps per task")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--adapter-lr", type=float, default=1e-3, help="learning rate of the LoRA-style methods")
-    ap.add_argument("--eval-limit", type=int, default=32)
+    ap.add_argument("--eval-limit", type=int, default=100)
     ap.add_argument("--suite", default="general-mini")
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--out", default=str(HERE / "results" / "continual.json"))
@@ -55,8 +62,8 @@ def main() -> None:
     from tether.training.continual import run_continual
 
     ensure_pack("general-v1")
-    tasks = [{"name": n.removeprefix("fortune-"), "train": str(ensure_task(n) / "train.jsonl"),
-              "eval": str(ensure_task(n) / "eval.jsonl"), "max_new_tokens": 4} for n in TASKS]
+    tasks = [{"name": label, "train": str(ensure_task(n) / "train.jsonl"), "eval": str(ensure_task(n) / "eval.jsonl"),
+              "max_new_tokens": k} for label, (n, k) in TASKS.items()]
     console = Console()
     results, base = {}, None
     for label, methods in CONFIGS.items():
@@ -73,20 +80,22 @@ def main() -> None:
         base = out.pop("_base")
         results[label] = out
         write_json(args.out, {"steps_per_task": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                              "adapter_lr": args.adapter_lr, "suite": args.suite, "tasks": list(TASKS),
+                              "adapter_lr": args.adapter_lr, "suite": args.suite,
+                              "tasks": {k: v[0] for k, v in TASKS.items()},
                               "results": results})
 
-    table = Table(title=f"continual: 3 fortune-routing tasks, {args.steps} steps each, batch {args.batch_size}",
+    table = Table(title=f"continual: quotes -> foldoc -> stdlib, {args.steps} steps each, batch {args.batch_size}",
                   caption="ACC: mean final score; BWT: mean final - just-trained (>= -0.02 is the goal); "
                           "general: mean relative drop of the general probes after the last task")
-    for col in ("method", "ACC", "BWT", "max forgetting", "general drop", "final row"):
+    for col in ("method", "ACC", "BWT", "max forgetting", "general drop", "final row", "seconds"):
         table.add_column(col, justify="right" if col != "method" else "left")
     for label, r in results.items():
         m = r["metrics"]
         bwt = "-" if m["bwt"] is None else f"{m['bwt']:+.3f}"
         forg = "-" if not m["forgetting"] else f"{max(m['forgetting']):.3f}"
         gen = sum(r["general_drop"][-1]) / len(r["general_drop"][-1])
-        table.add_row(label, f"{m['acc']:.3f}", bwt, forg, f"{gen:+.1%}", " ".join(f"{v:.2f}" for v in r["matrix"][-1]))
+        table.add_row(label, f"{m['acc']:.3f}", bwt, forg, f"{gen:+.1%}", " ".join(f"{v:.2f}" for v in r["matrix"][-1]),
+                      f"{r.get('seconds') or 0:.0f}")
     console.print(table)
 
 

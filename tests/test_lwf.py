@@ -164,6 +164,32 @@ def test_task_plus_general_is_deterministic():
         LwF({"on": "task+general"}).extra_loss(model, batch(), None, _ctx(model))
 
 
+def test_general_only_skips_the_task_batch_and_matches_task_plus_general():
+    """``on: general`` distils on the general mini-batch alone: the task batch is never sent to the
+    teacher (the task's answers are learnt freely), and its term equals task+general's general term."""
+    model, _ = lora_model()
+    model.eval()  # no dropout: the two calls below must see the same student
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    general = [Example(list(range(3 + i, 9 + i)), list(range(3 + i, 9 + i)), "", "") for i in range(5)]
+    seen = []
+    ref = make_reference(model)
+    ctx = Context(reference=lambda m, b: seen.append(b["input_ids"].shape) or ref(m, b), general_examples=general,
+                  seed=1)
+    only = LwF({"on": "general", "general_batch_size": 2}).extra_loss(model, batch(), None, ctx)
+    assert set(only) == {"lwf_general"} and seen == [(2, 6)]
+    both = LwF({"on": "task+general", "general_batch_size": 2}).extra_loss(model, batch(), None,
+                                                                         _ctx(model, general, seed=1))
+    assert only["lwf_general"].item() == pytest.approx(both["lwf_general"].item(), rel=1e-6)
+    assert only["lwf_general"].item() > 0
+    only["lwf_general"].backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+    with pytest.raises(ValueError, match="no general data"):
+        LwF({"on": "general"}).extra_loss(model, batch(), None, _ctx(model))
+
+
 def test_needs_reference_and_config_errors():
     assert LwF.needs_reference
     model, _ = lora_model()

@@ -294,3 +294,35 @@ def test_sequence_tasks_have_disjoint_labels_and_quotes():
     for i in range(3):
         for j in range(i + 1, 3):
             assert not labels[i] & labels[j] and not quotes[i] & quotes[j]
+
+
+@pytest.mark.parametrize("name, answers", [
+    ("foldoc-domain", {"A", "B", "C", "D"}),
+    ("stdlib-module", {f"import {p}" for p in T.STDLIB_PACKAGES}),
+])
+def test_benchmark_sequence_tasks_are_balanced_disjoint_and_in_their_format(name, answers):
+    """The continual benchmark's later tasks: each class 60 train + 25 eval, answers in the task's own
+    format (a letter; an import line), no input in both splits, and the label never written in the
+    input it is asked about (FOLDOC's tags are stripped; the package name is not in the prompt)."""
+    import json
+
+    path = T.ensure_task(name)
+    rows = {s: [json.loads(x) for x in (path / f"{s}.jsonl").read_text().splitlines()] for s in ("train", "eval")}
+    for split, n in (("train", 60), ("eval", 25)):
+        counts = Counter(r["completion"] for r in rows[split])
+        assert set(counts) == answers and set(counts.values()) == {n}, (split, counts)
+    assert not {r["prompt"] for r in rows["train"]} & {r["prompt"] for r in rows["eval"]}
+    for r in rows["train"] + rows["eval"]:
+        body = r["prompt"].split("\n\n", 1)[1]
+        if name == "foldoc-domain":
+            assert not re.search(r"<[a-z ,-]+>", body) and "{" not in body and body.startswith("Term: ")
+            assert T.FOLDOC_DOMAINS[r["label"]] and r["completion"] == "ABCD"[list(T.FOLDOC_DOMAINS).index(r["label"])]
+        else:
+            assert body.startswith("def ") and r["completion"] == f"import {r['label']}"
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest["sources"]) == ({"foldoc"} if name == "foldoc-domain" else {"python-stdlib"})
+
+
+def test_clip_keeps_whole_sentences():
+    assert T._clip("One two. Three four. Five six.", 20) == "One two. Three four."
+    assert T._clip("x" * 50, 10) == "x" * 10

@@ -11,6 +11,8 @@ builds on machines that reach nothing else (see ``docs/data-sources.md``):
 - ``mmlu``: the 282 MMLU questions of ``lm-eval==0.4.13``'s flan CoT prompts (MIT).
 - ``python-docs``: Debian ``python3.11-doc`` reST sources (PSF); stdlib docstrings if unavailable.
 - ``fortunes``: Debian ``fortunes`` + ``fortunes-min`` (BSD), for the demo task.
+- ``foldoc``: Debian ``dict-foldoc`` (GFDL), the computing dictionary, for a task sequence.
+- ``python-stdlib``: this interpreter's standard-library source (PSF), for a task sequence.
 
 Each reader raises `SourceMissing` with the exact command that fixes it.
 """
@@ -24,6 +26,7 @@ import importlib.util
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -52,6 +55,9 @@ SOURCES: dict[str, dict[str, str]] = {
              "license": "MIT"},
     "python-docs": {"package": "python3.11-doc", "registry": "Debian", "license": "PSF-2.0"},
     "fortunes": {"package": "fortunes, fortunes-min", "registry": "Debian", "license": "BSD"},
+    "foldoc": {"package": "dict-foldoc", "registry": "Debian", "license": "GFDL-1.1+"},
+    "python-stdlib": {"package": f"the standard library of Python {platform.python_version()}", "registry": "-",
+                      "license": "PSF-2.0"},
 }
 
 
@@ -372,3 +378,75 @@ def fortune_quotes(topic: str) -> list[str]:
         raise SourceMissing(f"fortune topic {topic!r} not found in {path.parent}")
     text = path.read_text(encoding="utf-8", errors="replace")
     return [q.strip() for q in re.split(r"^%\s*$", text, flags=re.M) if q.strip()]
+
+
+def foldoc_dir() -> Path:
+    """The directory holding ``foldoc.index`` and ``foldoc.dict.dz`` (installed, cached or fetched)."""
+    system = Path("/usr/share/dictd")
+    if (system / "foldoc.index").exists():
+        return system
+    cached = downloads_dir() / "dict-foldoc"
+    if not (cached / "usr/share/dictd/foldoc.index").exists():
+        downloads_dir().mkdir(parents=True, exist_ok=True)
+        _apt_download(["dict-foldoc"], cached)
+    return cached / "usr/share/dictd"
+
+
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def _dictd_number(s: str) -> int:
+    n = 0
+    for c in s:
+        n = n * 64 + _B64.index(c)
+    return n
+
+
+def foldoc_entries() -> list[dict]:
+    """``{"term", "tags", "text"}`` per FOLDOC entry: the headword as written, the ``<domain, ...>``
+    tags of its first sense, and the first sense's prose with ``{cross-reference}`` braces removed."""
+    root = foldoc_dir()
+    raw = gzip.open(root / "foldoc.dict.dz").read()
+    out, seen = [], set()
+    for line in (root / "foldoc.index").read_text(encoding="utf-8").splitlines():
+        head, off, length = line.split("\t")
+        start = _dictd_number(off)
+        entry = raw[start: start + _dictd_number(length)].decode("utf-8", errors="replace")
+        if start in seen:  # aliases index the same entry
+            continue
+        seen.add(start)
+        m = re.search(r"^\s+<([^>]+)>\s*(.*?)(?:\n\s*\n|\Z)", entry, flags=re.M | re.S)
+        if not m:
+            continue
+        title = entry.split("\n", 1)[0].strip()
+        text = re.sub(r"\s+", " ", m.group(2).replace("{", "").replace("}", "")).strip()
+        out.append({"term": title, "tags": [t.strip() for t in m.group(1).split(",")], "text": text})
+    return out
+
+
+def stdlib_functions(packages: Iterable[str]) -> dict[str, list[dict]]:
+    """Public functions with a docstring, per top-level standard-library package or module:
+    ``{"package", "name", "signature", "doc"}`` (the docstring's first paragraph), in file order."""
+    import ast
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    out: dict[str, list[dict]] = {}
+    for pkg in packages:
+        files = sorted((stdlib / pkg).rglob("*.py")) if (stdlib / pkg).is_dir() else [stdlib / f"{pkg}.py"]
+        rows = out.setdefault(pkg, [])
+        for f in files:
+            if "test" in f.relative_to(stdlib).parts or "tests" in f.relative_to(stdlib).parts:
+                continue
+            try:
+                tree = ast.parse(f.read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+                    doc = ast.get_docstring(node)
+                    if doc:
+                        args = ", ".join(a.arg for a in node.args.args)
+                        rows.append({"package": pkg, "name": node.name, "signature": f"def {node.name}({args}):",
+                                     "doc": re.sub(r"\s+", " ", doc.split("\n\n")[0]).strip()})
+    return out

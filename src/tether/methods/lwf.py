@@ -37,8 +37,11 @@ class LwFConfig(BaseModel):
     Attributes:
         alpha (float): ``α``, weight of the distillation term.
         temperature (float): ``T`` > 0; higher values match more of the teacher's tail.
-        on ("task" | "task+general"): distil on the task batch only, or also on a mini-batch of
-            general data drawn in a fixed, seeded order (one extra forward per step).
+        on ("task" | "general" | "task+general"): where to distil: the task batch (the paper's LwF:
+            it also pulls the task's own answers toward the base's, which slows learning the task),
+            a mini-batch of general data drawn in a fixed, seeded order (the base's behaviour is
+            kept where it matters and the task is learnt freely; one student and one teacher
+            forward of ``general_batch_size`` examples per step), or both.
         general_batch_size (int): examples per general mini-batch.
     """
 
@@ -46,7 +49,7 @@ class LwFConfig(BaseModel):
 
     alpha: float = 1.0
     temperature: float = 2.0
-    on: Literal["task", "task+general"] = "task"
+    on: Literal["task", "general", "task+general"] = "task"
     general_batch_size: int = 4
 
     @field_validator("alpha")
@@ -183,8 +186,8 @@ def _logits(outputs) -> torch.Tensor | None:
 class LwF(Method):
     """Distil the base model's next-token distributions into the model being trained.
 
-    Hooks: ``extra_loss`` only -> ``{"lwf": ...}`` and, with ``on: task+general``,
-    ``{"lwf_general": ...}``. Needs ``ctx.reference`` (see ``make_reference``). Terms are
+    Hooks: ``extra_loss`` only -> ``{"lwf": ...}`` (task batch) and/or ``{"lwf_general": ...}``
+    (general mini-batch), as ``on`` says. Needs ``ctx.reference`` (see ``make_reference``). Terms are
     per-token means and are returned undivided; the trainer's division by ``grad_accum_steps``
     makes them scale like the task loss.
     """
@@ -214,17 +217,19 @@ class LwF(Method):
             raise RuntimeError("lwf needs ctx.reference (the base model's logits); build it with "
                                "tether.methods.lwf.make_reference(model)")
         c = self.config
-        inputs = _forward_inputs(batch)
-        student = _logits(outputs)
-        if student is None:
-            student = model(**inputs).logits
-        teacher = ctx.reference(model, inputs)
-        terms = {"lwf": c.alpha * lwf_kl(student, teacher, inputs.get("attention_mask"), c.temperature)}
-        if c.on == "task+general":
+        terms = {}
+        device = next(model.parameters()).device
+        if c.on in ("task", "task+general"):
+            inputs = _forward_inputs(batch)
+            student = _logits(outputs)
+            if student is None:
+                student = model(**inputs).logits
+            teacher = ctx.reference(model, inputs)
+            terms["lwf"] = c.alpha * lwf_kl(student, teacher, inputs.get("attention_mask"), c.temperature)
+        if c.on in ("general", "task+general"):
             gb = self.general_batch(ctx)
             if gb is None:
-                raise ValueError("lwf.on is 'task+general' but there is no general data")
-            device = student.device
+                raise ValueError(f"lwf.on is {c.on!r} but there is no general data")
             gb = {k: v.to(device) for k, v in _forward_inputs(gb).items()}
             g_student = model(**gb).logits
             g_teacher = ctx.reference(model, gb)
