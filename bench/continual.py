@@ -19,6 +19,7 @@ the general change, as a table and JSON.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -50,7 +51,12 @@ def main() -> None:
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--out", default=str(HERE / "results" / "continual.json"))
     ap.add_argument("--runs", default="runs/bench-continual")
+    ap.add_argument("--resume", action="store_true", help="keep the methods already in --out (same settings)")
+    ap.add_argument("--markdown", action="store_true", help="print --out as the README's table; train nothing")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text(encoding="utf-8"))))
+        return
 
     from rich.console import Console
     from rich.table import Table
@@ -66,8 +72,16 @@ def main() -> None:
               "max_new_tokens": k} for label, (n, k) in TASKS.items()]
     console = Console()
     results, base = {}, None
+    settings = {"steps_per_task": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                "adapter_lr": args.adapter_lr, "suite": args.suite, "eval_limit": args.eval_limit,
+                "tasks": {k: v[0] for k, v in TASKS.items()}}
+    if args.resume and Path(args.out).exists():
+        old = json.loads(Path(args.out).read_text(encoding="utf-8"))
+        if {k: old.get(k) for k in settings} != settings:
+            raise SystemExit(f"--resume: {args.out} was run with other settings")
+        results = old["results"]
     for label, methods in CONFIGS.items():
-        if args.only and label not in args.only:
+        if (args.only and label not in args.only) or label in results:
             continue
         adapter = any(m in methods for m in ("olora", "oplora"))
         seq = load_sequence(None, tasks=tasks, methods=methods, general=args.suite, eval_limit=args.eval_limit,
@@ -79,10 +93,7 @@ def main() -> None:
         out = run_continual(seq, base=base)
         base = out.pop("_base")
         results[label] = out
-        write_json(args.out, {"steps_per_task": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                              "adapter_lr": args.adapter_lr, "suite": args.suite,
-                              "tasks": {k: v[0] for k, v in TASKS.items()},
-                              "results": results})
+        write_json(args.out, {**settings, "results": results})
 
     table = Table(title=f"continual: quotes -> foldoc -> stdlib, {args.steps} steps each, batch {args.batch_size}",
                   caption="ACC: mean final score; BWT: mean final - just-trained (>= -0.02 is the goal); "
@@ -97,6 +108,34 @@ def main() -> None:
         table.add_row(label, f"{m['acc']:.3f}", bwt, forg, f"{gen:+.1%}", " ".join(f"{v:.2f}" for v in r["matrix"][-1]),
                       f"{r.get('seconds') or 0:.0f}")
     console.print(table)
+    console.print(goal(results))
+
+
+def goal(results: dict) -> str:
+    """The issue's goal: the best single-sequence method within 5 points of multi-task, BWT >= -2 points."""
+    mt = next((r for k, r in results.items() if k.startswith("multi-task")), None)
+    seq = {k: r for k, r in results.items() if not k.startswith("multi-task")}
+    if mt is None or not seq:
+        return "goal: needs the multi-task run and at least one sequence"
+    best, r = max(seq.items(), key=lambda kv: kv[1]["metrics"]["acc"])
+    gap, bwt = mt["metrics"]["acc"] - r["metrics"]["acc"], r["metrics"]["bwt"]
+    met = gap <= 0.05 and bwt is not None and bwt >= -0.02
+    return (f"goal ({'met' if met else 'not met'}): best = {best}, ACC {r['metrics']['acc']:.3f} vs multi-task "
+            f"{mt['metrics']['acc']:.3f} ({gap * 100:+.1f} points behind), BWT {bwt * 100:+.1f} points")
+
+
+def markdown(data: dict) -> str:
+    rows = ["| method | ACC | BWT | max forgetting | FWT | general change (mean, after last task) | final row "
+            "| seconds |", "|---|---:|---:|---:|---:|---:|---|---:|"]
+    for label, r in data["results"].items():
+        m = r["metrics"]
+        pct = lambda v: "-" if v is None else f"{v * 100:+.1f}"  # noqa: E731
+        gen = sum(r["general"][-1]) / len(r["general"][-1])
+        forg = "-" if not m["forgetting"] else f"{max(m['forgetting']) * 100:.1f}"
+        final = " ".join(f"{v * 100:.0f}" for v in r["matrix"][-1])
+        rows.append(f"| {label} | {m['acc'] * 100:.1f} | {pct(m['bwt'])} | {forg} | {pct(m.get('fwt'))} | "
+                    f"{gen:+.1%} | {final} | {r.get('seconds') or 0:.0f} |")
+    return "\n".join(rows) + "\n\n" + goal(data["results"])
 
 
 if __name__ == "__main__":

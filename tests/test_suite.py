@@ -88,6 +88,14 @@ def test_unknown_key_names_file_and_key(tmp_path):
     assert str(path) in str(e.value) and "probes[0].limt: unknown key" in str(e.value)
 
 
+def test_suite_yaml_uses_12_booleans(tmp_path):
+    """A probe named `no` or an option value `on` stays a string (YAML 1.1 would read booleans)."""
+    path = tmp_path / "s.yaml"
+    path.write_text("name: x\nprobes:\n  - {name: no, kind: drift, data: d.jsonl, options: {chat: true}}\n")
+    suite = load_suite(path)
+    assert suite.probes[0].name == "no" and suite.probes[0].options == {"chat": True}
+
+
 @pytest.mark.parametrize("body,message", [
     ("name: x\nprobes:\n  - {name: a, kind: nope, data: d.jsonl}\n",
      "probes[0].kind: unknown probe kind 'nope'"),

@@ -6,13 +6,13 @@ recipe key, and the resolved recipe is written next to the outputs.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .io import load_yaml
 from .models import DEFAULT_MODEL
 
 
@@ -163,7 +163,7 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise RecipeError(f"--set {item!r}: expected key=value")
         key, raw = item.split("=", 1)
-        value = _load_yaml(raw) if raw != "" else ""
+        value = load_yaml(raw) if raw != "" else ""
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -194,28 +194,12 @@ def _route_method_keys(d: dict) -> dict:
     return out
 
 
-class _Yaml12Loader(yaml.SafeLoader):
-    """YAML with 1.2 booleans (only true/false): YAML 1.1 also reads on/off/yes/no as booleans,
-    which silently turns ``lwf: {on: task+general}`` into ``{True: "task+general"}``."""
-
-
-_Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                    list("tTfF"))
-
-
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader subclass)
-
-
 def _read_yaml(p: Path, what: str) -> dict[str, Any]:
     """A YAML mapping, or a one-line `RecipeError` naming the file (and line)."""
     if not p.exists():
         raise RecipeError(f"{p}: {what} not found")
     try:
-        data = _load_yaml(p.read_text()) or {}
+        data = load_yaml(p.read_text()) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""

@@ -38,7 +38,7 @@ from pydantic import (
 )
 
 from ..data.readers import DataError, read_records
-from ..io import tether_home
+from ..io import load_yaml, tether_home
 from ..registry import PROBES
 
 PACK_SCHEME = "pack://"
@@ -178,7 +178,7 @@ def load_suite(path_or_name: str | Path | SuiteSpec) -> SuiteSpec:
                              f"(built-in: {', '.join(builtin_suites()) or 'none'})")
         path = Path(str(builtin))
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise SuiteError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(raw, dict):
