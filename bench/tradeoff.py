@@ -32,6 +32,8 @@ CONFIGS = {
                                                                  "lwf": {"on": "task+general"}}, False),
     "LoRA α64 + replay 20% (self answers)": ({"lora": {"alpha": 64}, "replay": {"ratio": 0.2, "answers": "model"}},
                                              False),
+    "LoRA α64 + replay 20% (self answers) + LwF (general only)": (
+        {"lora": {"alpha": 64}, "replay": {"ratio": 0.2, "answers": "model"}, "lwf": {"on": "general"}}, False),
     "default recipe": (None, True),
 }
 
