@@ -126,15 +126,17 @@ def goal(results: dict) -> str:
 
 def markdown(data: dict) -> str:
     rows = ["| method | ACC | BWT | max forgetting | FWT | general change (mean, after last task) | final row "
-            "| seconds |", "|---|---:|---:|---:|---:|---:|---|---:|"]
+            "| replay tokens | seconds |", "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     for label, r in data["results"].items():
         m = r["metrics"]
         pct = lambda v: "-" if v is None else f"{v * 100:+.1f}"  # noqa: E731
         gen = sum(r["general"][-1]) / len(r["general"][-1])
         forg = "-" if not m["forgetting"] else f"{max(m['forgetting']) * 100:.1f}"
         final = " ".join(f"{v * 100:.0f}" for v in r["matrix"][-1])
+        replayed = (r.get("method_metrics") or {}).get("replay", {}).get("replay_tokens_total")
         rows.append(f"| {label} | {m['acc'] * 100:.1f} | {pct(m['bwt'])} | {forg} | {pct(m.get('fwt'))} | "
-                    f"{gen:+.1%} | {final} | {r.get('seconds') or 0:.0f} |")
+                    f"{gen:+.1%} | {final} | {'-' if replayed is None else f'{replayed:,.0f}'} | "
+                    f"{r.get('seconds') or 0:.0f} |")
     return "\n".join(rows) + "\n\n" + goal(data["results"])
 
 

@@ -84,3 +84,15 @@ def test_sequence_yaml_with_relative_paths_and_overrides(tmp_path, two_tasks):
     bad.write_text("tasks: [1\n")
     with pytest.raises(RecipeError, match=r"bad.yaml:\d+: invalid YAML"):
         load_sequence(bad)
+
+
+def test_shipped_benchmark_sequence_validates():
+    """examples/continual-formats.yaml (the benchmark's sequence) loads, and its task:// data resolves."""
+    from pathlib import Path
+
+    from tether.data.readers import read_records
+
+    seq = load_sequence(Path(__file__).parents[1] / "examples" / "continual-formats.yaml")
+    assert [t.name for t in seq.tasks] == ["quotes", "foldoc", "stdlib"] and "olora" in seq.methods
+    for t in seq.tasks:
+        assert len(read_records(t.eval)) == 100

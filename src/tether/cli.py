@@ -237,7 +237,8 @@ def report_cmd(
 @data_app.command("build")
 def data_build(
     name: str = typer.Option("general-v1", help="Probe pack to build."),
-    task: list[str] = typer.Option(["fortune-topics"], help="Demo task data sets to build."),
+    task: list[str] = typer.Option(["fortune-topics"], help="Task data sets to build: fortune-topics (the demo), "
+                                   "fortune-seq-a/b/c, foldoc-domain, stdlib-module."),
 ) -> None:
     """Build the default probe pack (and demo task data) into the cache, from packaged sources."""
     from rich.table import Table

@@ -39,7 +39,17 @@ class ReadReport:
 
 
 def read_records(src: str | Path | Any, *, limit: int | None = None) -> list[Record]:
-    """Records of a file (by suffix) or of a `datasets.Dataset` / list of dicts."""
+    """Records of a file (by suffix) or of a `datasets.Dataset` / list of dicts.
+
+    ``task://NAME/FILE`` and ``pack://NAME/FILE`` name a file of a built-in task or probe pack
+    (built offline on first use), so shipped recipes and sequences run anywhere."""
+    if isinstance(src, str) and src.startswith(("task://", "pack://")):
+        from .tasks import resolve_data_uri
+
+        try:
+            src = resolve_data_uri(src)
+        except (ValueError, FileNotFoundError) as e:
+            raise DataError(str(src), None, None, str(e)) from None
     if isinstance(src, (str, Path)):
         path = Path(src)
         if not path.exists():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..io import tether_home, write_json, write_jsonl
 from . import sources as S
-from .pack import PACK_VERSION, _fresh, _rng, _sha256, _swap_into_place, normalise
+from .pack import PACK_VERSION, _fresh, _rng, _sha256, _swap_into_place, normalise, resolve_pack_uri
 
 FORTUNE_TOPICS = ("art", "computers", "food", "law", "love", "politics", "science", "sports")
 # disjoint 4-way label sets, so learning a later task pulls answers toward its labels
@@ -157,3 +157,19 @@ def build_task(name: str = "fortune-topics", out_dir: str | os.PathLike | None =
 def ensure_task(name: str = "fortune-topics") -> Path:
     path = tether_home() / "data" / "tasks" / name
     return path if _fresh(path) else build_task(name, path)
+
+
+def resolve_data_uri(uri: str) -> Path:
+    """``task://foldoc-domain/train.jsonl`` (a built-in task) or ``pack://general-v1/replay.jsonl``
+    (the probe pack) -> the file's path, building the data on first use."""
+    if uri.startswith("pack://"):
+        return resolve_pack_uri(uri)
+    m = re.fullmatch(r"task://([^/]+)/(.+)", uri)
+    if not m:
+        raise ValueError(f"not a data URI: {uri!r} (expected task://NAME/FILE or pack://NAME/FILE)")
+    if m.group(1) not in BUILDERS:
+        raise ValueError(f"unknown task {m.group(1)!r} in {uri}; known: {', '.join(TASKS)}")
+    path = ensure_task(m.group(1)) / m.group(2)
+    if not path.exists():
+        raise FileNotFoundError(f"no file {m.group(2)!r} in task {m.group(1)} (has train.jsonl, eval.jsonl)")
+    return path
