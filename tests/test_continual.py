@@ -39,6 +39,8 @@ def test_two_task_sequence(tmp_path, tiny_model_dir, tiny_suite, two_tasks, meth
     assert m["bwt"] == pytest.approx(R[1][0] - R[0][0])
     assert m["fwt"] == pytest.approx(R[0][1] - out["base"][1])
     assert len(out["general"]) == 2 and len(out["general"][0]) == len(out["general_probes"]) == 4
+    for i, drops in enumerate(out["general_drop"]):  # the general row: minus the mean relative drop
+        assert m["general_change"][i] == pytest.approx(-sum(drops) / len(drops))
     saved = json.loads((tmp_path / "run" / "continual.json").read_text())
     assert saved["matrix"] == R
     assert (tmp_path / "run" / "plots" / "accuracy_matrix.png").exists()

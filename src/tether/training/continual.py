@@ -92,7 +92,7 @@ def run_continual(seq: SequenceSpec, *, base: tuple[list[float], list] | None = 
 
     R = rows if not seq.multitask else [rows[0]] * len(names)  # multitask: one model, every row alike
     gen_mean = [_mean_drop(compare_results(base_general, g)) for g in general_rows]
-    metrics = cl_metrics(R, base_tasks, general=[-d for d in gen_mean], general_base=1.0)
+    metrics = cl_metrics(R, base_tasks, general=[1.0 - d for d in gen_mean], general_base=1.0)  # change = -drop
     out = _write(run_dir, seq, names, rows, base_tasks, base_general, general_rows, methods, metrics.to_dict(),
                  compare_results, seconds=time.perf_counter() - t_start)
     if not seq.multitask:
