@@ -125,18 +125,26 @@ def goal(results: dict) -> str:
 
 
 def markdown(data: dict) -> str:
-    rows = ["| method | ACC | BWT | max forgetting | FWT | general change (mean, after last task) | final row "
-            "| replay tokens | seconds |", "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    """The README's table: summary metrics in points, then each general probe's relative change after
+    the last task (a loss probe's rise is a loss of ability)."""
+    first = next(iter(data["results"].values()))
+    probes = first["general_probes"]
+    head = [f"{n} (lower better)" if "loss" in n else n for n in probes]
+    rows = ["| method | ACC | BWT | max forgetting | FWT | " + " | ".join(head)
+            + " | final row | replay tokens | seconds |",
+            "|---|" + "---:|" * (4 + len(probes)) + "---|---:|---:|"]
     for label, r in data["results"].items():
         m = r["metrics"]
         pct = lambda v: "-" if v is None else f"{v * 100:+.1f}"  # noqa: E731
-        gen = sum(r["general"][-1]) / len(r["general"][-1])
         forg = "-" if not m["forgetting"] else f"{max(m['forgetting']) * 100:.1f}"
+        if r.get("multitask"):  # one model trained on all tasks: no sequence, so no transfer or forgetting
+            m = {**m, "bwt": None, "fwt": None}
+            forg = "-"
+        general = " | ".join(f"{v:+.1%}" for v in r["general"][-1])
         final = " ".join(f"{v * 100:.0f}" for v in r["matrix"][-1])
         replayed = (r.get("method_metrics") or {}).get("replay", {}).get("replay_tokens_total")
-        rows.append(f"| {label} | {m['acc'] * 100:.1f} | {pct(m['bwt'])} | {forg} | {pct(m.get('fwt'))} | "
-                    f"{gen:+.1%} | {final} | {'-' if replayed is None else f'{replayed:,.0f}'} | "
-                    f"{r.get('seconds') or 0:.0f} |")
+        rows.append(f"| {label} | {m['acc'] * 100:.1f} | {pct(m['bwt'])} | {forg} | {pct(m.get('fwt'))} | {general} | "
+                    f"{final} | {'-' if replayed is None else f'{replayed:,.0f}'} | {r.get('seconds') or 0:.0f} |")
     return "\n".join(rows) + "\n\n" + goal(data["results"])
 
 
