@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,6 +36,7 @@ CONFIGS = {
     "LwF": {"full": {}, "lwf": {"alpha": 1.0}},
     "O-LoRA": {"olora": {"r": 8, "lambda1": 0.5}},
     "OPLoRA": {"oplora": {"r": 8, "k": 16}},
+    "O-LoRA + replay": {"olora": {"r": 8, "lambda1": 0.5}, "replay": {"ratio": 0.25}},
     "multi-task (upper bound)": {"full": {}},
 }
 TASKS = {"quotes": ("fortune-seq-b", 4), "foldoc": ("foldoc-domain", 4), "stdlib": ("stdlib-module", 6)}
@@ -88,7 +90,7 @@ def main() -> None:
                             multitask=label.startswith("multi-task"), memory_per_task=40,
                             training={"max_steps": args.steps, "batch_size": args.batch_size, "logging_steps": 5,
                                       "lr": args.adapter_lr if adapter else args.lr},
-                            output_dir=f"{args.runs}/{label.split(' ')[0].lower()}")
+                            output_dir=f"{args.runs}/{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')}")
         console.rule(f"{label}: {', '.join(methods)}")
         out = run_continual(seq, base=base)
         base = out.pop("_base")
@@ -112,16 +114,19 @@ def main() -> None:
 
 
 def goal(results: dict) -> str:
-    """The issue's goal: the best single-sequence method within 5 points of multi-task, BWT >= -2 points."""
+    """The issue's goal: a single-sequence method within 5 points of multi-task with BWT >= -2 points
+    (the best such method by ACC; else the best by ACC and what it misses)."""
     mt = next((r for k, r in results.items() if k.startswith("multi-task")), None)
-    seq = {k: r for k, r in results.items() if not k.startswith("multi-task")}
+    seq = {k: r for k, r in results.items() if not k.startswith("multi-task") and r.get("metrics")}
     if mt is None or not seq:
         return "goal: needs the multi-task run and at least one sequence"
-    best, r = max(seq.items(), key=lambda kv: kv[1]["metrics"]["acc"])
-    gap, bwt = mt["metrics"]["acc"] - r["metrics"]["acc"], r["metrics"]["bwt"]
-    met = gap <= 0.05 and bwt is not None and bwt >= -0.02
-    return (f"goal ({'met' if met else 'not met'}): best = {best}, ACC {r['metrics']['acc']:.3f} vs multi-task "
-            f"{mt['metrics']['acc']:.3f} ({gap * 100:+.1f} points behind), BWT {bwt * 100:+.1f} points")
+    bound = mt["metrics"]["acc"]
+    ok = {k: r for k, r in seq.items()
+          if bound - r["metrics"]["acc"] <= 0.05 and (r["metrics"]["bwt"] or 0.0) >= -0.02}
+    best, r = max((ok or seq).items(), key=lambda kv: kv[1]["metrics"]["acc"])
+    gap, bwt = bound - r["metrics"]["acc"], r["metrics"]["bwt"]
+    return (f"goal ({'met' if ok else 'not met'}): {best}, ACC {r['metrics']['acc']:.3f} vs multi-task "
+            f"{bound:.3f} ({gap * 100:+.1f} points behind), BWT {bwt * 100:+.1f} points")
 
 
 def markdown(data: dict) -> str:
