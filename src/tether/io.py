@@ -6,6 +6,7 @@ report or checkpoint that a later step would trust.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -78,6 +79,14 @@ def load_yaml(text: str) -> Any:
     ``{True: "task+general"}``."""
     import yaml
 
+    return yaml.load(text, Loader=_yaml12_loader())  # noqa: S506 (a SafeLoader subclass)
+
+
+@functools.cache
+def _yaml12_loader() -> type:
+    """A SafeLoader whose only booleans are true/false, built once (yaml is imported lazily)."""
+    import yaml
+
     class Yaml12Loader(yaml.SafeLoader):
         pass
 
@@ -86,4 +95,4 @@ def load_yaml(text: str) -> Any:
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
                                        re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-    return yaml.load(text, Loader=Yaml12Loader)  # noqa: S506 (a SafeLoader subclass)
+    return Yaml12Loader

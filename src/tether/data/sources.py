@@ -358,18 +358,23 @@ def _stdlib_docstrings() -> list[tuple[str, str]]:
     return out
 
 
+def _debian_dir(packages: list[str], rel: str, marker: str) -> Path:
+    """``/rel`` when the Debian packages are installed (``marker`` inside it exists), else the same
+    folder unpacked under ``downloads_dir()/packages[0]``, fetched with `_apt_download` on first use
+    (which replaces a partial unpack)."""
+    system = Path("/") / rel
+    if (system / marker).exists():
+        return system
+    cached = downloads_dir() / packages[0]
+    if not (cached / rel / marker).exists():
+        downloads_dir().mkdir(parents=True, exist_ok=True)
+        _apt_download(packages, cached)
+    return cached / rel
+
+
 def fortunes_dir() -> Path:
     """The directory of fortune topic files (installed, cached, or fetched with apt-get download)."""
-    system = Path("/usr/share/games/fortunes")
-    if (system / "computers").exists():
-        return system
-    cached = downloads_dir() / "fortunes"
-    if not (cached / "usr/share/games/fortunes/computers").exists():
-        downloads_dir().mkdir(parents=True, exist_ok=True)
-        if cached.exists():
-            shutil.rmtree(cached)
-        _apt_download(["fortunes", "fortunes-min"], cached)
-    return cached / "usr/share/games/fortunes"
+    return _debian_dir(["fortunes", "fortunes-min"], "usr/share/games/fortunes", "computers")
 
 
 def fortune_quotes(topic: str) -> list[str]:
@@ -382,14 +387,7 @@ def fortune_quotes(topic: str) -> list[str]:
 
 def foldoc_dir() -> Path:
     """The directory holding ``foldoc.index`` and ``foldoc.dict.dz`` (installed, cached or fetched)."""
-    system = Path("/usr/share/dictd")
-    if (system / "foldoc.index").exists():
-        return system
-    cached = downloads_dir() / "dict-foldoc"
-    if not (cached / "usr/share/dictd/foldoc.index").exists():
-        downloads_dir().mkdir(parents=True, exist_ok=True)
-        _apt_download(["dict-foldoc"], cached)
-    return cached / "usr/share/dictd"
+    return _debian_dir(["dict-foldoc"], "usr/share/dictd", "foldoc.index")
 
 
 _B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"

@@ -17,6 +17,7 @@ import tempfile
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..io import tether_home, write_json, write_jsonl
 from . import sources as S
@@ -41,21 +42,28 @@ def _fortune_pools(name: str) -> tuple[dict[str, list[dict]], list[str]]:
     topics = TASK_TOPICS[name]
     instruction = f"Classify the topic of this quote. Answer with one word from: {', '.join(topics)}."
     quotes = {t: [re.sub(r"\s+", " ", q) for q in S.fortune_quotes(t)] for t in topics}
-    count = defaultdict(set)
-    for t, qs in quotes.items():
-        for q in qs:
-            count[normalise(q)].add(t)
-    pools = {}
-    for t in topics:
-        seen, pool = set(), []
-        for i, q in enumerate(quotes[t]):
-            k = normalise(q)
-            if 20 <= len(q) <= 300 and len(count[k]) == 1 and k not in seen:  # one topic, no repeats
-                seen.add(k)
-                pool.append({"id": f"{t}/{i}", "source": "fortunes", "label": t, "completion": t,
-                             "prompt": f"{instruction}\n\nQuote: {q}"})
-        pools[t] = pool
+    kept = _single_label(quotes, normalise, lambda q: 20 <= len(q) <= 300)
+    pools = {t: [{"id": f"{t}/{i}", "source": "fortunes", "label": t, "completion": t,
+                  "prompt": f"{instruction}\n\nQuote: {q}"} for i, q in rows] for t, rows in kept.items()}
     return pools, ["fortunes"]
+
+
+def _single_label(items: dict[str, list], key: Callable, keep: Callable) -> dict[str, list[tuple[int, Any]]]:
+    """Per label, ``(index, item)`` of the items ``keep`` accepts whose ``key`` occurs under this label
+    only (an input filed under two labels has no single answer), each key once."""
+    labels = defaultdict(set)
+    for label, rows in items.items():
+        for x in rows:
+            labels[key(x)].add(label)
+    out = {}
+    for label, rows in items.items():
+        seen, out[label] = set(), []
+        for i, x in enumerate(rows):
+            k = key(x)
+            if keep(x) and len(labels[k]) == 1 and k not in seen:
+                seen.add(k)
+                out[label].append((i, x))
+    return out
 
 
 def _clip(text: str, limit: int = 300) -> str:
@@ -90,22 +98,11 @@ def _foldoc_pools(name: str) -> tuple[dict[str, list[dict]], list[str]]:
 def _stdlib_pools(name: str) -> tuple[dict[str, list[dict]], list[str]]:
     instruction = ("Which Python standard-library package defines this function? "
                    "Answer with the import statement.")
-    funcs = S.stdlib_functions(STDLIB_PACKAGES)
-    count = defaultdict(set)
-    for pkg, rows in funcs.items():
-        for f in rows:
-            count[(f["name"], normalise(f["doc"]))].add(pkg)
-    pools = {}
-    for pkg, rows in funcs.items():
-        seen, pool = set(), []
-        for i, f in enumerate(rows):
-            k = (f["name"], normalise(f["doc"]))
-            if 30 <= len(f["doc"]) <= 300 and len(count[k]) == 1 and k not in seen:
-                seen.add(k)
-                pool.append({"id": f"{pkg}/{i}", "source": "python-stdlib", "label": pkg,
-                             "completion": f"import {pkg}",
-                             "prompt": f'{instruction}\n\n{f["signature"]}\n    """{f["doc"]}"""'})
-        pools[pkg] = pool
+    kept = _single_label(S.stdlib_functions(STDLIB_PACKAGES), lambda f: (f["name"], normalise(f["doc"])),
+                         lambda f: 30 <= len(f["doc"]) <= 300)
+    pools = {pkg: [{"id": f"{pkg}/{i}", "source": "python-stdlib", "label": pkg, "completion": f"import {pkg}",
+                    "prompt": f'{instruction}\n\n{f["signature"]}\n    """{f["doc"]}"""'} for i, f in rows]
+             for pkg, rows in kept.items()}
     return pools, ["python-stdlib"]
 
 
