@@ -131,16 +131,25 @@ def test_bad_item_and_option_are_reported_before_any_model(tmp_path):
         validate_suite(tmp_path / "s.yaml")
 
 
-def test_pack_references_resolve_under_tether_home(tmp_path, monkeypatch):
+def test_pack_and_task_references_resolve_under_tether_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TETHER_HOME", str(tmp_path / "home"))
     built = []
-    monkeypatch.setattr("tether.data.pack.ensure_pack", lambda name: built.append(name) or tmp_path)
+    monkeypatch.setattr("tether.data.pack.ensure_pack",
+                        lambda name: built.append(name) or tmp_path / "home" / "data" / name)
     write_jsonl(tmp_path / "home" / "data" / "toy-v1" / "mc.jsonl", MC)
     suite = SuiteSpec.from_probes([{"name": "mc", "kind": "multiple_choice", "data": "pack://toy-v1/mc.jsonl"}])
     assert suite.resolve("pack://toy-v1/mc.jsonl") == tmp_path / "home" / "data" / "toy-v1" / "mc.jsonl"
     assert len(validate_suite(suite)[0].items) == len(MC) and built == ["toy-v1", "toy-v1"]
     with pytest.raises(SuiteError, match="pack://NAME/FILE"):
         suite.resolve("pack://toy-v1")
+    with pytest.raises(SuiteError, match="no such file in pack toy-v1"):
+        suite.resolve("pack://toy-v1/nope.jsonl")
+    # a built-in task's files work as probe data too (e.g. a task's held-out items as a generation probe)
+    monkeypatch.setattr("tether.data.tasks.ensure_task", lambda name: tmp_path / "home" / "data" / name)
+    write_jsonl(tmp_path / "home" / "data" / "fortune-topics" / "eval.jsonl", MC)
+    assert suite.resolve("task://fortune-topics/eval.jsonl") == tmp_path / "home" / "data" / "fortune-topics" / "eval.jsonl"
+    with pytest.raises(SuiteError, match="unknown task 'nope'"):
+        suite.resolve("task://nope/eval.jsonl")
 
 
 def test_from_probes_with_inline_items(tiny_model, tokenizer):

@@ -38,10 +38,11 @@ from pydantic import (
 )
 
 from ..data.readers import DataError, read_records
-from ..io import load_yaml, tether_home
+from ..io import load_yaml
 from ..registry import PROBES
 
 PACK_SCHEME = "pack://"
+TASK_SCHEME = "task://"
 
 
 class SuiteError(ValueError):
@@ -142,16 +143,16 @@ def _top_sources(sources: Sequence[str]) -> set[str]:
 
 
 def resolve_data(ref: str, base_dir: Path | None = None) -> Path:
-    """``pack://NAME/FILE`` -> ``tether_home()/data/NAME/FILE`` (built on first use); other paths
-    relative to ``base_dir`` (the YAML file's folder) or the working directory."""
-    if ref.startswith(PACK_SCHEME):
-        name, _, file = ref[len(PACK_SCHEME):].partition("/")
-        if not name or not file:
-            raise SuiteError(f"bad pack reference {ref!r}: expected pack://NAME/FILE")
-        from ..data.pack import ensure_pack  # lazily: building a pack pulls optional packages
+    """``pack://NAME/FILE`` (the probe pack) or ``task://NAME/FILE`` (a built-in task) -> the file,
+    built on first use; other paths relative to ``base_dir`` (the YAML file's folder) or the
+    working directory."""
+    if ref.startswith((PACK_SCHEME, TASK_SCHEME)):
+        from ..data.tasks import resolve_data_uri  # lazily: building data pulls optional packages
 
-        ensure_pack(name)
-        return tether_home() / "data" / name / file
+        try:
+            return resolve_data_uri(ref)
+        except (ValueError, FileNotFoundError) as e:
+            raise SuiteError(str(e)) from None
     path = Path(ref).expanduser()
     return path if path.is_absolute() else (base_dir or Path.cwd()) / path
 
