@@ -190,6 +190,37 @@ def test_general_only_skips_the_task_batch_and_matches_task_plus_general():
         LwF({"on": "general"}).extra_loss(model, batch(), None, _ctx(model))
 
 
+def test_replay_distils_only_the_batch_replay_rows_reusing_the_student_logits():
+    """``on: replay``: the teacher sees only the replay rows, the student's logits come from the task
+    forward (no second student pass), and the term equals ``on: task`` applied to those rows alone."""
+    model, _ = lora_model()
+    model.eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    b = batch()
+    n = b["input_ids"].shape[0]
+    flags = torch.zeros(n, dtype=torch.bool)
+    flags[1] = True
+    seen = []
+    ref = make_reference(model)
+    ctx = Context(reference=lambda m, bb: seen.append(bb["input_ids"].shape) or ref(m, bb))
+    outputs = model(**b)
+    term = LwF({"on": "replay", "alpha": 0.5})._replay_term(model, {**b, "is_replay": flags}, outputs, ctx)
+    assert seen == [(1, b["input_ids"].shape[1])]
+    rows = {k: v[1:2] for k, v in b.items()}
+    expect = LwF({"on": "task", "alpha": 0.5}).extra_loss(model, rows, None, _ctx(model))["lwf"]
+    assert term.item() == pytest.approx(expect.item(), rel=1e-5) and term.item() > 0
+    assert set(LwF({"on": "replay"}).extra_loss(model, {**b, "is_replay": flags}, outputs, ctx)) == {"lwf_replay"}
+    term.backward()
+    assert all(p.grad is None for name, p in model.named_parameters() if "lora_" not in name)
+    none = LwF({"on": "replay"}).extra_loss(model, {**b, "is_replay": torch.zeros(n, dtype=torch.bool)}, outputs, ctx)
+    assert none["lwf_replay"].item() == 0.0 and len(seen) == 2  # no replay rows: no teacher pass
+    with pytest.raises(ValueError, match="add the replay method"):
+        LwF({"on": "replay"}).extra_loss(model, b, outputs, ctx)
+
+
 def test_needs_reference_and_config_errors():
     assert LwF.needs_reference
     model, _ = lora_model()

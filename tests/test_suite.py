@@ -146,8 +146,9 @@ def test_pack_and_task_references_resolve_under_tether_home(tmp_path, monkeypatc
         suite.resolve("pack://toy-v1/nope.jsonl")
     # a built-in task's files work as probe data too (e.g. a task's held-out items as a generation probe)
     monkeypatch.setattr("tether.data.tasks.ensure_task", lambda name: tmp_path / "home" / "data" / name)
-    write_jsonl(tmp_path / "home" / "data" / "fortune-topics" / "eval.jsonl", MC)
-    assert suite.resolve("task://fortune-topics/eval.jsonl") == tmp_path / "home" / "data" / "fortune-topics" / "eval.jsonl"
+    task_eval = tmp_path / "home" / "data" / "fortune-topics" / "eval.jsonl"
+    write_jsonl(task_eval, MC)
+    assert suite.resolve("task://fortune-topics/eval.jsonl") == task_eval
     with pytest.raises(SuiteError, match="unknown task 'nope'"):
         suite.resolve("task://nope/eval.jsonl")
 

@@ -41,7 +41,11 @@ class LwFConfig(BaseModel):
             it also pulls the task's own answers toward the base's, which slows learning the task),
             a mini-batch of general data drawn in a fixed, seeded order (the base's behaviour is
             kept where it matters and the task is learnt freely; one student and one teacher
-            forward of ``general_batch_size`` examples per step), or both.
+            forward of ``general_batch_size`` examples per step), both, or ``replay``: the batch's
+            own replay rows (needs the replay method; the student's logits are the ones the task
+            loss already computed, so the only extra work is a teacher forward over those rows, and
+            every position of them is distilled, prompts included, where replay's loss sees only
+            the answers).
         general_batch_size (int): examples per general mini-batch.
     """
 
@@ -49,7 +53,7 @@ class LwFConfig(BaseModel):
 
     alpha: float = 1.0
     temperature: float = 2.0
-    on: Literal["task", "general", "task+general"] = "task"
+    on: Literal["task", "general", "task+general", "replay"] = "task"
     general_batch_size: int = 4
 
     @field_validator("alpha")
@@ -226,6 +230,8 @@ class LwF(Method):
                 student = model(**inputs).logits
             teacher = ctx.reference(model, inputs)
             terms["lwf"] = c.alpha * lwf_kl(student, teacher, inputs.get("attention_mask"), c.temperature)
+        if c.on == "replay":
+            terms["lwf_replay"] = self._replay_term(model, batch, outputs, ctx)
         if c.on in ("general", "task+general"):
             gb = self.general_batch(ctx)
             if gb is None:
@@ -235,6 +241,20 @@ class LwF(Method):
             g_teacher = ctx.reference(model, gb)
             terms["lwf_general"] = c.alpha * lwf_kl(g_student, g_teacher, gb["attention_mask"], c.temperature)
         return terms
+
+    def _replay_term(self, model, batch: dict, outputs, ctx: Context) -> torch.Tensor:
+        flags = batch.get("is_replay")
+        if flags is None:
+            raise ValueError("lwf.on is 'replay' but the batch marks no replay rows: add the replay method "
+                             "(methods: {replay: {ratio: 0.2}}) or use lwf.on: general")
+        rows = flags.to(batch["input_ids"].device).nonzero().squeeze(-1)
+        if rows.numel() == 0:
+            return torch.zeros((), device=batch["input_ids"].device)
+        inputs = {k: v[rows] for k, v in _forward_inputs(batch).items()}
+        student = _logits(outputs)
+        student = model(**inputs).logits if student is None else student[rows]
+        teacher = ctx.reference(model, inputs)
+        return self.config.alpha * lwf_kl(student, teacher, inputs.get("attention_mask"), self.config.temperature)
 
     def state_dict(self) -> dict:
         return {"general_cursor": self.general_cursor_}
