@@ -26,6 +26,9 @@ CONFIGS = {
     "+ freeze 50%": {"lora": {}, "freeze": {"fraction": 0.5}},
     "+ EWC": {"lora": {}, "ewc": {"fisher_samples": 32}},
     "+ LwF": {"lora": {}, "lwf": {}},
+    # the default recipe's LwF: distil on the batch's replay rows only (2 of 8 here)
+    "+ replay 25% + LwF on replay rows": {"lora": {}, "replay": {"ratio": 0.25}, "lwf": {"on": "replay"}},
+    "+ replay 25% + LwF on a general batch": {"lora": {}, "replay": {"ratio": 0.25}, "lwf": {"on": "general"}},
 }
 
 

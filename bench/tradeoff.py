@@ -34,6 +34,19 @@ CONFIGS = {
                                              False),
     "LoRA α64 + replay 20% (self answers) + LwF (general only)": (
         {"lora": {"alpha": 64}, "replay": {"ratio": 0.2, "answers": "model"}, "lwf": {"on": "general"}}, False),
+    "LoRA α64 + replay 20% (self answers) + LwF (general, α 3)": (
+        {"lora": {"alpha": 64}, "replay": {"ratio": 0.2, "answers": "model"}, "lwf": {"on": "general", "alpha": 3.0}},
+        False),
+    "LoRA α128 + replay 20% (self answers) + LwF (general, α 10)": (
+        {"lora": {"alpha": 128}, "replay": {"ratio": 0.2, "answers": "model"}, "lwf": {"on": "general", "alpha": 10.0}},
+        False),
+    "LoRA α128 + replay 20% (self answers) + LwF (general, α 3)": (
+        {"lora": {"alpha": 128}, "replay": {"ratio": 0.2, "answers": "model"}, "lwf": {"on": "general", "alpha": 3.0}},
+        False),
+    # the default recipe's methods without its guard
+    "LoRA α128 + replay 20% (self answers) + LwF (replay rows, α 10)": (
+        {"lora": {"alpha": 128}, "replay": {"ratio": 0.2, "answers": "model"}, "lwf": {"on": "replay", "alpha": 10.0}},
+        False),
     "default recipe": (None, True),
 }
 

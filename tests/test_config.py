@@ -9,7 +9,7 @@ from tether.config import RecipeError, load_recipe, parse_overrides
 
 def test_default_recipe_is_the_practical_one():
     r = load_recipe()
-    assert set(r.methods) == {"lora", "replay"}
+    assert set(r.methods) == {"lora", "replay", "lwf"} and r.methods["lwf"]["on"] == "replay"
     assert r.methods["replay"]["ratio"] == 0.2
     assert r.training.lr == 1e-4
     assert r.guard.enabled and r.guard.threshold == 0.05 and r.guard.action == "stop"
@@ -20,7 +20,7 @@ def test_overrides_nest_and_route_method_keys():
     r = load_recipe(overrides=["lora.r=32", "training.lr=2e-4", "guard.action=warn"])
     assert r.methods["lora"]["r"] == 32 and "replay" in r.methods
     assert r.training.lr == 2e-4 and r.guard.action == "warn"
-    assert "replay" not in load_recipe(overrides=["replay=false"]).methods
+    assert "replay" not in load_recipe(overrides=["replay=false", "lwf=false"]).methods
 
 
 def test_yaml_recipe_and_relative_paths(tmp_path):
@@ -70,13 +70,24 @@ def test_every_shipped_recipe_and_suite_validates():
         load_suite(r.guard.suite)
     default = load_recipe(resources.files("tether.recipes") / "default.yaml")
     assert set(default.methods) == set(load_recipe().methods) and default.methods["replay"]["ratio"] == 0.2
-    assert default.methods["lora"]["alpha"] == load_recipe().methods["lora"]["alpha"] == 64
+    assert default.methods["lora"]["alpha"] == load_recipe().methods["lora"]["alpha"] == 128
+    assert default.methods["lwf"] == {**load_recipe().methods["lwf"], "temperature": 2.0}
+    assert default.methods["lwf"]["on"] == "replay" and default.methods["lwf"]["alpha"] == 10.0
     assert default.methods["replay"]["answers"] == load_recipe().methods["replay"]["answers"] == "model"
     assert default.training.lr == 1e-4 and default.guard.threshold == 0.05
     suites = sorted(p.name[:-5] for p in resources.files("tether.suites").iterdir() if p.name.endswith(".yaml"))
     assert {"general", "general-quick", "general-demo", "general-mini"} <= set(suites)
     for name in suites:
         load_suite(name)
+
+
+def test_lwf_on_replay_needs_replay():
+    with pytest.raises(RecipeError, match=r"methods.lwf.on: 'replay' .* replay is off"):
+        load_recipe(None, ["replay=false"])
+    with pytest.raises(RecipeError, match="replay is off"):
+        load_recipe(None, ["replay.ratio=0"])
+    assert "lwf" not in load_recipe(None, ["replay=false", "lwf=false"]).methods
+    assert load_recipe(None, ["replay=false", "lwf.on=general"]).methods["lwf"]["on"] == "general"
 
 
 def test_yaml_on_off_yes_no_are_strings_not_booleans(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -62,7 +63,8 @@ def test_score_a_probe_subset_on_smollm2(smollm2, tmp_path):
 
 @pytest.mark.slow
 def test_default_recipe_few_steps_on_smollm2(smollm2, tmp_path):
-    """The default recipe (LoRA + replay + guard) for a few steps on the embedded model and the demo task."""
+    """The default recipe (LoRA + replay + LwF on the replay rows + guard) for a few steps on the embedded
+    model and the demo task."""
     from tether.config import load_recipe
     from tether.data.tasks import ensure_task
     from tether.training.run import train
@@ -74,8 +76,10 @@ def test_default_recipe_few_steps_on_smollm2(smollm2, tmp_path):
                                 "eval_limit": 8, "max_new_tokens": 4, "limit": 32},
                     general=str(suite), guard={"suite": str(suite), "every": 2, "task_limit": 4},
                     training={"max_steps": 2, "batch_size": 4, "logging_steps": 1}, output_dir=str(tmp_path / "run"))
-    assert set(r.methods) == {"lora", "replay"} and r.training.lr == 1e-4
+    assert set(r.methods) == {"lora", "replay", "lwf"} and r.training.lr == 1e-4
     s = train(r).summary
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(rec.get("lwf_replay", 0) > 0 for rec in logged), "LwF never saw a replay row"
     assert s["steps"] == 2 and s["guard"]["checks"] == 1
     assert (tmp_path / "run" / "model" / "adapter_config.json").exists()
     assert {p["probe"] for p in s["probes"]} == {"knowledge_mc", "trivia_gen", "chat_loss", "drift_prompts"}

@@ -108,9 +108,10 @@ class Recipe(_Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     task: TaskSpec = Field(default_factory=TaskSpec)
     general: str = "general"  # the suite reported before/after
-    # the default recipe; LoRA scale alpha/r = 4 (see recipes/default.yaml for why)
+    # the default recipe (recipes/default.yaml says why each setting)
     methods: dict[str, dict[str, Any]] = Field(default_factory=lambda: {
-        "lora": {"r": 16, "alpha": 64}, "replay": {"ratio": 0.2, "answers": "model"}})
+        "lora": {"r": 16, "alpha": 128}, "replay": {"ratio": 0.2, "answers": "model"},
+        "lwf": {"on": "replay", "alpha": 10.0}})
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     guard: GuardSpec = Field(default_factory=GuardSpec)
     output_dir: str = "runs/tether"
@@ -131,6 +132,10 @@ class Recipe(_Strict):
                     raise ValueError(f"methods.{name}: {_first_error(e, prefix=name)}") from None
         if "lora" in self.methods and "full" in self.methods:
             raise ValueError("methods: choose one of 'lora' and 'full'")
+        lwf, replay = self.methods.get("lwf"), self.methods.get("replay")
+        if lwf is not None and lwf.get("on") == "replay" and (replay is None or replay.get("ratio", 0.2) == 0):
+            raise ValueError("methods.lwf.on: 'replay' distils on the batch's replay rows, but replay is off; "
+                             "switch replay on, or set lwf.on=general, or lwf=false")
         return self
 
     def method_configs(self) -> dict[str, Any]:
