@@ -19,6 +19,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
 
+
+def _self_replay(lora_alpha: float, **lwf) -> dict:
+    """LoRA at ``lora_alpha`` + 20% replay of the model's own answers + LwF with ``lwf`` settings."""
+    return {"lora": {"alpha": lora_alpha}, "replay": {"ratio": 0.2, "answers": "model"}, "lwf": lwf}
+
+
 # label -> (methods, guard on?); methods None = the default recipe exactly as `tether train` runs it
 CONFIGS = {
     "naive full FT": ({"full": {}}, False),
@@ -32,21 +38,13 @@ CONFIGS = {
                                                                  "lwf": {"on": "task+general"}}, False),
     "LoRA α64 + replay 20% (self answers)": ({"lora": {"alpha": 64}, "replay": {"ratio": 0.2, "answers": "model"}},
                                              False),
-    "LoRA α64 + replay 20% (self answers) + LwF (general only)": (
-        {"lora": {"alpha": 64}, "replay": {"ratio": 0.2, "answers": "model"}, "lwf": {"on": "general"}}, False),
-    "LoRA α64 + replay 20% (self answers) + LwF (general, α 3)": (
-        {"lora": {"alpha": 64}, "replay": {"ratio": 0.2, "answers": "model"}, "lwf": {"on": "general", "alpha": 3.0}},
-        False),
-    "LoRA α128 + replay 20% (self answers) + LwF (general, α 10)": (
-        {"lora": {"alpha": 128}, "replay": {"ratio": 0.2, "answers": "model"}, "lwf": {"on": "general", "alpha": 10.0}},
-        False),
-    "LoRA α128 + replay 20% (self answers) + LwF (general, α 3)": (
-        {"lora": {"alpha": 128}, "replay": {"ratio": 0.2, "answers": "model"}, "lwf": {"on": "general", "alpha": 3.0}},
-        False),
+    "LoRA α64 + replay 20% (self answers) + LwF (general only)": (_self_replay(64, on="general"), False),
+    "LoRA α64 + replay 20% (self answers) + LwF (general, α 3)": (_self_replay(64, on="general", alpha=3.0), False),
+    "LoRA α128 + replay 20% (self answers) + LwF (general, α 10)": (_self_replay(128, on="general", alpha=10.0), False),
+    "LoRA α128 + replay 20% (self answers) + LwF (general, α 3)": (_self_replay(128, on="general", alpha=3.0), False),
     # the default recipe's methods without its guard
-    "LoRA α128 + replay 20% (self answers) + LwF (replay rows, α 10)": (
-        {"lora": {"alpha": 128}, "replay": {"ratio": 0.2, "answers": "model"}, "lwf": {"on": "replay", "alpha": 10.0}},
-        False),
+    "LoRA α128 + replay 20% (self answers) + LwF (replay rows, α 10)": (_self_replay(128, on="replay", alpha=10.0),
+                                                                        False),
     "default recipe": (None, True),
 }
 

@@ -120,6 +120,7 @@ class Recipe(_Strict):
     def _check_methods(self) -> "Recipe":
         from .registry import METHODS
 
+        configs = {}
         for name, settings in self.methods.items():
             if name not in METHODS:
                 raise ValueError(f"methods.{name}: unknown method; known: {', '.join(METHODS.names())}")
@@ -127,13 +128,13 @@ class Recipe(_Strict):
             cfg_cls = getattr(cls, "config_class", None)
             if cfg_cls is not None:
                 try:
-                    cfg_cls(**(settings or {}))
+                    configs[name] = cfg_cls(**(settings or {}))
                 except ValidationError as e:
                     raise ValueError(f"methods.{name}: {_first_error(e, prefix=name)}") from None
         if "lora" in self.methods and "full" in self.methods:
             raise ValueError("methods: choose one of 'lora' and 'full'")
-        lwf, replay = self.methods.get("lwf"), self.methods.get("replay")
-        if lwf is not None and lwf.get("on") == "replay" and (replay is None or replay.get("ratio", 0.2) == 0):
+        lwf, replay = configs.get("lwf"), configs.get("replay")
+        if lwf is not None and lwf.on == "replay" and (replay is None or replay.ratio == 0):
             raise ValueError("methods.lwf.on: 'replay' distils on the batch's replay rows, but replay is off; "
                              "switch replay on, or set lwf.on=general, or lwf=false")
         return self

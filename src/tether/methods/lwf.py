@@ -224,23 +224,24 @@ class LwF(Method):
         terms = {}
         device = next(model.parameters()).device
         if c.on in ("task", "task+general"):
-            inputs = _forward_inputs(batch)
-            student = _logits(outputs)
-            if student is None:
-                student = model(**inputs).logits
-            teacher = ctx.reference(model, inputs)
-            terms["lwf"] = c.alpha * lwf_kl(student, teacher, inputs.get("attention_mask"), c.temperature)
+            terms["lwf"] = self._distil(model, _forward_inputs(batch), _logits(outputs), ctx)
         if c.on == "replay":
             terms["lwf_replay"] = self._replay_term(model, batch, outputs, ctx)
         if c.on in ("general", "task+general"):
             gb = self.general_batch(ctx)
             if gb is None:
                 raise ValueError(f"lwf.on is {c.on!r} but there is no general data")
-            gb = {k: v.to(device) for k, v in _forward_inputs(gb).items()}
-            g_student = model(**gb).logits
-            g_teacher = ctx.reference(model, gb)
-            terms["lwf_general"] = c.alpha * lwf_kl(g_student, g_teacher, gb["attention_mask"], c.temperature)
+            terms["lwf_general"] = self._distil(model, {k: v.to(device) for k, v in _forward_inputs(gb).items()},
+                                                None, ctx)
         return terms
+
+    def _distil(self, model, inputs: dict, student: torch.Tensor | None, ctx: Context) -> torch.Tensor:
+        """``α · lwf_kl`` of the student's logits (the ones given, else a forward of ``inputs``)
+        against the teacher's on ``inputs``."""
+        if student is None:
+            student = model(**inputs).logits
+        teacher = ctx.reference(model, inputs)
+        return self.config.alpha * lwf_kl(student, teacher, inputs.get("attention_mask"), self.config.temperature)
 
     def _replay_term(self, model, batch: dict, outputs, ctx: Context) -> torch.Tensor:
         flags = batch.get("is_replay")
@@ -250,11 +251,9 @@ class LwF(Method):
         rows = flags.to(batch["input_ids"].device).nonzero().squeeze(-1)
         if rows.numel() == 0:
             return torch.zeros((), device=batch["input_ids"].device)
-        inputs = {k: v[rows] for k, v in _forward_inputs(batch).items()}
         student = _logits(outputs)
-        student = model(**inputs).logits if student is None else student[rows]
-        teacher = ctx.reference(model, inputs)
-        return self.config.alpha * lwf_kl(student, teacher, inputs.get("attention_mask"), self.config.temperature)
+        return self._distil(model, {k: v[rows] for k, v in _forward_inputs(batch).items()},
+                            None if student is None else student[rows], ctx)
 
     def state_dict(self) -> dict:
         return {"general_cursor": self.general_cursor_}
