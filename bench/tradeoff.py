@@ -20,9 +20,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
 
 
-def _self_replay(lora_alpha: float, **lwf) -> dict:
+def _self_replay(lora_alpha: float, dropout: float = 0.05, **lwf) -> dict:
     """LoRA at ``lora_alpha`` + 20% replay of the model's own answers + LwF with ``lwf`` settings."""
-    return {"lora": {"alpha": lora_alpha}, "replay": {"ratio": 0.2, "answers": "model"}, "lwf": lwf}
+    return {"lora": {"alpha": lora_alpha, "dropout": dropout}, "replay": {"ratio": 0.2, "answers": "model"},
+            "lwf": lwf}
 
 
 # label -> (methods, guard on?); methods None = the default recipe exactly as `tether train` runs it
@@ -45,6 +46,14 @@ CONFIGS = {
     # the default recipe's methods without its guard
     "LoRA α128 + replay 20% (self answers) + LwF (replay rows, α 10)": (_self_replay(128, on="replay", alpha=10.0),
                                                                         False),
+    # LwF on every position the task loss does not train (task prompts + replay rows)
+    "LoRA α128 + replay 20% (self answers) + LwF (inputs, α 10)": (_self_replay(128, on="inputs", alpha=10.0), False),
+    "LoRA α128 + replay 20% (self answers) + LwF (inputs, α 30)": (_self_replay(128, on="inputs", alpha=30.0), False),
+    # LoRA dropout 0 (the default recipe's since session 5): no dropout masks on the 210 adapted inputs
+    "LoRA α128 dropout 0 + replay 20% (self answers) + LwF (replay rows, α 10)": (
+        _self_replay(128, dropout=0.0, on="replay", alpha=10.0), False),
+    "LoRA α128 dropout 0 + replay 20% (self answers) + LwF (replay rows, α 30)": (
+        _self_replay(128, dropout=0.0, on="replay", alpha=30.0), False),
     "default recipe": (None, True),
 }
 

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from tether.data.formats import Example
 from tether.methods.base import Context
-from tether.methods.lwf import LwF, LwFConfig, lwf_kl, make_reference
+from tether.methods.lwf import LwF, LwFConfig, lwf_kl, make_reference, untrained_positions
 
 VOCAB = 80
 
@@ -219,6 +219,50 @@ def test_replay_distils_only_the_batch_replay_rows_reusing_the_student_logits():
     assert none["lwf_replay"].item() == 0.0 and len(seen) == 2  # no replay rows: no teacher pass
     with pytest.raises(ValueError, match="add the replay method"):
         LwF({"on": "replay"}).extra_loss(model, b, outputs, ctx)
+
+
+def test_untrained_positions_leave_task_answers_free_and_keep_replay_rows_whole():
+    ids = torch.arange(3, 3 + 12).reshape(2, 6)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    labels = torch.full((2, 6), -100)
+    labels[0, 3:5] = ids[0, 3:5]  # row 0: prompt 0..2, answer 3..4, then padding
+    labels[1, 4:] = ids[1, 4:]
+    b = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    got = untrained_positions(b)
+    # logits at t predict t+1: positions 2 and 3 of row 0 predict the answer, 5 is padding
+    assert got.tolist() == [[True, True, False, False, True, False], [True, True, True, False, False, True]]
+    replay = untrained_positions({**b, "is_replay": torch.tensor([False, True])})
+    assert replay[1].all() and replay[0].tolist() == got[0].tolist()
+    assert untrained_positions({"input_ids": ids, "attention_mask": mask}).tolist() == mask.bool().tolist()
+
+
+def test_inputs_distils_every_untrained_position_reusing_the_student_logits():
+    """``on: inputs``: one teacher pass over the whole batch, the student's logits from the task
+    forward, and the term equals the KL over exactly the untrained positions; grads only in LoRA."""
+    model, _ = lora_model()
+    model.eval()
+    b = batch()
+    b["labels"][:, :4] = -100  # prompt 0..3, answer 4.. (row 0 pads its last two)
+    flags = torch.tensor([False, True])
+    seen = []
+    ref = make_reference(model)
+    ctx = Context(reference=lambda m, bb: seen.append(bb["input_ids"].shape) or ref(m, bb))
+    outputs = model(**{k: v for k, v in b.items() if k != "labels"})
+    term = LwF({"on": "inputs", "alpha": 0.5}).extra_loss(model, {**b, "is_replay": flags}, outputs, ctx)
+    assert set(term) == {"lwf_inputs"} and seen == [tuple(b["input_ids"].shape)]
+    positions = untrained_positions({**b, "is_replay": flags})
+    # row 0: 3 predicts the answer token 4; 4 (last real token) predicts nothing trained; 5, 6 pad
+    assert positions[0].tolist() == [True, True, True, False, True, False, False] and positions[1].all()
+    expect = 0.5 * lwf_kl(outputs.logits, ref(model, b), positions, 2.0)
+    assert term["lwf_inputs"].item() == pytest.approx(expect.item(), rel=1e-6) and expect.item() > 0
+    term["lwf_inputs"].backward()
+    assert all(p.grad is None for name, p in model.named_parameters() if "lora_" not in name)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for name, p in model.named_parameters()
+               if "lora_" in name)
+    # without replay the task rows' prompts are still distilled
+    plain = LwF({"on": "inputs"}).extra_loss(model, b, model(**{k: v for k, v in b.items() if k != "labels"}),
+                                             _ctx(model))
+    assert plain["lwf_inputs"].item() > 0
 
 
 def test_needs_reference_and_config_errors():

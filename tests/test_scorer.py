@@ -173,3 +173,73 @@ def test_reference_view_disables_adapters_per_call(tiny_model, tokenizer):
     assert [a for a, _ in ref_ll] == pytest.approx([a for a, _ in base_ll], abs=1e-5)
     assert [a for a, _ in again] == pytest.approx([a for a, _ in tuned_ll], abs=1e-5)
     assert any(abs(a[0] - b[0]) > 1e-3 for a, b in zip(tuned_ll, base_ll))
+
+
+def _lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            lora_dropout=0.1, init_lora_weights=False))
+
+
+def test_merged_scores_like_unmerged_and_restores_base_weights_bit_for_bit(tiny_model, tokenizer):
+    """`merged` folds the adapters in for the block (same scores, generations, train flags) and puts
+    every base weight back exactly, the adapters' own weights untouched."""
+    model = _lora(tiny_model).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plain = Scorer(model, tokenizer, merge_adapters=False)
+    scorer = Scorer(model, tokenizer)  # CPU: merging on by default
+    assert scorer.merge_adapters and not plain.merge_adapters
+    want_ll, want_gen = plain.loglikelihood(REQUESTS), plain.generate([[5, 6, 7], [1, 2]], max_new_tokens=5)
+    with scorer.merged() as merged:
+        assert merged
+        name = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+        assert not torch.equal(model.get_parameter(name), before[name])  # folded in
+        got_ll, got_gen = scorer.loglikelihood(REQUESTS), scorer.generate([[5, 6, 7], [1, 2]], max_new_tokens=5)
+    assert [a for a, _ in got_ll] == pytest.approx([a for a, _ in want_ll], abs=1e-4)
+    assert got_gen == want_gen
+    assert model.training and all(not m.merged for m in _lora_layers(model))
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    with Scorer(model, tokenizer, merge_adapters=False).merged() as merged:
+        assert not merged
+    with scorer.reference_view() as ref, ref.merged() as merged:
+        assert not merged  # adapters off: nothing to fold
+
+
+def _lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def test_run_suite_merges_for_scoring_but_not_for_drift_against_disabled_adapters(tiny_model, tokenizer):
+    """A suite mixing drift (reference = the same model, adapters off) with other probes gives what
+    unmerged scoring gives, and leaves the weights as they were."""
+    from tether.probes.drift import DriftProbe
+    from tether.probes.perplexity import PerplexityProbe
+    from tether.probes.suite import run_suite
+
+    model = _lora(tiny_model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    texts = [{"text": "the cat sat on the mat"}, {"text": "a b c d e f g"}]
+    prompts = [{"prompt": "hello there"}, {"prompt": "one two three four"}]
+    probes = [PerplexityProbe("ppl", texts), DriftProbe("drift", prompts), PerplexityProbe("ppl2", texts)]
+    seen = []
+    scorer = Scorer(model, tokenizer)
+    merged = scorer.merged
+
+    def spy():
+        seen.append(True)
+        return merged()
+
+    scorer.merged = spy
+    got = run_suite(probes, scorer, progress=False)
+    want = run_suite(probes, Scorer(model, tokenizer, merge_adapters=False), progress=False)
+    assert len(seen) == 2  # ppl, then (after drift ran unmerged) ppl2
+    for a, b in zip(got, want):
+        assert a.score == pytest.approx(b.score, abs=1e-5)
+    assert got[1].extra["kl"] == pytest.approx(want[1].extra["kl"], abs=1e-6) and want[1].extra["kl"] > 0
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n

@@ -101,3 +101,27 @@ def test_train_under_torchrun_two_processes(tmp_path, tiny_model_dir, tiny_task,
     assert s["steps"] == 2 and (run / "model" / "adapter_config.json").exists()
     logs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len([x for x in logs if "loss" in x]) == 2, logs  # written once, by the main process
+
+
+def test_example_nll_matches_full_cross_entropy_value_and_gradient():
+    """Only target positions reach the softmax; sums, counts and gradients equal the per-position
+    cross-entropy over the whole shifted sequence (a row with no target gives 0 and 0)."""
+    from tether.methods.base import example_nll
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 11, generator=g, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 6), generator=g)
+    labels[0, :3] = -100
+    labels[1, :] = -100
+    labels[2, 4:] = -100
+    sums, counts = example_nll(logits, labels)
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    nll = torch.nn.functional.cross_entropy(ref_logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100,
+                                            reduction="none")
+    ref_sums = nll.sum(1)
+    assert torch.allclose(sums, ref_sums, atol=1e-6)
+    assert counts.tolist() == [3.0, 0.0, 3.0]
+    (sums * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    (ref_sums * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert torch.allclose(logits.grad, ref_logits.grad, atol=1e-6)
+    assert logits.grad[1].abs().sum() == 0 and logits.grad[:, -1].abs().sum() == 0

@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from ..data.collate import Collator
+from ..data.formats import IGNORE_INDEX
 from ..registry import register_method
 from .base import Context, Method
 
@@ -45,7 +46,10 @@ class LwFConfig(BaseModel):
             own replay rows (needs the replay method; the student's logits are the ones the task
             loss already computed, so the only extra work is a teacher forward over those rows, and
             every position of them is distilled, prompts included, where replay's loss sees only
-            the answers).
+            the answers), or ``inputs``: every position of the batch whose next token the task loss
+            does not train: the task rows' system prompt, chat template and user text (their answer
+            positions stay free to learn the task) plus every position of replay rows. The student's
+            logits are reused; the extra work is one teacher forward over the whole batch.
         general_batch_size (int): examples per general mini-batch.
     """
 
@@ -53,7 +57,7 @@ class LwFConfig(BaseModel):
 
     alpha: float = 1.0
     temperature: float = 2.0
-    on: Literal["task", "general", "task+general", "replay"] = "task"
+    on: Literal["task", "general", "task+general", "replay", "inputs"] = "task"
     general_batch_size: int = 4
 
     @field_validator("alpha")
@@ -135,6 +139,27 @@ def lwf_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: tor
     return _DistilKL.apply(student, teacher, rows, float(temperature), chunk) / rows.numel()
 
 
+def untrained_positions(batch: dict) -> torch.Tensor:
+    """``[B, L]`` bool: the non-padding positions whose next token the task loss does not train.
+
+    Logits at position ``t`` predict token ``t + 1``, so a position is excluded when ``labels[t + 1]``
+    is a target, except on replay rows (``is_replay``), which are kept whole: their targets are
+    general text the base model should go on predicting as it did.
+    """
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    labels = batch.get("labels")
+    if labels is None:
+        return keep
+    predicts_target = torch.zeros_like(keep)
+    predicts_target[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    flags = batch.get("is_replay")
+    if flags is not None:
+        predicts_target[flags.to(ids.device)] = False
+    return keep & ~predicts_target
+
+
 def _forward_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
 
@@ -190,10 +215,10 @@ def _logits(outputs) -> torch.Tensor | None:
 class LwF(Method):
     """Distil the base model's next-token distributions into the model being trained.
 
-    Hooks: ``extra_loss`` only -> ``{"lwf": ...}`` (task batch) and/or ``{"lwf_general": ...}``
-    (general mini-batch), as ``on`` says. Needs ``ctx.reference`` (see ``make_reference``). Terms are
-    per-token means and are returned undivided; the trainer's division by ``grad_accum_steps``
-    makes them scale like the task loss.
+    Hooks: ``extra_loss`` only -> ``{"lwf": ...}`` (task batch), ``{"lwf_general": ...}`` (general
+    mini-batch), ``{"lwf_replay": ...}`` or ``{"lwf_inputs": ...}``, as ``on`` says. Needs
+    ``ctx.reference`` (see ``make_reference``). Terms are per-token means and are returned undivided;
+    the trainer's division by ``grad_accum_steps`` makes them scale like the task loss.
     """
 
     config_class = LwFConfig
@@ -227,6 +252,9 @@ class LwF(Method):
             terms["lwf"] = self._distil(model, _forward_inputs(batch), _logits(outputs), ctx)
         if c.on == "replay":
             terms["lwf_replay"] = self._replay_term(model, batch, outputs, ctx)
+        if c.on == "inputs":
+            terms["lwf_inputs"] = self._distil(model, _forward_inputs(batch), _logits(outputs), ctx,
+                                               mask=untrained_positions(batch))
         if c.on in ("general", "task+general"):
             gb = self.general_batch(ctx)
             if gb is None:
@@ -235,13 +263,16 @@ class LwF(Method):
                                                 None, ctx)
         return terms
 
-    def _distil(self, model, inputs: dict, student: torch.Tensor | None, ctx: Context) -> torch.Tensor:
+    def _distil(self, model, inputs: dict, student: torch.Tensor | None, ctx: Context,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """``α · lwf_kl`` of the student's logits (the ones given, else a forward of ``inputs``)
-        against the teacher's on ``inputs``."""
+        against the teacher's on ``inputs``, over ``mask`` (default: the non-padding positions)."""
         if student is None:
             student = model(**inputs).logits
         teacher = ctx.reference(model, inputs)
-        return self.config.alpha * lwf_kl(student, teacher, inputs.get("attention_mask"), self.config.temperature)
+        if mask is None:
+            mask = inputs.get("attention_mask")
+        return self.config.alpha * lwf_kl(student, teacher, mask, self.config.temperature)
 
     def _replay_term(self, model, batch: dict, outputs, ctx: Context) -> torch.Tensor:
         flags = batch.get("is_replay")

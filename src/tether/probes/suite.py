@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -257,4 +258,20 @@ def run_suite(suite: SuiteSpec | str | Path | list, scorer, *, reference=None, l
         raise ValueError(f"drift probe(s) {', '.join(drift)} need a reference: pass a Scorer over the base "
                          "model, reference='self' for the base model itself, or score a PEFT model")
     items = track(probes, "probes") if progress else probes
-    return [p.run(scorer, reference=reference) for p in items]
+    results = []
+    merged = None  # the open `scorer.merged()` block, if any
+    try:
+        for p in items:
+            # drift against the same model with adapters off needs the adapters unmerged
+            separate = reference is None and getattr(p, "registered_name", "") == "drift"
+            if separate and merged is not None:
+                merged.close()
+                merged = None
+            elif not separate and merged is None:
+                merged = contextlib.ExitStack()
+                merged.enter_context(scorer.merged() if hasattr(scorer, "merged") else contextlib.nullcontext())
+            results.append(p.run(scorer, reference=reference))
+    finally:
+        if merged is not None:
+            merged.close()
+    return results

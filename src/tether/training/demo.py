@@ -33,7 +33,7 @@ def run_demo(steps: int = 60, output_dir: str | Path = "runs/demo", batch_size: 
     runs = {
         "naive full FT": load_recipe(None, **common, methods={"full": {}}, training=training,
                                      guard={"enabled": False}, output_dir=str(out / "naive")),
-        "default recipe": load_recipe(None, **common, training=training, guard={"every": max(5, steps // 4)},
+        "default recipe": load_recipe(None, **common, training=training, guard={"every": max(5, steps // 3)},
                                       output_dir=str(out / "default")),
     }
     results = {}

@@ -95,7 +95,14 @@ class Session:
         scorer = self.scorer(model)
         results = self._run(self.guard_probes, model, None)  # drift (PEFT only) uses the adapter-disabled view
         probe = self.task_probe(limit=self.recipe.guard.task_limit)
-        return results, (probe.run(scorer).score if probe else None)
+        return results, self._task_score(probe, scorer)
+
+    @staticmethod
+    def _task_score(probe, scorer) -> float | None:
+        if probe is None:
+            return None
+        with scorer.merged():
+            return probe.run(scorer).score
 
     def score_final(self, model) -> dict[str, Any]:
         from .. import models
@@ -109,8 +116,7 @@ class Session:
                                                        with_tokenizer=False, device=str(model.device))
                 reference = self.scorer(base)
             out = {"general": self._run(self.general_probes, model, reference)}
-            probe = self.task_probe()
-            out["task"] = probe.run(scorer).score if probe else None
+            out["task"] = self._task_score(self.task_probe(), scorer)
         write_json(self.run_dir / "probes_final.json", {k: [r.to_dict() for r in v] if isinstance(v, list) else v
                                                         for k, v in out.items()})
         return out
