@@ -29,6 +29,9 @@ CONFIGS = {
     # the default recipe's LwF: distil on the batch's replay rows only (2 of 8 here)
     "+ replay 25% + LwF on replay rows": {"lora": {}, "replay": {"ratio": 0.25}, "lwf": {"on": "replay"}},
     "+ replay 25% + LwF on a general batch": {"lora": {}, "replay": {"ratio": 0.25}, "lwf": {"on": "general"}},
+    # the default recipe's LoRA drops dropout (masks on the inputs of every adapted layer)
+    "+ replay 25% + LwF on replay rows, LoRA dropout 0": {"lora": {"dropout": 0.0}, "replay": {"ratio": 0.25},
+                                                          "lwf": {"on": "replay"}},
     # every position the task loss does not train: one teacher forward over the whole batch
     "+ replay 25% + LwF on inputs": {"lora": {}, "replay": {"ratio": 0.25}, "lwf": {"on": "inputs"}},
 }

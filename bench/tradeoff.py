@@ -54,6 +54,10 @@ CONFIGS = {
         _self_replay(128, dropout=0.0, on="replay", alpha=10.0), False),
     "LoRA α128 dropout 0 + replay 20% (self answers) + LwF (replay rows, α 30)": (
         _self_replay(128, dropout=0.0, on="replay", alpha=30.0), False),
+    "LoRA α128 dropout 0 + replay 20% (self answers) + LwF (replay rows, α 20)": (
+        _self_replay(128, dropout=0.0, on="replay", alpha=20.0), False),
+    "LoRA α192 dropout 0 + replay 20% (self answers) + LwF (replay rows, α 30)": (
+        _self_replay(192, dropout=0.0, on="replay", alpha=30.0), False),
     "default recipe": (None, True),
 }
 

@@ -69,9 +69,9 @@ def test_every_shipped_recipe_and_suite_validates():
         load_suite(r.general)
         load_suite(r.guard.suite)
     default = load_recipe(resources.files("tether.recipes") / "default.yaml")
-    assert set(default.methods) == set(load_recipe().methods) and default.methods["replay"]["ratio"] == 0.2
-    assert default.methods["lora"]["alpha"] == load_recipe().methods["lora"]["alpha"] == 128
-    assert default.methods["lwf"] == {**load_recipe().methods["lwf"], "temperature": 2.0}
+    assert default.methods == load_recipe().methods  # `tether train --task x` runs default.yaml's methods
+    assert default.methods["replay"]["ratio"] == 0.2 and default.methods["lora"]["alpha"] == 128
+    assert default.methods["lora"]["dropout"] == 0.0
     assert default.methods["lwf"]["on"] == "replay" and default.methods["lwf"]["alpha"] == 10.0
     assert default.methods["replay"]["answers"] == load_recipe().methods["replay"]["answers"] == "model"
     assert default.training.lr == 1e-4 and default.guard.threshold == 0.05

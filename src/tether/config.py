@@ -102,16 +102,30 @@ class GuardSpec(_Strict):
         return v
 
 
+def default_methods() -> dict[str, dict[str, Any]]:
+    """The methods of ``recipes/default.yaml``: the one place the default recipe is written down, so
+    ``tether train --task x.jsonl`` and ``tether train recipes/default.yaml --task x.jsonl`` agree."""
+    import copy
+    from importlib import resources
+
+    global _DEFAULT_METHODS
+    if _DEFAULT_METHODS is None:
+        text = (resources.files("tether.recipes") / "default.yaml").read_text(encoding="utf-8")
+        _DEFAULT_METHODS = load_yaml(text)["methods"]
+    return copy.deepcopy(_DEFAULT_METHODS)
+
+
+_DEFAULT_METHODS: dict[str, dict[str, Any]] | None = None
+
+
 class Recipe(_Strict):
     """A whole training run. ``methods`` maps registered method names to their settings."""
 
     model: ModelSpec = Field(default_factory=ModelSpec)
     task: TaskSpec = Field(default_factory=TaskSpec)
     general: str = "general"  # the suite reported before/after
-    # the default recipe (recipes/default.yaml says why each setting)
-    methods: dict[str, dict[str, Any]] = Field(default_factory=lambda: {
-        "lora": {"r": 16, "alpha": 128}, "replay": {"ratio": 0.2, "answers": "model"},
-        "lwf": {"on": "replay", "alpha": 10.0}})
+    # the default recipe's methods, read from recipes/default.yaml (which says why each setting)
+    methods: dict[str, dict[str, Any]] = Field(default_factory=lambda: default_methods())
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     guard: GuardSpec = Field(default_factory=GuardSpec)
     output_dir: str = "runs/tether"
