@@ -6,6 +6,8 @@ recipe key, and the resolved recipe is written next to the outputs.
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,17 +107,14 @@ class GuardSpec(_Strict):
 def default_methods() -> dict[str, dict[str, Any]]:
     """The methods of ``recipes/default.yaml``: the one place the default recipe is written down, so
     ``tether train --task x.jsonl`` and ``tether train recipes/default.yaml --task x.jsonl`` agree."""
-    import copy
+    return copy.deepcopy(_default_recipe_yaml()["methods"])
+
+
+@functools.cache
+def _default_recipe_yaml() -> dict[str, Any]:
     from importlib import resources
 
-    global _DEFAULT_METHODS
-    if _DEFAULT_METHODS is None:
-        text = (resources.files("tether.recipes") / "default.yaml").read_text(encoding="utf-8")
-        _DEFAULT_METHODS = load_yaml(text)["methods"]
-    return copy.deepcopy(_DEFAULT_METHODS)
-
-
-_DEFAULT_METHODS: dict[str, dict[str, Any]] | None = None
+    return load_yaml((resources.files("tether.recipes") / "default.yaml").read_text(encoding="utf-8"))
 
 
 class Recipe(_Strict):
