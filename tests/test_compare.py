@@ -54,3 +54,19 @@ def test_mismatched_items_rejected_and_json_table():
     console = Console(record=True, width=160)
     console.print(render_comparison(comps, 0.05))
     assert "forgot" in console.export_text()
+
+
+def test_secondary_metrics_get_a_paired_change_and_old_results_without_them_still_load():
+    base, tuned = res([1.0, 0.0, 1.0, 1.0]), res([1.0, 0.0, 1.0, 0.0])
+    base.item_extra = {"prob": [0.9, 0.2, 0.6, 0.5], "only_base": [1.0] * 4}
+    tuned.item_extra = {"prob": [0.9, 0.2, 0.6, 0.45]}
+    c = compare_results([base], [tuned])[0]
+    assert set(c.secondary) == {"prob"}  # a metric one side lacks is not compared
+    p = c.secondary["prob"]
+    assert p["base"] == pytest.approx(0.55) and p["tuned"] == pytest.approx(0.5375)
+    assert p["rel_change"] == pytest.approx(-0.0125 / 0.55) and p["ci_low"] <= p["rel_change"] <= p["ci_high"]
+    assert c.rel_change == pytest.approx(-1 / 3)  # the primary metric is untouched
+    old = base.to_dict()
+    old.pop("item_extra")  # results written before secondary metrics existed
+    assert ProbeResult.from_dict(old).item_extra == {}
+    assert "item_extra" not in base.to_dict(with_items=False)

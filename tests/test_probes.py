@@ -120,6 +120,21 @@ def test_acc_norm_divides_by_choice_characters(tokenizer):
     assert decisions([-2.0, -5.0], items[0]["choices"]) == (0, 1)
     result = MultipleChoiceProbe("mc", items).run(FakeScorer(lls=[-2.0, -5.0], tokenizer=tokenizer))
     assert result.score == 1.0 and result.extra["acc"] == 0.0
+    assert result.extra["prob"] == pytest.approx(1 / (1 + math.exp(3)))  # e^-5 / (e^-2 + e^-5)
+
+
+def test_prob_metric_is_the_gold_choice_probability_per_item(tokenizer):
+    items = [{"query": "Q:", "choices": ["a", "b", "c"], "gold": 2},
+             {"query": "R:", "choices": ["x", "y"], "gold": 0}]
+    lls = [-1.0, -2.0, -3.0, -700.0, -700.0]  # the second item's huge negatives must not underflow
+    result = MultipleChoiceProbe("mc", items, primary="prob").run(FakeScorer(lls=lls, tokenizer=tokenizer))
+    z = math.exp(-1) + math.exp(-2) + math.exp(-3)
+    assert result.metric == "prob"
+    assert result.item_values == pytest.approx([math.exp(-3) / z, 0.5])
+    assert result.item_extra == {"acc": [0.0, 1.0], "acc_norm": [0.0, 1.0]}
+    assert result.extra == pytest.approx({"acc": 0.5, "acc_norm": 0.5})
+    with pytest.raises(ValueError, match="'primary' must be one of acc, acc_norm, prob"):
+        MultipleChoiceProbe("mc", items, primary="f1")
 
 
 def test_multiple_choice_validation():

@@ -235,9 +235,13 @@ def test_run_suite_merges_for_scoring_but_not_for_drift_against_disabled_adapter
         return merged()
 
     scorer.merged = spy
+    ran = []
+    for p in probes:
+        p.run = (lambda run, name: lambda *a, **k: ran.append(name) or run(*a, **k))(p.run, p.name)
     got = run_suite(probes, scorer, progress=False)
+    assert len(seen) == 1 and ran == ["ppl", "ppl2", "drift"]  # one merge; drift after, unmerged
     want = run_suite(probes, Scorer(model, tokenizer, merge_adapters=False), progress=False)
-    assert len(seen) == 2  # ppl, then (after drift ran unmerged) ppl2
+    assert [r.name for r in got] == ["ppl", "drift", "ppl2"]  # results in suite order
     for a, b in zip(got, want):
         assert a.score == pytest.approx(b.score, abs=1e-5)
     assert got[1].extra["kl"] == pytest.approx(want[1].extra["kl"], abs=1e-6) and want[1].extra["kl"] > 0

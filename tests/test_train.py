@@ -39,6 +39,12 @@ def test_default_recipe_run_directory(tmp_path, tiny_model_dir, tiny_task, tiny_
     assert len(train_logs) == 4 and all(x["replay_fraction"] == 0.25 for x in train_logs)
     assert train_logs[-1]["replay/replay_realised_examples"] == 0.25
     assert any("guard/worst_drop" in x for x in logs)
+    # the task probe runs with the general probes (one adapter merge): its score still comes back
+    events = [json.loads(line) for line in (run / "guard.jsonl").read_text().splitlines()]
+    assert len(events) == 2 and all(0.0 <= e["task_score"] <= 1.0 for e in events)
+    final = json.loads((run / "probes_final.json").read_text())
+    assert final["task"] == s["task"]["final"] and [r["name"] for r in final["general"]] == [
+        "chat_loss", "facts_mc", "sums_gen", "drift"]
     # the adapter is in PEFT format and reloads on the base
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -36,12 +36,14 @@ class ProbeResult:
     shares_source_with_replay: bool = False
     seconds: float = 0.0
     samples: list[dict] = field(default_factory=list)  # a few model outputs to show in reports
+    # per-item values of secondary metrics (same items, weights 1): compared with a paired CI too
+    item_extra: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self, with_items: bool = True) -> dict[str, Any]:
         d = asdict(self)
         if not with_items:
-            d.pop("item_values")
-            d.pop("item_weights")
+            for key in ("item_values", "item_weights", "item_extra"):
+                d.pop(key)
         return d
 
     @classmethod

@@ -6,6 +6,11 @@ way (``_encode_pair``: trailing whitespace of the context moves to the continuat
 tokenised jointly and split at the context's length), so tether's numbers match lm-eval's item by
 item on the same model. ``acc`` is the argmax of summed log-probs; ``acc_norm`` divides each by the
 choice's length in characters (without the delimiter), lm-eval's ``MultipleChoiceTask`` convention.
+
+``prob`` is the probability the model puts on the gold choice among the choices (softmax of the
+summed log-probs, the distribution lm-eval's ``brier_score`` uses). Accuracy moves in whole items —
+on a model near chance, fine-tuning flips a few borderline items either way — while ``prob`` moves
+with every item, so a 1% change in what the model knows is resolvable on a few hundred items.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from .base import Probe, ProbeResult
 from .stats import check_options, probe_result
 
 DEFAULTS: dict[str, Any] = {"target_delimiter": " ", "primary": "acc_norm", "n_boot": 1000}
+METRICS = ("acc", "acc_norm", "prob")
 
 
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -43,13 +49,22 @@ def decisions(lls: list[float], choices: list[str]) -> tuple[int, int]:
     return int(np.argmax(ll)), int(np.argmax(ll / np.array([float(len(c)) for c in choices])))
 
 
+def gold_probability(lls: list[float], gold: int) -> float:
+    """Probability of the gold choice under the softmax of the choices' summed log-likelihoods."""
+    ll = np.asarray(lls, dtype=np.float64)
+    ll = ll - ll.max()
+    p = np.exp(ll)
+    return float(p[gold] / p.sum())
+
+
 @register_probe("multiple_choice")
 class MultipleChoiceProbe(Probe):
     """Accuracy on ``{"query": str, "choices": [str], "gold": int}`` items (higher is better).
 
     Options:
         target_delimiter: put between query and choice (lm-eval's default ``" "``).
-        primary: ``"acc_norm"`` (default) or ``"acc"``; the other one goes to ``extra``.
+        primary: ``"acc_norm"`` (default), ``"acc"`` or ``"prob"``; the others go to ``extra`` (means)
+            and ``item_extra`` (per item, so reports compare them with a paired CI too).
         n_boot: bootstrap resamples for the CI.
     """
 
@@ -59,9 +74,10 @@ class MultipleChoiceProbe(Probe):
     def __init__(self, name: str, items: list[dict], **kw: Any):
         super().__init__(name, items, **kw)
         self.opts = check_options(self, DEFAULTS)
-        if self.opts["primary"] not in ("acc", "acc_norm"):
-            raise ValueError(f"probe {name!r}: option 'primary' must be 'acc' or 'acc_norm', "
+        if self.opts["primary"] not in METRICS:
+            raise ValueError(f"probe {name!r}: option 'primary' must be one of {', '.join(METRICS)}, "
                              f"got {self.opts['primary']!r}")
+        self.metric = self.opts["primary"]
         self._requests: tuple[Any, list] | None = None  # (tokenizer, requests), reused across runs
 
     @staticmethod
@@ -99,15 +115,14 @@ class MultipleChoiceProbe(Probe):
 
     def run(self, scorer, *, reference=None) -> ProbeResult:
         t0 = time.perf_counter()
-        acc, acc_norm = [], []
+        per: dict[str, list[float]] = {m: [] for m in METRICS}
         for it, lls in zip(self.items, self.item_loglikelihoods(scorer)):
             pred, pred_norm = decisions(lls, it["choices"])
-            acc.append(float(pred == it["gold"]))
-            acc_norm.append(float(pred_norm == it["gold"]))
+            per["acc"].append(float(pred == it["gold"]))
+            per["acc_norm"].append(float(pred_norm == it["gold"]))
+            per["prob"].append(gold_probability(lls, it["gold"]))
         primary = self.opts["primary"]
-        values, other = (acc_norm, acc) if primary == "acc_norm" else (acc, acc_norm)
-        other_name = "acc" if primary == "acc_norm" else "acc_norm"
-        result = probe_result(self, values, metric=primary, n_boot=self.opts["n_boot"],
-                              extra={other_name: float(np.mean(other)) if other else float("nan")})
+        result = probe_result(self, per.pop(primary), metric=primary, n_boot=self.opts["n_boot"],
+                              item_extra=per)
         result.seconds = time.perf_counter() - t0
         return result

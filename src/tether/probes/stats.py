@@ -126,8 +126,12 @@ def paired_relative_change(base_vals: Sequence[float], base_w: Sequence[float] |
 
 def probe_result(probe, values: Sequence[float], weights: Sequence[float] | None = None, *,
                  metric: str | None = None, extra: dict[str, float] | None = None,
-                 samples: list[dict] | None = None, seconds: float = 0.0, n_boot: int = 1000):
-    """Reduce a probe's per-item values to a `ProbeResult` (score + bootstrap CI, items kept)."""
+                 samples: list[dict] | None = None, seconds: float = 0.0, n_boot: int = 1000,
+                 item_extra: dict[str, Sequence[float]] | None = None):
+    """Reduce a probe's per-item values to a `ProbeResult` (score + bootstrap CI, items kept).
+
+    ``item_extra`` holds per-item values of secondary metrics; their means join ``extra``.
+    """
     from .base import ProbeResult
 
     score, lo, hi = summarise(values, weights, n_boot=n_boot, seed=probe.seed)
@@ -135,7 +139,10 @@ def probe_result(probe, values: Sequence[float], weights: Sequence[float] | None
         name=probe.name, kind=getattr(probe, "registered_name", type(probe).__name__),
         metric=metric or probe.metric, higher_is_better=probe.higher_is_better, score=score,
         n=len(values), ci_low=lo, ci_high=hi, item_values=[float(x) for x in values],
-        item_weights=None if weights is None else [float(x) for x in weights], extra=dict(extra or {}),
+        item_weights=None if weights is None else [float(x) for x in weights],
+        extra={**(extra or {}), **{k: float(np.mean(v)) if len(v) else float("nan")
+                                   for k, v in (item_extra or {}).items()}},
+        item_extra={k: [float(x) for x in v] for k, v in (item_extra or {}).items()},
         sources=list(probe.sources), shares_source_with_replay=probe.shares_source_with_replay,
         seconds=seconds, samples=list(samples or []),
     )

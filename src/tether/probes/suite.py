@@ -248,7 +248,7 @@ def run_suite(suite: SuiteSpec | str | Path | list, scorer, *, reference=None, l
         progress: show a progress bar.
 
     Returns:
-        One `ProbeResult` per probe, in suite order.
+        One `ProbeResult` per probe, in suite order (drift against disabled adapters runs last).
     """
     from ..progress import track
 
@@ -257,21 +257,17 @@ def run_suite(suite: SuiteSpec | str | Path | list, scorer, *, reference=None, l
     if drift and reference is None and not scorer.is_peft:
         raise ValueError(f"drift probe(s) {', '.join(drift)} need a reference: pass a Scorer over the base "
                          "model, reference='self' for the base model itself, or score a PEFT model")
-    items = track(probes, "probes") if progress else probes
-    results = []
-    merged = None  # the open `scorer.merged()` block, if any
-    try:
-        for p in items:
-            # drift against the same model with adapters off needs the adapters unmerged
-            separate = reference is None and getattr(p, "registered_name", "") == "drift"
-            if separate and merged is not None:
+    # drift against the same model with adapters off needs the adapters unmerged: it runs after the
+    # block in which every other probe scores the model with its adapters folded in (one merge)
+    separate = [reference is None and getattr(p, "registered_name", "") == "drift" for p in probes]
+    order = [i for i, s in enumerate(separate) if not s] + [i for i, s in enumerate(separate) if s]
+    results: list = [None] * len(probes)
+    merged = contextlib.ExitStack()
+    if not all(separate) and hasattr(scorer, "merged"):
+        merged.enter_context(scorer.merged())
+    with merged:
+        for i in (track(order, "probes", total=len(order)) if progress else order):
+            if separate[i]:
                 merged.close()
-                merged = None
-            elif not separate and merged is None:
-                merged = contextlib.ExitStack()
-                merged.enter_context(scorer.merged() if hasattr(scorer, "merged") else contextlib.nullcontext())
-            results.append(p.run(scorer, reference=reference))
-    finally:
-        if merged is not None:
-            merged.close()
+            results[i] = probes[i].run(scorer, reference=reference)
     return results

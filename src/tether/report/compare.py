@@ -7,7 +7,7 @@ on the relative change is much tighter than two independent CIs would suggest.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..probes.base import ProbeResult
@@ -41,6 +41,9 @@ class ProbeComparison:
     extra: dict[str, Any]
     threshold: float = DEFAULT_THRESHOLD  # the bound this probe's verdict used
     kind: str = ""
+    # secondary metrics scored per item on both models (e.g. an MC probe's `prob`): metric ->
+    # {base, tuned, rel_change, ci_low, ci_high}, higher is better; informational, no verdict
+    secondary: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def verdict_for(drop: float, drop_ci: tuple[float, float], threshold: float) -> str:
@@ -81,7 +84,19 @@ def compare_results(base: list[ProbeResult], tuned: list[ProbeResult], *, thresh
             drop=ch["drop"], verdict=verdict_for(ch["drop"], drop_ci, bound),
             shares_source_with_replay=t.shares_source_with_replay,
             extra={"base": b.extra, "tuned": t.extra}, threshold=bound, kind=t.kind,
+            secondary=_secondary(b, t, n_boot=n_boot, seed=seed),
         ))
+    return out
+
+
+def _secondary(b: ProbeResult, t: ProbeResult, *, n_boot: int, seed: int) -> dict[str, dict[str, float]]:
+    from ..probes.stats import paired_relative_change
+
+    out = {}
+    for name in sorted(set(b.item_extra) & set(t.item_extra)):
+        ch = paired_relative_change(b.item_extra[name], None, t.item_extra[name], None,
+                                    higher_is_better=True, n_boot=n_boot, seed=seed)
+        out[name] = {k: ch[k] for k in ("base", "tuned", "rel_change", "ci_low", "ci_high")}
     return out
 
 

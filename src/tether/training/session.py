@@ -92,17 +92,14 @@ class Session:
         return out
 
     def guard_score(self, model):
-        scorer = self.scorer(model)
-        results = self._run(self.guard_probes, model, None)  # drift (PEFT only) uses the adapter-disabled view
         probe = self.task_probe(limit=self.recipe.guard.task_limit)
-        return results, self._task_score(probe, scorer)
+        # drift (PEFT only) uses the adapter-disabled view; the task probe shares the merged block
+        return self._with_task(self.guard_probes, probe, model, None)
 
-    @staticmethod
-    def _task_score(probe, scorer) -> float | None:
-        if probe is None:
-            return None
-        with scorer.merged():
-            return probe.run(scorer).score
+    def _with_task(self, probes: list, task_probe, model, reference) -> tuple[list, float | None]:
+        """Score ``probes`` and the task probe in one `run_suite` (one adapter merge on CPU)."""
+        results = self._run(probes + ([task_probe] if task_probe else []), model, reference)
+        return (results[:-1], results[-1].score) if task_probe else (results, None)
 
     def score_final(self, model) -> dict[str, Any]:
         from .. import models
@@ -115,8 +112,8 @@ class Session:
                 base = self.frozen_base or models.load(self.base_name, dtype=self.recipe.model.dtype,
                                                        with_tokenizer=False, device=str(model.device))
                 reference = self.scorer(base)
-            out = {"general": self._run(self.general_probes, model, reference)}
-            out["task"] = self._task_score(self.task_probe(), scorer)
+            out = dict(zip(("general", "task"),
+                           self._with_task(self.general_probes, self.task_probe(), model, reference)))
         write_json(self.run_dir / "probes_final.json", {k: [r.to_dict() for r in v] if isinstance(v, list) else v
                                                         for k, v in out.items()})
         return out
