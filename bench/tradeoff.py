@@ -58,6 +58,10 @@ CONFIGS = {
         _self_replay(128, dropout=0.0, on="replay", alpha=20.0), False),
     "LoRA α192 dropout 0 + replay 20% (self answers) + LwF (replay rows, α 30)": (
         _self_replay(192, dropout=0.0, on="replay", alpha=30.0), False),
+    # temperature 1: the distilled distribution is the teacher's own, so its argmax (what greedy
+    # generation and the trivia/drift probes see) weighs more than its tail
+    "LoRA α128 dropout 0 + replay 20% (self answers) + LwF (replay rows, α 20, T 1)": (
+        _self_replay(128, dropout=0.0, on="replay", alpha=20.0, temperature=1.0), False),
     "default recipe": (None, True),
 }
 
@@ -67,6 +71,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="training seed; results of seed != 0 are stored as 'LABEL (seed N)'")
     ap.add_argument("--suite", default="general-demo")
     ap.add_argument("--eval-limit", type=int, default=80)
     ap.add_argument("--only", nargs="*", help="run only these configurations")
@@ -98,16 +104,18 @@ def main() -> None:
 
         results.update(json.loads(Path(f).read_text())["results"])
     for label, (methods, guard) in CONFIGS.items():
-        if (args.only and label not in args.only) or label in results:
+        key = label if args.seed == 0 else f"{label} (seed {args.seed})"
+        if (args.only and label not in args.only) or key in results:
             continue
         extra = {"methods": methods} if methods is not None else {}
         recipe = load_recipe(
             None, **extra, general=args.suite,
             task={"train": str(task / "train.jsonl"), "eval": str(task / "eval.jsonl"), "eval_limit": args.eval_limit,
                   "max_new_tokens": 4},
-            training={"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "logging_steps": 10},
+            training={"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "logging_steps": 10,
+                      "seed": args.seed},
             guard={"enabled": guard, "every": max(5, args.steps // 4)},
-            output_dir=f"{args.runs}/{label.replace(' ', '_').replace('%', '')}",
+            output_dir=f"{args.runs}/{key.replace(' ', '_').replace('%', '')}",
         )
         console.rule(f"{label}: {', '.join(recipe.methods)}")
         t0 = time.perf_counter()
@@ -115,19 +123,18 @@ def main() -> None:
         base = {"general": res.base_results, "task": res.summary["task"]["base"]}
         s = res.summary
         s["wall_s"] = time.perf_counter() - t0
-        results[label] = s
-        results = {k: results[k] for k in CONFIGS if k in results}
+        results[key] = s
         write_json(args.out, {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                               "suite": args.suite, "results": results})
 
-    results = {k: results[k] for k in CONFIGS if k in results}
     write_json(args.out, {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                           "suite": args.suite, "results": results})
     probes = [p["probe"] for p in next(iter(results.values()))["probes"]]
     shared = {p["probe"]: p["shares_source_with_replay"] for p in next(iter(results.values()))["probes"]}
     naive_gain = results.get("naive full FT", {}).get("task", {}).get("gain")
     table = Table(title=f"trade-off: {args.steps} steps, batch {args.batch_size}, lr {args.lr}",
-                  caption="general: relative change vs base (red = forgot); * shares a source with replay")
+                  caption="general: relative change vs base (red = forgot), MC probes: accuracy (gold-choice "
+                  "probability); * shares a source with replay")
     table.add_column("method")
     table.add_column("task acc", justify="right")
     table.add_column("gain vs naive", justify="right")
@@ -141,7 +148,8 @@ def main() -> None:
         cells = []
         for c in s["probes"]:
             colour = "red" if c["verdict"] == "forgot" else ("yellow" if c["verdict"] == "uncertain" else "green")
-            cells.append(f"[{colour}]{c['rel_change']:+.1%}[/]")
+            prob = c.get("secondary", {}).get("prob")  # MC probes: the gold-choice probability too
+            cells.append(f"[{colour}]{c['rel_change']:+.1%}[/]" + (f" ({prob['rel_change']:+.1%})" if prob else ""))
         table.add_row(label, f"{t['final']:.1%}", rel, *cells, f"{s['seconds']:.0f}", f"{s['extra_memory_mb']:.0f}")
     console.print(table)
 

@@ -33,12 +33,16 @@ def test_clear_drop_flagged_for_both_directions():
     acc_base, acc_tuned = [1.0] * 80 + [0.0] * 20, [1.0] * 50 + [0.0] * 50
     c = compare_results([res(acc_base)], [res(acc_tuned)])[0]
     assert c.verdict == "forgot" and c.drop == pytest.approx(0.375) and c.ci_high < 0
+    assert c.flips == {"lost": 30, "gained": 0}
+    swapped = compare_results([res([1.0, 0.0, 1.0, 0.0])], [res([0.0, 1.0, 1.0, 0.0])])[0]
+    assert swapped.flips == {"lost": 1, "gained": 1} and swapped.rel_change == 0
     # a loss that rises is a drop too (lower is better)
     lb = [2.0] * 50
     lt = [2.6] * 50
     w = [1.0] * 50
     c = compare_results([res(lb, w, hib=False)], [res(lt, w, hib=False)])[0]
     assert c.verdict == "forgot" and c.drop == pytest.approx(0.3) and c.rel_change == pytest.approx(0.3)
+    assert c.flips is None  # a loss has no right/wrong items
 
 
 def test_mismatched_items_rejected_and_json_table():
@@ -53,7 +57,8 @@ def test_mismatched_items_rejected_and_json_table():
 
     console = Console(record=True, width=160)
     console.print(render_comparison(comps, 0.05))
-    assert "forgot" in console.export_text()
+    text = console.export_text()
+    assert "forgot" in text and "10/0" in text
 
 
 def test_secondary_metrics_get_a_paired_change_and_old_results_without_them_still_load():

@@ -98,6 +98,9 @@ def test_items_parse_in_their_schema(manifest, files):
         kind, srcs = manifest["files"][f]["kind"], manifest["files"][f]["sources"]
         ids = [it["id"] for it in items]
         assert len(set(ids)) == len(ids), f"{f}: duplicate ids"
+        if kind in ("multiple_choice", "generation"):  # a repeated question would count twice
+            asked = [_norm(" ".join(_texts(it))) for it in items]
+            assert len(set(asked)) == len(asked), f"{f}: a question asked twice"
         for n, it in enumerate(items, 1):
             where = f"{f}:{n}"
             assert it["source"] in srcs, where
@@ -326,3 +329,17 @@ def test_benchmark_sequence_tasks_are_balanced_disjoint_and_in_their_format(name
 def test_clip_keeps_whole_sentences():
     assert T._clip("One two. Three four. Five six.", 20) == "One two. Three four."
     assert T._clip("x" * 50, 10) == "x" * 10
+
+
+def test_dedupe_keeps_the_first_question_and_pools_generation_answers():
+    from tether.data.pack import _dedupe
+
+    items = [{"id": "a", "prompt": [{"role": "user", "content": "What is the capital of France?"}],
+              "answers": ["Paris"]},
+             {"id": "b", "prompt": [{"role": "user", "content": "Who wrote Hamlet?"}], "answers": ["Shakespeare"]},
+             {"id": "c", "prompt": [{"role": "user", "content": "what is the capital of  France"}],
+              "answers": ["Paris", "Pari"]}]
+    out = _dedupe(items, "prompt")
+    assert [it["id"] for it in out] == ["a", "b"] and out[0]["answers"] == ["Paris", "Pari"]
+    mc = [{"id": "x", "query": "Q: 2+2?\nAnswer:"}, {"id": "y", "query": "Q: 2+2?\nAnswer:"}]
+    assert [it["id"] for it in _dedupe(mc, "query")] == ["x"]

@@ -40,7 +40,7 @@ from ..io import tether_home, write_json, write_jsonl
 from ..progress import status
 from . import sources as S
 
-PACK_VERSION = 1  # bump when the builder's output changes: ensure_pack rebuilds older packs
+PACK_VERSION = 2  # bump when the builder's output changes: ensure_pack rebuilds older packs
 PACKS = ("general-v1",)
 
 # (file stem, kind, ability, sources, description)
@@ -116,6 +116,23 @@ def _sample(rng: random.Random, items: list, k: int) -> list:
     return rng.sample(items, k) if len(items) > k else list(items)
 
 
+def _dedupe(items: list[dict], text: str) -> list[dict]:
+    """Drop later items asking the same question (normalised ``text`` field); sources repeat some.
+
+    A repeat would count its question twice. Generation items pool their accepted answers into the
+    kept item. Runs after the shuffle, so the kept items keep their order.
+    """
+    out: dict[str, dict] = {}
+    for it in items:
+        q = it[text]
+        key = normalise(q if isinstance(q, str) else " ".join(m["content"] for m in q))
+        if key not in out:
+            out[key] = it
+        elif "answers" in it:
+            out[key]["answers"] = list(dict.fromkeys(out[key]["answers"] + it["answers"]))
+    return list(out.values())
+
+
 def _user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
@@ -153,7 +170,7 @@ def _mmlu_mc(seed: int) -> list[dict]:
                              f"Question: {q['question']}\nAnswer:",
                     "choices": q["choices"], "gold": q["gold"]})
     _rng(seed, "mmlu").shuffle(out)
-    return out
+    return _dedupe(out, "query")
 
 
 _NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve".split()
@@ -200,7 +217,7 @@ def _trivia_gen(bb: dict, seed: int) -> list[dict]:
                          "prompt": _user(template.format(x=x)), "answers": [t]})
         out += _sample(_rng(seed, f"trivia/{prefix}"), pool, k)
     _rng(seed, "trivia").shuffle(out)
-    return out
+    return _dedupe(out, "prompt")
 
 
 def _drift_prompts(bb: dict, seed: int) -> list[dict]:

@@ -44,6 +44,9 @@ class ProbeComparison:
     # secondary metrics scored per item on both models (e.g. an MC probe's `prob`): metric ->
     # {base, tuned, rel_change, ci_low, ci_high}, higher is better; informational, no verdict
     secondary: dict[str, dict[str, float]] = field(default_factory=dict)
+    # right/wrong probes: items the base got right and the tuned model wrong, and the reverse. On
+    # a few hundred items a model that moved at all flips some either way; the net is the change
+    flips: dict[str, int] | None = None
 
 
 def verdict_for(drop: float, drop_ci: tuple[float, float], threshold: float) -> str:
@@ -84,9 +87,17 @@ def compare_results(base: list[ProbeResult], tuned: list[ProbeResult], *, thresh
             drop=ch["drop"], verdict=verdict_for(ch["drop"], drop_ci, bound),
             shares_source_with_replay=t.shares_source_with_replay,
             extra={"base": b.extra, "tuned": t.extra}, threshold=bound, kind=t.kind,
-            secondary=_secondary(b, t, n_boot=n_boot, seed=seed),
+            secondary=_secondary(b, t, n_boot=n_boot, seed=seed), flips=_flips(b, t),
         ))
     return out
+
+
+def _flips(b: ProbeResult, t: ProbeResult) -> dict[str, int] | None:
+    if b.item_weights is not None or not {*b.item_values, *t.item_values} <= {0.0, 1.0}:
+        return None
+    pairs = list(zip(b.item_values, t.item_values))
+    return {"lost": sum(x == 1.0 and y == 0.0 for x, y in pairs),
+            "gained": sum(x == 0.0 and y == 1.0 for x, y in pairs)}
 
 
 def _secondary(b: ProbeResult, t: ProbeResult, *, n_boot: int, seed: int) -> dict[str, dict[str, float]]:
@@ -129,7 +140,7 @@ def render_comparison(comparisons: list[ProbeComparison], threshold: float, titl
     bounds = f"{threshold:.0%}" + (f" ({', '.join(loose)})" if loose else "")
     table = Table(title=title, caption=f"verdict: drop > {bounds} relative with a 95% CI excluding 0 = forgot"
                   "; * = probe shares a source with the replay data (flatters replay)")
-    for col in ("probe", "metric", "n", "base", "tuned", "change", "95% CI", "verdict"):
+    for col in ("probe", "metric", "n", "base", "tuned", "change", "95% CI", "lost/gained", "verdict"):
         table.add_column(col, justify="right" if col not in ("probe", "metric", "verdict") else "left")
     colours = {"forgot": "bold red", "uncertain": "yellow", "improved": "green", "ok": "green"}
     for c in comparisons:
@@ -137,7 +148,7 @@ def render_comparison(comparisons: list[ProbeComparison], threshold: float, titl
         table.add_row(
             c.probe + (" *" if c.shares_source_with_replay else ""), c.metric + arrow, str(c.n),
             f"{c.base:.4g}", f"{c.tuned:.4g}", f"{c.rel_change:+.1%}", f"[{c.ci_low:+.1%}, {c.ci_high:+.1%}]",
-            f"[{colours[c.verdict]}]{c.verdict}[/]",
+            f"{c.flips['lost']}/{c.flips['gained']}" if c.flips else "", f"[{colours[c.verdict]}]{c.verdict}[/]",
         )
     return table
 
