@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 import torch
 
@@ -75,3 +77,24 @@ def test_secondary_metrics_get_a_paired_change_and_old_results_without_them_stil
     old.pop("item_extra")  # results written before secondary metrics existed
     assert ProbeResult.from_dict(old).item_extra == {}
     assert "item_extra" not in base.to_dict(with_items=False)
+
+
+def test_demo_table_shows_each_probe_with_flips_and_the_mc_gold_probability():
+    from rich.console import Console
+
+    from tether.training.demo import demo_table
+
+    mc = res([1.0, 1.0, 0.0, 0.0], name="knowledge_mc")
+    mc.item_extra = {"prob": [0.8, 0.6, 0.3, 0.2]}
+    tuned = res([1.0, 0.0, 1.0, 0.0], name="knowledge_mc")
+    tuned.item_extra = {"prob": [0.8, 0.5, 0.35, 0.2]}
+    loss_b, loss_t = res([2.0, 2.0], [1.0, 1.0], hib=False, name="chat_loss"), res([2.2, 2.2], [1.0, 1.0], hib=False,
+                                                                                  name="chat_loss")
+    summary = {"task": {"base": 0.0, "final": 0.7, "gain": 0.7}, "seconds": 12.0,
+               "probes": [asdict(c) for c in compare_results([mc, loss_b], [tuned, loss_t])]}
+    console = Console(record=True, width=200)
+    console.print(demo_table({"naive full FT": summary, "default recipe": summary}, 60))
+    text = console.export_text()
+    assert "knowledge_mc (m)" in text and "+0.0% [" in text and "-1/+1" in text
+    assert "knowledge_mc (gold-choice probability)" in text and "-2.6% [" in text  # (1.85 - 1.9) / 1.9
+    assert "chat_loss (m, lower better)" in text and "+10.0% [" in text and "12 s" in text

@@ -16,7 +16,6 @@ from .run import train
 
 def run_demo(steps: int = 60, output_dir: str | Path = "runs/demo", batch_size: int = 8) -> dict:
     from rich.console import Console
-    from rich.table import Table
 
     from ..data.pack import ensure_pack
     from ..data.tasks import build_task
@@ -44,8 +43,19 @@ def run_demo(steps: int = 60, output_dir: str | Path = "runs/demo", batch_size: 
         base = {"general": res.base_results, "task": res.summary["task"]["base"]}
         results[label] = res.summary
 
+    console.print(demo_table(results, steps))
+    write_json(out / "demo.json", results)
+    console.print(f"wrote {out / 'demo.json'}")
+    return results
+
+
+def demo_table(results: dict, steps: int):
+    """One row per probe: base score and each run's relative change with its paired CI."""
+    from rich.table import Table
+
     table = Table(title=f"tether demo: SmolLM2-135M-Instruct, quote-topic routing, {steps} steps each",
-                  caption="change = relative change vs base (95% paired-bootstrap CI); * shares a source with replay")
+                  caption="change = relative change vs base (95% paired-bootstrap CI) -items lost/+gained; "
+                          "* shares a source with replay")
     table.add_column("probe")
     table.add_column("base", justify="right")
     for label in results:
@@ -54,17 +64,22 @@ def run_demo(steps: int = 60, output_dir: str | Path = "runs/demo", batch_size: 
     table.add_row("task accuracy (exact match)", f"{t0['base']:.1%}",
                   *[f"{s['task']['final']:.1%} ({s['task']['gain']:+.1%} abs)" for s in results.values()])
     colours = {"forgot": "red", "uncertain": "yellow", "ok": "green", "improved": "green"}
-    for i, p in enumerate(t0 and next(iter(results.values()))["probes"]):
+    for i, p in enumerate(next(iter(results.values()))["probes"]):
         cells = []
         for s in results.values():
             c = s["probes"][i]
-            ci = f"[{c['ci_low']:+.0%}, {c['ci_high']:+.0%}]"
-            cells.append(f"[{colours[c['verdict']]}]{c['rel_change']:+.1%}[/] {ci}")
+            flips = f" -{c['flips']['lost']}/+{c['flips']['gained']}" if c.get("flips") else ""
+            cells.append(f"[{colours[c['verdict']]}]{c['rel_change']:+.1%}[/] {_ci(c)}{flips}")
         name = p["probe"] + (" *" if p["shares_source_with_replay"] else "")
         table.add_row(f"{name} ({p['metric']}{'' if p['higher_is_better'] else ', lower better'})", f"{p['base']:.3g}",
                       *cells)
+        if "prob" in p.get("secondary", {}):  # MC: the gold-choice probability moves with every item
+            table.add_row(f"  {p['probe']} (gold-choice probability)", f"{p['secondary']['prob']['base']:.3g}",
+                          *[_ci(s["probes"][i]["secondary"]["prob"], with_value=True) for s in results.values()])
     table.add_row("wall time", "", *[f"{s['seconds']:.0f} s" for s in results.values()])
-    console.print(table)
-    write_json(out / "demo.json", results)
-    console.print(f"wrote {out / 'demo.json'}")
-    return results
+    return table
+
+
+def _ci(change: dict, with_value: bool = False) -> str:
+    ci = f"[{change['ci_low']:+.0%}, {change['ci_high']:+.0%}]"
+    return f"{change['rel_change']:+.1%} {ci}" if with_value else ci
