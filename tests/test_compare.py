@@ -76,6 +76,11 @@ def test_secondary_metrics_get_a_paired_change_and_old_results_without_them_stil
     old = base.to_dict()
     old.pop("item_extra")  # results written before secondary metrics existed
     assert ProbeResult.from_dict(old).item_extra == {}
+    from rich.console import Console
+
+    console = Console(record=True, width=160)
+    console.print(render_comparison([c], 0.05))
+    assert "-2.3%" in console.export_text()  # the prob row: -0.0125 / 0.55
     assert "item_extra" not in base.to_dict(with_items=False)
 
 

@@ -150,6 +150,10 @@ def render_comparison(comparisons: list[ProbeComparison], threshold: float, titl
             f"{c.base:.4g}", f"{c.tuned:.4g}", f"{c.rel_change:+.1%}", f"[{c.ci_low:+.1%}, {c.ci_high:+.1%}]",
             f"{c.flips['lost']}/{c.flips['gained']}" if c.flips else "", f"[{colours[c.verdict]}]{c.verdict}[/]",
         )
+        if "prob" in c.secondary:  # MC: the gold-choice probability, which moves with every item
+            p = c.secondary["prob"]
+            table.add_row("", "prob", str(c.n), f"{p['base']:.4g}", f"{p['tuned']:.4g}", f"{p['rel_change']:+.1%}",
+                          f"[{p['ci_low']:+.1%}, {p['ci_high']:+.1%}]", "", "")
     return table
 
 

@@ -174,12 +174,27 @@ def _comparison_table(rows: list[dict]) -> str:
                      _fmt(r.get("n")), _fmt(r.get("base")), _fmt(r.get("tuned")), _fmt(r.get("rel_change"), "+.1%"),
                      f"[{_fmt(r.get('ci_low'), '+.1%')}, {_fmt(r.get('ci_high'), '+.1%')}]",
                      _fmt(r.get("drop"), "+.1%"), f"[{_fmt(lo, '+.1%')}, {_fmt(hi, '+.1%')}]",
-                     _badge(r.get("verdict"))])
-    head = ["probe", "metric", "n", "base", "tuned", "change", "change 95% CI", "drop", "drop 95% CI", "verdict"]
-    return _table(head, body, ["bad" if r.get("verdict") == "forgot" else "" for r in rows]) + (
+                     _flips(r.get("flips")), _badge(r.get("verdict"))])
+    classes = ["bad" if r.get("verdict") == "forgot" else "" for r in rows]
+    for i in reversed(range(len(rows))):  # MC: the gold-choice probability under its probe, no verdict
+        p = (rows[i].get("secondary") or {}).get("prob")
+        if p:
+            body.insert(i + 1, ["", "prob", _fmt(rows[i].get("n")), _fmt(p.get("base")), _fmt(p.get("tuned")),
+                                _fmt(p.get("rel_change"), "+.1%"),
+                                f"[{_fmt(p.get('ci_low'), '+.1%')}, {_fmt(p.get('ci_high'), '+.1%')}]", "", "", "", ""])
+            classes.insert(i + 1, "")
+    head = ["probe", "metric", "n", "base", "tuned", "change", "change 95% CI", "drop", "drop 95% CI",
+            "lost / gained", "verdict"]
+    return _table(head, body, classes) + (
         '<p class="note">↓ = lower is better. drop = relative loss of ability (positive = worse). '
+        "lost / gained = items the base answered right and the tuned model wrong, and the reverse. "
+        "prob = the probability the model puts on the right choice, which moves with every item. "
         '<span class="replay">replay</span> = the probe shares a source with the replay data, so replay '
         "flatters it: judge forgetting on the others.</p>")
+
+
+def _flips(flips: dict | None) -> str:
+    return f"{flips['lost']} / {flips['gained']}" if flips else ""
 
 
 def _results_table(results: list[dict]) -> str:
