@@ -125,3 +125,57 @@ def test_example_nll_matches_full_cross_entropy_value_and_gradient():
     (ref_sums * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
     assert torch.allclose(logits.grad, ref_logits.grad, atol=1e-6)
     assert logits.grad[1].abs().sum() == 0 and logits.grad[:, -1].abs().sum() == 0
+
+
+def test_lora_plus_gives_b_its_ratio_of_the_learning_rate_and_matches_peft_grouping(tokenizer, tmp_path):
+    """LoRA+ (lora.lr_ratio): B learns at lr * ratio, A at lr; the same split PEFT's
+    create_loraplus_optimizer makes, and one SGD step moves B by exactly ratio * lr * grad."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    from tests.conftest import make_tiny_llama
+    from tether.config import TrainingSpec
+
+    def trainer_for(ratio):
+        torch.manual_seed(0)
+        lora = METHODS.get("lora")({"r": 4, "alpha": 8, "dropout": 0.0, "lr_ratio": ratio})
+        model = lora.prepare_model(make_tiny_llama(len(tokenizer)), Context()).train()
+        with torch.no_grad():  # B = 0 at init gives A no gradient: start from a nonzero B
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+        spec = TrainingSpec(max_steps=1, batch_size=4, lr=0.01, logging_steps=1, weight_decay=0.0)
+        args = training_arguments(spec, str(tmp_path / f"r{ratio}"))
+        args.optim = "sgd"
+        g = torch.Generator().manual_seed(0)
+        data = [{"input_ids": (x := torch.randint(3, 400, (8,), generator=g).tolist()), "labels": x}
+                for _ in range(4)]
+        return TetherTrainer(model=model, args=args, train_dataset=data, data_collator=Collator(0),
+                             methods={"lora": lora}, context=Context()), model
+
+    trainer, model = trainer_for(16.0)
+    opt = trainer.create_optimizer()
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert {n: lr_of[id(p)] for n, p in named.items()} == {
+        n: pytest.approx(0.16 if ".lora_B." in n else 0.01) for n in named}
+    peft_opt = create_loraplus_optimizer(model, torch.optim.SGD, lr=0.01, loraplus_lr_ratio=16.0)
+    peft_lr = {id(p): g["lr"] for g in peft_opt.param_groups for p in g["params"]}
+    assert peft_lr == pytest.approx(lr_of)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(named)  # every trainable parameter, once
+
+    # one SGD step: each parameter moved by -lr_of(p) * grad; the plain trainer (ratio 1) moves B 16x less
+    moved = {}
+    for ratio in (16.0, 1.0):
+        trainer, model = trainer_for(ratio)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        trainer.train()
+        moved[ratio] = {n: (p.detach() - before[n]) for n, p in model.named_parameters() if n in before}
+    for n, delta in moved[16.0].items():
+        want = moved[1.0][n] * (16.0 if ".lora_B." in n else 1.0)
+        assert torch.allclose(delta, want, atol=1e-7, rtol=1e-4), n
+    assert any(d.abs().max() > 0 for n, d in moved[1.0].items() if ".lora_A." in n)
+
+
+def test_lora_plus_ratio_must_be_positive():
+    with pytest.raises(Exception, match="lora.lr_ratio must be > 0"):
+        METHODS.get("lora")({"lr_ratio": 0.0})

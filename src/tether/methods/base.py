@@ -107,6 +107,10 @@ class Method:
     def before_optimizer_step(self, model: torch.nn.Module, ctx: Context) -> None:
         """Gradient projection or masking."""
 
+    def lr_scale(self, name: str, param: torch.nn.Parameter) -> float:
+        """Learning-rate multiplier for one trainable parameter (LoRA+ gives ``B`` more); scales multiply."""
+        return 1.0
+
     def metrics(self) -> dict[str, float]:
         """Numbers worth logging (realised replay ratio, extra memory, ...)."""
         return {}

@@ -36,6 +36,11 @@ class LoraMethodConfig(BaseModel):
         target_modules (list[str] | "all-linear"): module-name suffixes to adapt (``q_proj``
             matches ``model.layers.3.self_attn.q_proj``), or ``"all-linear"`` for every linear
             layer but the output head. Every listed name must match at least one module.
+        lr_ratio (float): LoRA+ (Hayou et al., https://arxiv.org/abs/2402.12354): the ``B`` matrices
+            learn at ``lr * lr_ratio``, ``A`` at ``lr``. Both start so that ``B A = 0`` but have
+            different roles; one learning rate for both leaves ``B`` too slow, so LoRA learns less per
+            step than full fine-tuning (the paper uses 2-16; 1 = plain LoRA). PEFT's
+            ``create_loraplus_optimizer`` does the same grouping.
         merge_on_save (bool): save a merged full model instead of the adapter.
         adapter_name (str): PEFT adapter name.
     """
@@ -46,6 +51,7 @@ class LoraMethodConfig(BaseModel):
     alpha: float = 32.0
     dropout: float = 0.05
     target_modules: list[str] | Literal["all-linear"] = DEFAULT_TARGETS.copy()
+    lr_ratio: float = 1.0
     merge_on_save: bool = False
     adapter_name: str = "default"
 
@@ -68,6 +74,13 @@ class LoraMethodConfig(BaseModel):
     def _dropout(cls, v: float) -> float:
         if not 0.0 <= v < 1.0:
             raise ValueError("lora.dropout must be in [0, 1)")
+        return v
+
+    @field_validator("lr_ratio")
+    @classmethod
+    def _lr_ratio(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("lora.lr_ratio must be > 0")
         return v
 
     @field_validator("target_modules")
@@ -109,8 +122,9 @@ class LoRA(Method):
     """Wrap the model with a PEFT LoRA adapter.
 
     Hooks: ``prepare_model`` (wrap; on an already-wrapped model, add or reuse the named adapter and
-    make it trainable). ``save`` writes the adapter in PEFT format or, with ``merge``, a merged
-    full model loadable by ``AutoModelForCausalLM.from_pretrained``.
+    make it trainable), ``lr_scale`` (LoRA+: ``lr_ratio`` on this adapter's ``B``). ``save`` writes
+    the adapter in PEFT format or, with ``merge``, a merged full model loadable by
+    ``AutoModelForCausalLM.from_pretrained``.
     """
 
     config_class = LoraMethodConfig
@@ -142,6 +156,9 @@ class LoRA(Method):
                 p.requires_grad_(True)
         self._log_matches(model)
         return model
+
+    def lr_scale(self, name: str, param: torch.nn.Parameter) -> float:
+        return self.config.lr_ratio if f".lora_B.{self.config.adapter_name}." in name else 1.0
 
     def _log_matches(self, model: torch.nn.Module) -> None:
         mods = adapted_modules(model)
