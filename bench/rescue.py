@@ -36,10 +36,10 @@ def main() -> None:
     from rich.table import Table
 
     from tether import api
-    from tether.data.tasks import build_task
+    from tether.data.tasks import ensure_task
     from tether.io import write_json
 
-    task = build_task("fortune-topics")
+    task = ensure_task("fortune-topics")
     naive_dir, default_dir = Path(args.naive), Path(args.default)
     for d in (naive_dir, default_dir):
         if not (d / "summary.json").exists():

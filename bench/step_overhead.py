@@ -78,7 +78,7 @@ def main() -> None:
     from tether.data.formats import encode_records
     from tether.data.pack import ensure_pack
     from tether.data.readers import read_records
-    from tether.data.tasks import build_task
+    from tether.data.tasks import ensure_task
     from tether.io import write_json
     from tether.methods.base import Context
     from tether.methods.lora import LoraMethodConfig
@@ -87,7 +87,7 @@ def main() -> None:
     from tether.training.trainer import TetherTrainer, as_dataset, training_arguments
 
     torch.manual_seed(0)
-    task_dir, pack = build_task("fortune-topics"), ensure_pack("general-v1")
+    task_dir, pack = ensure_task("fortune-topics"), ensure_pack("general-v1")
     total = args.steps + args.warmup
     spec = TrainingSpec(max_steps=total, batch_size=args.batch_size, lr=1e-4, logging_steps=10_000)
     results = {}

@@ -91,12 +91,12 @@ def main() -> None:
 
     from tether.config import load_recipe
     from tether.data.pack import ensure_pack
-    from tether.data.tasks import build_task
+    from tether.data.tasks import ensure_task
     from tether.io import write_json
     from tether.training.run import train
 
     ensure_pack("general-v1")
-    task = build_task("fortune-topics")
+    task = ensure_task("fortune-topics")
     console = Console()
     results, base = {}, None
     if args.reuse:

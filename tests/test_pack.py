@@ -343,3 +343,36 @@ def test_dedupe_keeps_the_first_question_and_pools_generation_answers():
     assert [it["id"] for it in out] == ["a", "b"] and out[0]["answers"] == ["Paris", "Pari"]
     mc = [{"id": "x", "query": "Q: 2+2?\nAnswer:"}, {"id": "y", "query": "Q: 2+2?\nAnswer:"}]
     assert [it["id"] for it in _dedupe(mc, "query")] == ["x"]
+
+
+def test_concurrent_builds_of_one_directory_swap_in_turn(tmp_path):
+    """Eight builders finishing at once (two benchmark runs, torchrun ranks): none fails, one
+    complete build is left, no temporary or old directory stays behind. (Without the lock, 14 of 20
+    such rounds failed or left an old directory.)"""
+    import threading
+
+    from tether.data.pack import _swap_into_place
+
+    for round_ in range(5):
+        out = tmp_path / f"r{round_}" / "t"
+        out.parent.mkdir()
+        errors, barrier = [], threading.Barrier(8)
+
+        def build(i, out=out, errors=errors, barrier=barrier):
+            tmp = out.parent / f".t.tmp-{i}"
+            tmp.mkdir()
+            (tmp / "manifest.json").write_text(json.dumps({"builder": i}))
+            barrier.wait()
+            try:
+                _swap_into_place(tmp, out)
+            except Exception as e:  # noqa: BLE001 - any failure is the bug
+                errors.append(e)
+
+        threads = [threading.Thread(target=build, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert json.loads((out / "manifest.json").read_text())["builder"] in range(8)
+        assert sorted(p.name for p in out.parent.iterdir()) == [".t.lock", "t"]

@@ -24,6 +24,7 @@ and are never replayed; every replay record that overlaps any probe item is drop
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -419,17 +420,34 @@ def build_pack(name: str = "general-v1", out_dir: str | os.PathLike | None = Non
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-    try:
+    """Replace ``out`` by the finished build ``tmp``; one swap at a time per ``out``.
+
+    Two processes may build the same directory at once (two benchmark runs started together,
+    torchrun ranks): without the lock, the second one's rename of ``out`` finds it already moved.
+    """
+    with _swap_lock(out):
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
         os.replace(tmp, out)
-    except OSError:
-        if not (out / "manifest.json").exists():  # not another process's finished build
-            raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _swap_lock(out: Path):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: renames stay atomic, concurrent builds are not serialised
+        yield
+        return
+    with open(out.parent / f".{out.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _fresh(path: Path) -> bool:

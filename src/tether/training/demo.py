@@ -18,12 +18,12 @@ def run_demo(steps: int = 60, output_dir: str | Path = "runs/demo", batch_size: 
     from rich.console import Console
 
     from ..data.pack import ensure_pack
-    from ..data.tasks import build_task
+    from ..data.tasks import ensure_task
     from ..io import write_json
 
     console = Console()
     ensure_pack("general-v1")
-    task_dir = build_task("fortune-topics")
+    task_dir = ensure_task("fortune-topics")
     out = Path(output_dir)
     common = {"task": {"train": str(task_dir / "train.jsonl"), "eval": str(task_dir / "eval.jsonl"), "eval_limit": 80,
                        "max_new_tokens": 4},
