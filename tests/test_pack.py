@@ -208,7 +208,7 @@ def test_build_is_reproducible(tmp_path, manifest):
             f"{f}: the cached pack differs from a fresh build; bump pack.PACK_VERSION when the output changes")
     assert _sha(a / "manifest.json") == _sha(b / "manifest.json")
     assert _sha(a / "knowledge_mc.jsonl") != _sha(c / "knowledge_mc.jsonl")
-    assert not list(tmp_path.glob(".*"))  # no temp dirs left behind
+    assert not [p for p in tmp_path.glob(".*") if p.suffix != ".lock"]  # no temp dirs left behind
 
 
 def test_rebuild_replaces_atomically(tmp_path):
@@ -216,7 +216,7 @@ def test_rebuild_replaces_atomically(tmp_path):
     (out / "stale").mkdir(parents=True)
     P.build_pack("general-v1", out)
     assert not (out / "stale").exists() and (out / "manifest.json").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pack"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".pack.lock", "pack"]  # the swap's lock file stays
 
 
 def test_summary_and_uris(pack_dir):
