@@ -7,6 +7,7 @@ stays small on purpose: per-method logic lives in the methods, scheduling in cal
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -41,7 +42,7 @@ class TetherTrainer(Trainer):
         if self.optimizer is not None:
             return self.optimizer
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        scales = {n: _product(m.lr_scale(n, p) for m in self.methods.values()) for n, p in named}
+        scales = {n: math.prod(float(m.lr_scale(n, p)) for m in self.methods.values()) for n, p in named}
         if all(v == 1.0 for v in scales.values()):
             return super().create_optimizer(model)
         decay = set(self.get_decay_parameter_names(model))
@@ -51,8 +52,9 @@ class TetherTrainer(Trainer):
         optimizer_cls, kwargs = (self.optimizer_cls_and_kwargs if self.optimizer_cls_and_kwargs is not None
                                  else self.get_optimizer_cls_and_kwargs(self.args, model))
         if not isinstance(optimizer_cls, type) or {"params", "model", "optimizer_dict"} & set(kwargs):
-            raise ValueError(f"per-parameter learning rates (lora.lr_ratio) need a plain torch optimizer; "
-                             f"training.optim builds {getattr(optimizer_cls, '__name__', optimizer_cls)} its own way")
+            raise ValueError(f"per-parameter learning rates (lora.lr_ratio) need a plain torch optimizer; HF's "
+                             f"optim={self.args.optim!r} builds {getattr(optimizer_cls, '__name__', optimizer_cls)} "
+                             "its own way")
         self.optimizer = optimizer_cls(
             [{"params": ps, "weight_decay": self.args.weight_decay if d else 0.0, "lr": self.args.learning_rate * k}
              for (d, k), ps in groups.items()], **kwargs)
@@ -144,13 +146,6 @@ class TetherTrainer(Trainer):
                 for k, v in method.metrics().items():
                     logs[f"{name}/{k}"] = v
         super().log(logs, *args, **kwargs)
-
-
-def _product(values) -> float:
-    out = 1.0
-    for v in values:
-        out *= float(v)
-    return out
 
 
 def weighted_example_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
