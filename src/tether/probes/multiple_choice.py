@@ -121,8 +121,6 @@ class MultipleChoiceProbe(Probe):
             per["acc"].append(float(pred == it["gold"]))
             per["acc_norm"].append(float(pred_norm == it["gold"]))
             per["prob"].append(gold_probability(lls, it["gold"]))
-        primary = self.opts["primary"]
-        result = probe_result(self, per.pop(primary), metric=primary, n_boot=self.opts["n_boot"],
-                              item_extra=per)
+        result = probe_result(self, per.pop(self.metric), n_boot=self.opts["n_boot"], item_extra=per)
         result.seconds = time.perf_counter() - t0
         return result

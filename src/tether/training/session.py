@@ -105,8 +105,7 @@ class Session:
         from .. import models
 
         with status("scoring the tuned model on the general probes"):
-            scorer = self.scorer(model)
-            if scorer.is_peft:
+            if self.scorer(model).is_peft:
                 reference = None  # the adapter-disabled view
             else:
                 base = self.frozen_base or models.load(self.base_name, dtype=self.recipe.model.dtype,
