@@ -64,6 +64,57 @@ def test_tokens_mode_within_one_example_of_the_ratio():
     assert total_r / total == pytest.approx(ratio, abs=0.05)
 
 
+def test_add_mode_keeps_every_task_slot_and_puts_replay_on_top():
+    """mode add: B task examples in every batch, replay rows exactly ``ratio`` of the larger batch."""
+    plan = plan_batches(37, [5] * 11, None, batch_size=8, num_batches=25, ratio=0.2, by="examples", seed=1, mode="add")
+    assert all(count(b, "task") == 8 and count(b) == 2 for b in plan)  # 2 / 10 = 0.2 exactly
+    # 0.25 / 0.75 * 6 = 2 per batch; 0.3 / 0.7 * 8 = 24/7 per batch: 3 or 4, running share exact
+    assert all(count(b) == 2 and len(b) == 8 for b in plan_batches(9, [2] * 5, None, 6, 10, 0.25, mode="add"))
+    plan = plan_batches(40, [3] * 30, None, 8, 35, 0.3, "examples", 0, "add")
+    assert {count(b) for b in plan} == {3, 4} and all(count(b, "task") == 8 for b in plan)
+    n_r = [sum(count(b) for b in plan[:k]) for k in range(36)]
+    assert all(n_r[k] == math.floor(k * 8 * 3 / 7) for k in range(36))
+    assert n_r[-1] / (n_r[-1] + 8 * 35) == pytest.approx(0.3, abs=1 / 35)
+    # the same task order as without replay: replay never displaces a task example
+    bare = plan_batches(37, [5] * 11, None, 8, 25, 0.0, "examples", 1)
+    plan = plan_batches(37, [5] * 11, None, 8, 25, 0.2, "examples", 1, "add")
+    assert [[i for k, i in b if k == "task"] for b in plan] == [[i for _, i in b] for b in bare]
+    with pytest.raises(ValueError, match="mode"):
+        plan_batches(5, [1], None, 4, 3, 0.2, "examples", 0, "mix")
+
+
+def test_add_mode_by_tokens_keeps_batch_size_task_examples():
+    rng = random.Random(3)
+    task_len = [rng.randint(5, 60) for _ in range(40)]
+    pool_len = [rng.randint(5, 60) for _ in range(25)]
+    plan = plan_batches(40, pool_len, task_len, 6, 30, 0.3, "tokens", seed=2, mode="add")
+    for b in plan:
+        assert count(b, "task") == 6
+        t = sum(task_len[i] for k, i in b if k == "task")
+        r = sum(pool_len[i] for k, i in b if k == "replay")
+        assert abs(r / (r + t) - 0.3) <= max(pool_len) / (r + t)
+
+
+def test_add_mode_through_prepare_data_self_answers_only_what_the_plan_uses(monkeypatch):
+    import tether.data.rehearsal as rehearsal
+
+    task = [ex(5 + i % 3, 10 + i) for i in range(9)]
+    general = [ex(4 + i % 2, 100 + i, prompt=0) for i in range(40)]
+    asked = []
+    monkeypatch.setattr(rehearsal, "self_rehearsal",
+                        lambda model, tok, pool, **kw: (asked.extend(pool) or list(pool), len(pool)))
+    method = Replay({"ratio": 0.2, "mode": "add", "answers": "model"})
+    ctx = Context(general_examples=general, batch_size=4, num_batches=10, seed=0)
+    method.on_task_start(None, ctx)
+    assert len(asked) == 10  # 0.2 / 0.8 * 4 = 1 replay row per batch, 10 batches
+    ds = method.prepare_data(task, ctx)
+    assert all(len(b) == 5 for b in ds.batches)
+    assert method.metrics()["replay_planned_examples"] == 0.2
+    ds.set_ratio(0.5, start=4)  # the guard's adapt re-plans in the same mode: 4 task + 4 replay
+    assert [len(b) for b in ds.batches] == [5] * 4 + [8] * 6
+    assert all(sum(1 for i in b if i < len(task)) == 4 for b in ds.batches)
+
+
 def test_plan_is_deterministic_in_the_seed():
     args = (20, [3, 9, 4, 7, 5, 6], [4] * 20, 5, 12, 0.4)
     for by in ("examples", "tokens"):
@@ -113,6 +164,8 @@ def test_config_errors():
         ReplayConfig(ratio=1.0)
     with pytest.raises(ValidationError):
         ReplayConfig(by="bytes")
+    with pytest.raises(ValidationError):
+        ReplayConfig(mode="on_top")
 
 
 def test_collator_pads_right_with_masked_labels():

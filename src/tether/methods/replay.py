@@ -57,6 +57,12 @@ class ReplayConfig(BaseModel):
         max_new_tokens (int): longest self-answer, with ``answers: model``.
         growth, decay (float): MSSR strength update factors (see `tether.data.mssr`).
         seed (int | None): seed for shuffling both pools; ``None`` uses the run seed.
+        mode ("replace" | "add"): where the replay rows go. ``replace``: they take ``ratio`` of the
+            batch's ``batch_size`` slots, so each step sees ``(1 - ratio)`` as many task examples as
+            without replay. ``add``: every batch keeps ``batch_size`` task examples and replay rows are
+            added on top until they are ``ratio`` of the larger batch (Avalanche's replay loader
+            works this way): the task learns from as many examples per step as without replay, at
+            the cost of a longer step (ratio 0.2, batch 8: 8 task + 2 general rows).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -70,6 +76,7 @@ class ReplayConfig(BaseModel):
     growth: float = 2.0
     decay: float = 0.5
     seed: int | None = None
+    mode: Literal["replace", "add"] = "replace"
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -105,20 +112,27 @@ class _Stream:
         return i
 
 
-def replay_counts(ratio: float, batch_size: int, num_batches: int) -> list[int]:
+def replay_counts(ratio: float | Fraction, batch_size: int, num_batches: int) -> list[int]:
     """Replay examples per batch so that after ``b`` batches exactly ``floor(b * ratio * B)`` are replay.
 
     When ``ratio * B`` is an integer ``k`` every batch holds exactly ``k``; otherwise batches hold
     ``floor(ratio * B)`` or one more, in a fixed Bresenham pattern, so the running ratio is
     never more than one example off (no rounding drift as with ``round(ratio * B)`` per batch).
     """
-    rb = Fraction(repr(ratio)) * batch_size  # exact: 0.29 * 100 is 29, not 28.999999999999996
+    rb = (ratio if isinstance(ratio, Fraction) else Fraction(repr(ratio))) * batch_size  # exact: 0.29 * 100 is 29
     cum = [math.floor(b * rb) for b in range(num_batches + 1)]
     return [cum[b + 1] - cum[b] for b in range(num_batches)]
 
 
+def _extra_ratio(ratio: float) -> Fraction:
+    """Replay rows per task row that make replay ``ratio`` of a batch: ``ratio / (1 - ratio)``, exactly."""
+    r = Fraction(repr(ratio))
+    return r / (1 - r)
+
+
 def plan_batches(n_task: int, replay_lengths: list[int], task_lengths: list[int] | None, batch_size: int,
-                 num_batches: int, ratio: float, by: str = "examples", seed: int = 0) -> list[list[Slot]]:
+                 num_batches: int, ratio: float, by: str = "examples", seed: int = 0,
+                 mode: str = "replace") -> list[list[Slot]]:
     """Plan every batch as a list of ``("task", i)`` / ``("replay", j)`` slots.
 
     Args:
@@ -130,11 +144,17 @@ def plan_batches(n_task: int, replay_lengths: list[int], task_lengths: list[int]
             ``replay_counts``); with ``by="tokens"`` it holds ``max(1, round((1 - ratio) * B))``
             task examples, then replay examples are added while each one brings the batch's
             replay-token share closer to ``ratio`` (so it ends within one example of it).
+            With ``mode="add"`` every batch holds ``B`` task examples and the replay rows come on
+            top: ``ratio / (1 - ratio) * B`` of them per batch (Bresenham, as above) by examples,
+            or as many as bring the token share closest to ``ratio`` by tokens.
         num_batches: batches to plan; ``<= 0`` plans until one epoch of the task data is used.
         ratio: replay share in ``[0, 1)``.
         by: ``"examples"`` or ``"tokens"``.
         seed: shuffling seed; the plan is a pure function of the arguments.
+        mode: ``"replace"`` (replay takes batch slots) or ``"add"`` (replay comes on top).
     """
+    if mode not in ("replace", "add"):
+        raise ValueError(f"replay: mode must be 'replace' or 'add', not {mode!r}")
     if n_task <= 0 or batch_size <= 0:
         raise ValueError("replay: need task examples and batch_size > 0")
     if ratio > 0 and not replay_lengths:
@@ -145,15 +165,16 @@ def plan_batches(n_task: int, replay_lengths: list[int], task_lengths: list[int]
     tasks = _Stream(n_task, random.Random(rng.random()))
     pool = _Stream(len(replay_lengths), random.Random(rng.random()))
     limit = num_batches if num_batches > 0 else n_task * batch_size  # generous bound; stops at one epoch
-    counts = replay_counts(ratio, batch_size, limit) if by == "examples" else []
-    n_task_tok = max(1, round((1 - ratio) * batch_size))
+    add = mode == "add"
+    counts = replay_counts(_extra_ratio(ratio) if add else ratio, batch_size, limit) if by == "examples" else []
+    n_task_tok = batch_size if add else max(1, round((1 - ratio) * batch_size))
     plan: list[list[Slot]] = []
     for b in range(limit):
         if num_batches <= 0 and tasks.taken >= n_task:
             break
         if by == "examples":
             k = counts[b]
-            batch = [("task", tasks.next()) for _ in range(batch_size - k)]
+            batch = [("task", tasks.next()) for _ in range(batch_size if add else batch_size - k)]
             plan.append(batch + [("replay", pool.next()) for _ in range(k)])
             continue
         batch: list[Slot] = [("task", tasks.next()) for _ in range(n_task_tok)]
@@ -279,7 +300,8 @@ class Replay(Method):
         pool = list(ctx.general_examples)
         random.Random(ctx.seed if c.seed is None else c.seed).shuffle(pool)
         if ctx.num_batches > 0:  # answer only what the plan can use (by tokens: a generous bound)
-            need = math.ceil(c.ratio * ctx.batch_size * ctx.num_batches) * (1 if c.by == "examples" else 2)
+            per_row = _extra_ratio(c.ratio) if c.mode == "add" else Fraction(repr(c.ratio))
+            need = math.ceil(per_row * ctx.batch_size * ctx.num_batches) * (1 if c.by == "examples" else 2)
             pool = pool[:max(need, ctx.batch_size)]
         t0 = time.perf_counter()
         self.pool_, self.self_answered_ = self_rehearsal(model, ctx.tokenizer, pool, max_new_tokens=c.max_new_tokens,
@@ -293,20 +315,21 @@ class Replay(Method):
         task_len = [_n_target(e) for e in dataset]
         pool_len = [_n_target(e) for e in pool]
         seed = ctx.seed if c.seed is None else c.seed
-        if c.by == "examples" and (Fraction(repr(c.ratio)) * ctx.batch_size).denominator != 1:
-            k = math.floor(c.ratio * ctx.batch_size)
-            hint = f" (some batches get none: use a batch size >= {math.ceil(1 / c.ratio)})" if k == 0 else ""
-            log.warning("replay: ratio %.3g x batch size %d is not a whole number of examples; batches "
+        per_row = _extra_ratio(c.ratio) if c.mode == "add" else Fraction(repr(c.ratio))
+        if c.by == "examples" and (per_row * ctx.batch_size).denominator != 1:
+            k = math.floor(per_row * ctx.batch_size)
+            hint = f" (some batches get none: use a batch size >= {math.ceil(1 / per_row)})" if k == 0 else ""
+            log.warning("replay: ratio %.3g (mode %s) x batch size %d is not a whole number of examples; batches "
                         "alternate between %d and %d replay examples so the running ratio stays exact%s",
-                        c.ratio, ctx.batch_size, k, k + 1, hint)
+                        c.ratio, c.mode, ctx.batch_size, k, k + 1, hint)
         plan = plan_batches(len(dataset), pool_len, task_len, ctx.batch_size, ctx.num_batches,
-                            c.ratio, c.by, seed)
+                            c.ratio, c.by, seed, c.mode)
         ex, tok = plan_ratios(plan, task_len, pool_len)
         self.planned_ = {"ratio": c.ratio, "examples": ex, "tokens": tok, "batches": float(len(plan))}
         log.info("replay: %d batches planned from %d task and %d general examples; replay share %.3f of "
                  "examples, %.3f of target tokens", len(plan), len(dataset), len(pool), ex, tok)
         replan = functools.partial(plan_batches, len(dataset), pool_len, task_len, ctx.batch_size, ctx.num_batches,
-                                   by=c.by, seed=seed)
+                                   by=c.by, seed=seed, mode=c.mode)
         mixed = MixedDataset(list(dataset), pool, plan, c.ratio, lambda r: replan(ratio=r))
         if c.schedule == "mssr" and pool:
             self.scheduler_ = MemoryStrengthScheduler(len(pool), growth=c.growth, decay=c.decay, lengths=pool_len,
