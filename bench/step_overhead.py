@@ -34,6 +34,9 @@ CONFIGS = {
                                                           "lwf": {"on": "replay"}},
     # every position the task loss does not train: one teacher forward over the whole batch
     "+ replay 25% + LwF on inputs": {"lora": {}, "replay": {"ratio": 0.25}, "lwf": {"on": "inputs"}},
+    # the default recipe since session 7: the replay rows come on top of the 8 task rows (8 + 2 per step)
+    "+ replay 20% on top (mode add) + LwF on replay rows, LoRA dropout 0": {
+        "lora": {"dropout": 0.0}, "replay": {"ratio": 0.2, "mode": "add"}, "lwf": {"on": "replay"}},
 }
 
 
@@ -63,6 +66,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--only", nargs="*", help="run only these configurations (plain Trainer + PEFT always runs)")
     ap.add_argument("--out", default=str(HERE / "results" / "step_overhead.json"))
     args = ap.parse_args()
 
@@ -136,7 +140,8 @@ def main() -> None:
 
     run("plain Trainer + PEFT LoRA", plain)
     for label, cfg in CONFIGS.items():
-        run(label, tethered(cfg))
+        if not args.only or label in args.only:
+            run(label, tethered(cfg))
     ref = results["plain Trainer + PEFT LoRA"]["median_s"]
     table = Table(title=f"step time, {args.model}, batch {args.batch_size}, median of {args.steps} steps "
                         f"(after {args.warmup} warm-up), one process")

@@ -176,6 +176,40 @@ def test_lora_plus_gives_b_its_ratio_of_the_learning_rate_and_matches_peft_group
     assert any(d.abs().max() > 0 for n, d in moved[1.0].items() if ".lora_A." in n)
 
 
+def test_lora_plus_keeps_hfs_optimizer_groups_and_refuses_one_it_cannot_rebuild(tokenizer, tmp_path):
+    """The scaled groups start from HF's own (AdamW, weight decay on matrices only); an optimizer
+    that is not one torch optimizer over all parameters gets a clear error, not a silent plain LR."""
+    from tests.conftest import make_tiny_llama
+    from tether.config import TrainingSpec
+
+    def trainer_for(**trainer_kwargs):
+        lora = METHODS.get("lora")({"r": 4, "alpha": 8, "dropout": 0.0, "lr_ratio": 4.0, "target_modules": ["q_proj"]})
+        model = lora.prepare_model(make_tiny_llama(len(tokenizer)), Context()).train()
+        spec = TrainingSpec(max_steps=1, batch_size=2, lr=0.001, weight_decay=0.1)
+        return TetherTrainer(model=model, args=training_arguments(spec, str(tmp_path)), train_dataset=[],
+                             data_collator=Collator(0), methods={"lora": lora}, context=Context(),
+                             **trainer_kwargs), model
+
+    trainer, model = trainer_for()
+    opt = trainer.create_optimizer()
+    assert isinstance(opt, torch.optim.AdamW) and trainer.create_optimizer() is opt
+    decay = set(trainer.get_decay_parameter_names(model))
+    for g in opt.param_groups:
+        for p in g["params"]:
+            name = next(n for n, q in model.named_parameters() if q is p)
+            assert g["lr"] == pytest.approx(0.004 if ".lora_B." in name else 0.001), name
+            assert g["weight_decay"] == (0.1 if name in decay else 0.0), name
+
+    class Wrapper:  # an optimizer factory as HF calls Muon/Dion's: it holds torch optimizers, is none
+        def __call__(self, model, lr):
+            self.inner = [torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)]
+            return self
+
+    trainer, _ = trainer_for(optimizer_cls_and_kwargs=(Wrapper, {"lr": 0.001}))
+    with pytest.raises(ValueError, match="lora.lr_ratio.*Wrapper"):
+        trainer.create_optimizer()
+
+
 def test_lora_plus_ratio_must_be_positive():
     with pytest.raises(Exception, match="lora.lr_ratio must be > 0"):
         METHODS.get("lora")({"lr_ratio": 0.0})

@@ -37,28 +37,34 @@ class TetherTrainer(Trainer):
         return dataclasses.replace(self.base_context, step=self.state.global_step)
 
     def create_optimizer(self, model=None):
-        """HF's optimizer, with per-parameter learning rates when a method scales some (LoRA+)."""
+        """HF's optimizer, with per-parameter learning rates when a method scales some (LoRA+).
+
+        HF builds the optimizer (class and kwargs from ``args.optim``, weight-decay and device-mesh
+        groups); before its first step each group is split by scale, in place, into groups with the
+        same settings and the learning rate multiplied.
+        """
         model = model if model is not None else self.model
         if self.optimizer is not None:
             return self.optimizer
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        scales = {n: math.prod(float(m.lr_scale(n, p)) for m in self.methods.values()) for n, p in named}
+        scales = {id(p): math.prod(float(m.lr_scale(n, p)) for m in self.methods.values()) for n, p in named}
+        optimizer = super().create_optimizer(model)
         if all(v == 1.0 for v in scales.values()):
-            return super().create_optimizer(model)
-        decay = set(self.get_decay_parameter_names(model))
-        groups: dict[tuple[bool, float], list] = defaultdict(list)
-        for n, p in named:
-            groups[(n in decay, scales[n])].append(p)
-        optimizer_cls, kwargs = (self.optimizer_cls_and_kwargs if self.optimizer_cls_and_kwargs is not None
-                                 else self.get_optimizer_cls_and_kwargs(self.args, model))
-        if not isinstance(optimizer_cls, type) or {"params", "model", "optimizer_dict"} & set(kwargs):
-            raise ValueError(f"per-parameter learning rates (lora.lr_ratio) need a plain torch optimizer; HF's "
-                             f"optim={self.args.optim!r} builds {getattr(optimizer_cls, '__name__', optimizer_cls)} "
-                             "its own way")
-        self.optimizer = optimizer_cls(
-            [{"params": ps, "weight_decay": self.args.weight_decay if d else 0.0, "lr": self.args.learning_rate * k}
-             for (d, k), ps in groups.items()], **kwargs)
-        return self.optimizer
+            return optimizer
+        if not isinstance(optimizer, torch.optim.Optimizer) or hasattr(optimizer, "optimizer_dict"):
+            raise ValueError(f"per-parameter learning rates (lora.lr_ratio) need one torch optimizer over all "
+                             f"parameters; HF's optim={self.args.optim!r} built {type(optimizer).__name__}")
+        groups = []
+        for group in optimizer.param_groups:
+            by_scale: dict[float, list] = defaultdict(list)
+            for p in group["params"]:
+                by_scale[scales.get(id(p), 1.0)].append(p)
+            settings = {k: v for k, v in group.items() if k != "params"}
+            groups += [{**settings, "params": ps, "lr": settings["lr"] * k} for k, ps in by_scale.items()]
+        optimizer.param_groups.clear()
+        for group in groups:
+            optimizer.add_param_group(group)
+        return optimizer
 
     def get_train_dataloader(self):
         """Honour a dataset's fixed batch plan (replay's exact per-batch ratio) instead of shuffling."""
