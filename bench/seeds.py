@@ -5,7 +5,7 @@ order), more than most recipe changes, so a change is judged on several seeds to
 one. This screens variants cheaply: no guard, no full general suite, only the 200 held-out task
 items and 24 drift prompts; the variants that win go to `bench/tradeoff.py` for every probe.
 
-    python bench/seeds.py --seeds 0 1 2 --only "default" "replay mode replace"
+    python bench/seeds.py --seeds 0 1 2 --only "default" "replay mode add"
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ HERE = Path(__file__).resolve().parent
 # label -> (recipe overrides as `--set` strings); "default" is the default recipe as it is
 VARIANTS = {
     "default": [],
-    "replay mode replace": ["replay.mode=replace"],
-    "replay mode replace, cosine schedule": ["replay.mode=replace", "training.scheduler=cosine"],
-    "replay mode replace, linear schedule": ["replay.mode=replace", "training.scheduler=linear"],
-    "replay mode replace, LoRA r64 α256": ["replay.mode=replace", "lora.r=64", "lora.alpha=256"],
+    "replay mode add": ["replay.mode=add"],
+    "cosine schedule": ["training.scheduler=cosine"],
+    "linear schedule": ["training.scheduler=linear"],
+    "LoRA r64 α256": ["lora.r=64", "lora.alpha=256"],
     "naive full FT": ["lora=false", "replay=false", "lwf=false", "full={}"],
 }
 

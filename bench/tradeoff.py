@@ -67,6 +67,10 @@ CONFIGS = {
     "LoRA+ (B lr x4) α128 dropout 0 + replay 20% (self answers) + LwF (replay rows, α 20)": (
         _self_replay(128, dropout=0.0, lr_ratio=4.0, on="replay", alpha=20.0), False),
     "default recipe": (None, True),
+    # the default with the replay rows on top of the 8 task rows (8 + 2 per step), guard on as above
+    "default recipe, replay mode add": ({"lora": {"r": 16, "alpha": 128, "dropout": 0.0},
+                                         "replay": {"ratio": 0.2, "answers": "model", "mode": "add"},
+                                         "lwf": {"on": "replay", "alpha": 20.0}}, True),
 }
 
 

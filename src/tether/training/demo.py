@@ -32,9 +32,7 @@ def run_demo(steps: int = 60, output_dir: str | Path = "runs/demo", batch_size: 
     runs = {
         "naive full FT": load_recipe(None, **common, methods={"full": {}}, training=training,
                                      guard={"enabled": False}, output_dir=str(out / "naive")),
-        # two guard checks (steps 30 and 60), not the recipe's three: each costs ~37 s on 2 CPU cores and
-        # the default's 8 task + 2 replay rows per step already make its run the longer of the two
-        "default recipe": load_recipe(None, **common, training=training, guard={"every": max(5, steps // 2)},
+        "default recipe": load_recipe(None, **common, training=training, guard={"every": max(5, steps // 3)},
                                       output_dir=str(out / "default")),
     }
     results = {}
