@@ -34,7 +34,7 @@ CONFIGS = {
                                                           "lwf": {"on": "replay"}},
     # every position the task loss does not train: one teacher forward over the whole batch
     "+ replay 25% + LwF on inputs": {"lora": {}, "replay": {"ratio": 0.25}, "lwf": {"on": "inputs"}},
-    # the default recipe since session 7: the replay rows come on top of the 8 task rows (8 + 2 per step)
+    # replay.mode add (opt-in): the replay rows come on top of the 8 task rows (8 + 2 per step)
     "+ replay 20% on top (mode add) + LwF on replay rows, LoRA dropout 0": {
         "lora": {"dropout": 0.0}, "replay": {"ratio": 0.2, "mode": "add"}, "lwf": {"on": "replay"}},
 }

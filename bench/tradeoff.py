@@ -26,7 +26,8 @@ def _self_replay(lora_alpha: float, dropout: float = 0.05, lr_ratio: float = 1.0
             "replay": {"ratio": 0.2, "answers": "model"}, "lwf": lwf}
 
 
-# label -> (methods, guard on?); methods None = the default recipe exactly as `tether train` runs it
+# label -> (methods, guard on?); methods None = the default recipe exactly as `tether train` runs it, a
+# list of `--set` overrides = the default recipe with those changes
 CONFIGS = {
     "naive full FT": ({"full": {}}, False),
     "LoRA": ({"lora": {}}, False),
@@ -68,9 +69,7 @@ CONFIGS = {
         _self_replay(128, dropout=0.0, lr_ratio=4.0, on="replay", alpha=20.0), False),
     "default recipe": (None, True),
     # the default with the replay rows on top of the 8 task rows (8 + 2 per step), guard on as above
-    "default recipe, replay mode add": ({"lora": {"r": 16, "alpha": 128, "dropout": 0.0},
-                                         "replay": {"ratio": 0.2, "answers": "model", "mode": "add"},
-                                         "lwf": {"on": "replay", "alpha": 20.0}}, True),
+    "default recipe, replay mode add": (["replay.mode=add"], True),
 }
 
 
@@ -115,7 +114,7 @@ def main() -> None:
         key = label if args.seed == 0 else f"{label} (seed {args.seed})"
         if (args.only and label not in args.only) or key in results:
             continue
-        extra = {"methods": methods} if methods is not None else {}
+        extra = {"methods": methods} if isinstance(methods, dict) else {"overrides": methods or []}
         recipe = load_recipe(
             None, **extra, general=args.suite,
             task={"train": str(task / "train.jsonl"), "eval": str(task / "eval.jsonl"), "eval_limit": args.eval_limit,

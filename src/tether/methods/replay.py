@@ -124,10 +124,11 @@ def replay_counts(ratio: float | Fraction, batch_size: int, num_batches: int) ->
     return [cum[b + 1] - cum[b] for b in range(num_batches)]
 
 
-def _extra_ratio(ratio: float) -> Fraction:
-    """Replay rows per task row that make replay ``ratio`` of a batch: ``ratio / (1 - ratio)``, exactly."""
+def _per_slot(ratio: float, mode: str) -> Fraction:
+    """Replay rows per ``batch_size`` slot, exactly: ``ratio`` when replay takes slots (``replace``),
+    ``ratio / (1 - ratio)`` when it comes on top of them (``add``), so it is ``ratio`` of the batch."""
     r = Fraction(repr(ratio))
-    return r / (1 - r)
+    return r / (1 - r) if mode == "add" else r
 
 
 def plan_batches(n_task: int, replay_lengths: list[int], task_lengths: list[int] | None, batch_size: int,
@@ -166,7 +167,7 @@ def plan_batches(n_task: int, replay_lengths: list[int], task_lengths: list[int]
     pool = _Stream(len(replay_lengths), random.Random(rng.random()))
     limit = num_batches if num_batches > 0 else n_task * batch_size  # generous bound; stops at one epoch
     add = mode == "add"
-    counts = replay_counts(_extra_ratio(ratio) if add else ratio, batch_size, limit) if by == "examples" else []
+    counts = replay_counts(_per_slot(ratio, mode), batch_size, limit) if by == "examples" else []
     n_task_tok = batch_size if add else max(1, round((1 - ratio) * batch_size))
     plan: list[list[Slot]] = []
     for b in range(limit):
@@ -300,8 +301,8 @@ class Replay(Method):
         pool = list(ctx.general_examples)
         random.Random(ctx.seed if c.seed is None else c.seed).shuffle(pool)
         if ctx.num_batches > 0:  # answer only what the plan can use (by tokens: a generous bound)
-            per_row = _extra_ratio(c.ratio) if c.mode == "add" else Fraction(repr(c.ratio))
-            need = math.ceil(per_row * ctx.batch_size * ctx.num_batches) * (1 if c.by == "examples" else 2)
+            planned = math.ceil(_per_slot(c.ratio, c.mode) * ctx.batch_size * ctx.num_batches)
+            need = planned * (1 if c.by == "examples" else 2)
             pool = pool[:max(need, ctx.batch_size)]
         t0 = time.perf_counter()
         self.pool_, self.self_answered_ = self_rehearsal(model, ctx.tokenizer, pool, max_new_tokens=c.max_new_tokens,
@@ -315,10 +316,10 @@ class Replay(Method):
         task_len = [_n_target(e) for e in dataset]
         pool_len = [_n_target(e) for e in pool]
         seed = ctx.seed if c.seed is None else c.seed
-        per_row = _extra_ratio(c.ratio) if c.mode == "add" else Fraction(repr(c.ratio))
-        if c.by == "examples" and (per_row * ctx.batch_size).denominator != 1:
-            k = math.floor(per_row * ctx.batch_size)
-            hint = f" (some batches get none: use a batch size >= {math.ceil(1 / per_row)})" if k == 0 else ""
+        per_slot = _per_slot(c.ratio, c.mode)
+        if c.by == "examples" and (per_slot * ctx.batch_size).denominator != 1:
+            k = math.floor(per_slot * ctx.batch_size)
+            hint = f" (some batches get none: use a batch size >= {math.ceil(1 / per_slot)})" if k == 0 else ""
             log.warning("replay: ratio %.3g (mode %s) x batch size %d is not a whole number of examples; batches "
                         "alternate between %d and %d replay examples so the running ratio stays exact%s",
                         c.ratio, c.mode, ctx.batch_size, k, k + 1, hint)
