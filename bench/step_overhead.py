@@ -3,9 +3,11 @@
 Same model (the embedded SmolLM2 by default), data, batch size and seed; every configuration runs
 the same number of optimizer steps after warm-up steps, in one process, one after another. CPU
 wall time is noisy on a shared machine, so each configuration keeps its *median* step time and the
-table reports the ratio to plain Trainer + PEFT measured in the same run.
+table reports the ratio to plain Trainer + PEFT measured in the same run: first, and again last,
+the reference (a process's first run also pays for warming up: clocks, allocator, caches).
 
     python bench/step_overhead.py --steps 8 --warmup 2 --batch-size 8
+    python bench/step_overhead.py --random-config qwen2-0.5b --bf16    # real shapes on a GPU, no weights
 """
 
 from __future__ import annotations
@@ -40,19 +42,34 @@ CONFIGS = {
 }
 
 
+# Qwen2-0.5B's shapes (its config.json), for timing on a machine that holds no weights: randomly
+# initialised, fed SmolLM2's token ids (all below 49152, so any of Qwen2's 151936 rows is valid)
+RANDOM_CONFIGS = {
+    "qwen2-0.5b": {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                   "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+                   "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+                   "tie_word_embeddings": True},
+}
+
+
 class StepTimer:
     """Trainer callback recording each optimizer step's wall time."""
 
     def __new__(cls):
+        import torch
         from transformers import TrainerCallback
 
         class Cb(TrainerCallback):
             times: list[float] = []
 
             def on_step_begin(self, args, state, control, **kw):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
                 self.t0 = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kw):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
                 self.times.append(time.perf_counter() - self.t0)
 
         cb = Cb()
@@ -62,7 +79,10 @@ class StepTimer:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="weights to time (and the tokenizer)")
+    ap.add_argument("--random-config", choices=sorted(RANDOM_CONFIGS),
+                    help="time these shapes, randomly initialised, instead of --model's weights")
+    ap.add_argument("--bf16", action="store_true", help="HF Trainer's bf16 mixed precision (GPU)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -93,17 +113,32 @@ def main() -> None:
     torch.manual_seed(0)
     task_dir, pack = ensure_task("fortune-topics"), ensure_pack("general-v1")
     total = args.steps + args.warmup
-    spec = TrainingSpec(max_steps=total, batch_size=args.batch_size, lr=1e-4, logging_steps=10_000)
+    spec = TrainingSpec(max_steps=total, batch_size=args.batch_size, lr=1e-4, logging_steps=10_000, bf16=args.bf16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {}
 
     def run(label, make):
-        model, tok = models.load(args.model, device="cpu")
+        if args.random_config:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            cfg = dict(RANDOM_CONFIGS[args.random_config])
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
+            tok = models.load_tokenizer(args.model)
+        else:
+            model, tok = models.load(args.model, device=device)
         trainer = make(model, tok)
         timer = StepTimer()
         trainer.add_callback(timer)
         trainer.train()
         times = timer.times[args.warmup:]
         results[label] = {"median_s": statistics.median(times), "mean_s": statistics.mean(times), "steps": len(times)}
+        if torch.cuda.is_available():
+            results[label]["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+            del model, trainer
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         Console().print(f"{label}: median {results[label]['median_s']:.3f} s/step")
 
     def plain(model, tok):
@@ -142,17 +177,22 @@ def main() -> None:
     for label, cfg in CONFIGS.items():
         if not args.only or label in args.only:
             run(label, tethered(cfg))
-    ref = results["plain Trainer + PEFT LoRA"]["median_s"]
-    table = Table(title=f"step time, {args.model}, batch {args.batch_size}, median of {args.steps} steps "
-                        f"(after {args.warmup} warm-up), one process")
-    for col in ("configuration", "s/step", "vs plain Trainer+PEFT"):
+    # again, last: the first run of a process also pays for warming up (on a GPU: clocks, allocator)
+    run("plain Trainer + PEFT LoRA, again", plain)
+    ref = results["plain Trainer + PEFT LoRA, again"]["median_s"]
+    shapes = f"{args.random_config} (random init)" if args.random_config else args.model
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    precision = ", bf16" if args.bf16 else ""
+    table = Table(title=f"step time, {shapes}, {where}{precision}, batch {args.batch_size}, "
+                        f"median of {args.steps} steps (after {args.warmup} warm-up), one process")
+    for col in ("configuration", "s/step", "vs plain Trainer+PEFT (run last)"):
         table.add_column(col, justify="right" if col != "configuration" else "left")
     for label, r in results.items():
         r["ratio"] = r["median_s"] / ref
         table.add_row(label, f"{r['median_s']:.3f}", f"{r['ratio']:.2f}x ({r['ratio'] - 1:+.0%})")
     Console().print(table)
-    write_json(args.out, {"model": args.model, "batch_size": args.batch_size, "steps": args.steps,
-                          "threads": torch.get_num_threads(), "results": results})
+    write_json(args.out, {"model": shapes, "device": where, "bf16": args.bf16, "batch_size": args.batch_size,
+                          "steps": args.steps, "threads": torch.get_num_threads(), "results": results})
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from tether.data.collate import Collator
 from tether.methods.base import Context
@@ -20,13 +20,13 @@ def result(values, name="general"):
                        score=sum(values) / len(values), n=len(values), ci_low=0, ci_high=1, item_values=list(values))
 
 
-def make_trainer(model, tokenizer, tmp_path, steps=12, lr=1e-2):
+def make_trainer(model, tokenizer, tmp_path, steps=12, lr=1e-2, **extra):
     torch.manual_seed(0)
     data = [{"input_ids": ids, "labels": ids} for ids in
             ([int(x) for x in torch.randint(3, 500, (12,))] for _ in range(32))]
     args = TrainingArguments(output_dir=str(tmp_path / "ckpt"), max_steps=steps, per_device_train_batch_size=4,
                              learning_rate=lr, report_to=[], save_strategy="no", use_cpu=True, logging_steps=2,
-                             disable_tqdm=True, seed=0)
+                             disable_tqdm=True, seed=0, **extra)
     return TetherTrainer(model=model, args=args, train_dataset=data, data_collator=Collator(tokenizer.pad_token_id),
                          methods={}, context=Context())
 
@@ -84,3 +84,32 @@ def test_guard_never_fires_without_a_drop(tiny_model, tokenizer, tmp_path):
     trainer.train()
     assert guard.stopped_at is None and len(guard.events) == 3
     assert all(not e["breached"] and e["worst_drop"] == pytest.approx(0, abs=1e-6) for e in guard.events)
+
+
+def test_bf16_training_checks_and_returns_the_model_at_its_own_precision(tiny_model, tokenizer, tmp_path):
+    """Accelerate wraps ``forward`` in bf16 autocast for mixed precision (CPU autocast here, CUDA on a
+    GPU): the guard must score checkpoints as the base was scored (fp32), and the trained model must
+    come back without the wrapper (found on a GPU: final probes ran in bf16, the reloaded adapter
+    gave other logits)."""
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    seen = []
+
+    def score(model):
+        with torch.no_grad():
+            logits = model(ids).logits
+            seen.append((logits.dtype, torch.equal(logits, model.__class__.forward(model, ids).logits)))
+        return [result([1.0] * 4)], None
+
+    trainer = make_trainer(tiny_model, tokenizer, tmp_path, steps=4, bf16=True)
+    guard = ForgettingGuard(score, [result([1.0] * 4)], action="warn", every=2, run_dir=tmp_path)
+    trainer.add_callback(guard)
+    patched = []
+    trainer.add_callback(type("Spy", (TrainerCallback,), {"on_step_end": lambda self, a, s, c, model=None, **k:
+                                                           patched.append("_original_forward" in model.__dict__)})())
+    trainer.train()
+    assert patched and all(patched)  # training did run under Accelerate's autocast wrapper
+    assert seen == [(torch.float32, True)] * 2  # ... and the guard's checks did not
+    assert "_original_forward" not in tiny_model.__dict__ and "forward" not in tiny_model.__dict__
+    with torch.no_grad():
+        after = tiny_model(ids).logits
+        assert after.dtype == torch.float32 and torch.equal(after, tiny_model.__class__.forward(tiny_model, ids).logits)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import sys
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -85,6 +86,10 @@ class Scorer:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         params = inspect.signature(base.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        # 2-D `logits_to_keep` (positions per row, or a bool mask) is transformers' `slice_logits_to_keep`
+        # (5.2x); older modeling code indexes `hidden[:, keep, :]` and fails on it: slice afterwards there
+        module = sys.modules.get(type(base).__module__)
+        self._keep_2d = "logits_to_keep" in params and hasattr(module, "slice_logits_to_keep")
 
     # ----------------------------------------------------------------- plumbing
     @property
@@ -170,7 +175,7 @@ class Scorer:
     def _logits(self, input_ids, attention_mask, keep=None, **kw):
         """Forward pass returning logits only where ``keep`` says (2D int positions or bool mask)."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         **({"logits_to_keep": keep} if keep is not None else {}), **kw)
+                         **({"logits_to_keep": keep} if keep is not None and self._keep_2d else {}), **kw)
         logits = out.logits
         if keep is not None and keep.dtype == torch.bool and logits.ndim == 3:
             logits = logits[keep]  # the model ignored logits_to_keep

@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 
 from ..io import append_jsonl
 from ..report.compare import compare_results
+from .trainer import native_forward
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ class ForgettingGuard(TrainerCallback):
     # -- decisions -------------------------------------------------------------------------------
     def check(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
-        results, task_score = self.score(model)
+        with native_forward(model):
+            results, task_score = self.score(model)
         comps = compare_results(self.base_results, results, threshold=self.threshold,
                                 kind_thresholds=self.kind_thresholds)
         breached = [c.probe for c in comps if c.verdict == "forgot"]

@@ -6,9 +6,11 @@ stays small on purpose: per-method logic lives in the methods, scheduling in cal
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -35,6 +37,12 @@ class TetherTrainer(Trainer):
 
     def context(self) -> Context:
         return dataclasses.replace(self.base_context, step=self.state.global_step)
+
+    def train(self, *args: Any, **kwargs: Any):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            drop_amp_forward(self.model)
 
     def create_optimizer(self, model=None):
         """HF's optimizer, with per-parameter learning rates when a method scales some (LoRA+).
@@ -120,8 +128,9 @@ class TetherTrainer(Trainer):
         return weights
 
     def _loss_already_scaled(self, num_items_in_batch) -> bool:
-        if self.loss_is_scaled_for_ga is not None:
-            return bool(self.loss_is_scaled_for_ga)
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)  # a Trainer attribute since transformers 5.2x
+        if scaled is not None:
+            return bool(scaled)
         return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func)
 
     @torch.no_grad()
@@ -152,6 +161,41 @@ class TetherTrainer(Trainer):
                 for k, v in method.metrics().items():
                     logs[f"{name}/{k}"] = v
         super().log(logs, *args, **kwargs)
+
+
+def drop_amp_forward(model) -> None:
+    """Give ``model`` back its own ``forward`` after bf16/fp16 training.
+
+    Why: Accelerate wraps ``model.forward`` in autocast for mixed precision and leaves it there, so
+    the trained model (final probes, `train(keep_model=True)`, the next task of a sequence, which
+    would wrap it again) kept running in bf16 while the base was scored in its own dtype.
+    """
+    original = model.__dict__.pop("_original_forward", None)
+    if original is None:
+        return
+    if getattr(original, "__func__", None) is getattr(type(model), "forward", None):
+        model.__dict__.pop("forward", None)  # the class's own method again
+    else:
+        model.forward = original
+
+
+@contextlib.contextmanager
+def native_forward(model) -> Iterator[Any]:
+    """Run ``model`` without Accelerate's mixed-precision autocast for a block (the guard's checks:
+    scored like the base was, in the model's own dtype), then put the training forward back."""
+    original = model.__dict__.get("_original_forward")
+    if original is None:
+        yield model
+        return
+    patched = model.__dict__.get("forward")
+    model.forward = original
+    try:
+        yield model
+    finally:
+        if patched is None:
+            model.__dict__.pop("forward", None)
+        else:
+            model.forward = patched
 
 
 def weighted_example_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
