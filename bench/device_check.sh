@@ -5,7 +5,9 @@
 # then run it there with both folders carried; results land in $OUT (default /tmp/tether-device):
 #   1. the CUDA tests (tests/test_gpu.py) and the rest of the fast suite with the GPU visible
 #   2. bench/step_overhead.py at Qwen2-0.5B's shapes in bf16 (plain Trainer + PEFT vs each method)
-#   3. one `tether train` of the default recipe (guard on) on a random Qwen2-0.5B, bf16
+#   3. one `tether train` of the default recipe (guard on) on a random Qwen2-0.5B, bf16, scored on
+#      `general-quick` (session 8's run on the full suite was cut at 150 s in its final scoring: a
+#      random model generates to every probe's token limit)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--prepare" ]]; then
@@ -66,12 +68,17 @@ echo "== 2. step-time overhead, Qwen2-0.5B shapes, bf16"
 timeout 180 python3 bench/step_overhead.py --random-config qwen2-0.5b --bf16 --steps 20 --warmup 5 \
   --out "$OUT/step_overhead_gpu.json" 2>&1 | grep -v "it/s\]" | tail -20
 
+# batch 32: how much of batch 8's per-step launch overhead is amortised (session 8 measured batch 8 only)
+timeout 120 python3 bench/step_overhead.py --random-config qwen2-0.5b --bf16 --steps 10 --warmup 3 --batch-size 32 \
+  --only "tether LoRA" "+ EWC" "+ LwF" "+ replay 25% + LwF on replay rows, LoRA dropout 0" \
+  --out "$OUT/step_overhead_gpu_b32.json" 2>&1 | grep -v "it/s\]" | tail -12
+
 echo "== 3. tether train, default recipe, random Qwen2-0.5B, bf16, guard every 20 steps"
 start=$SECONDS
 task="$TETHER_HOME/data/tasks/fortune-topics"
 timeout 150 python3 -c 'import sys; from tether.cli import main; sys.argv[0] = "tether"; main()' train \
   --task "$task/train.jsonl" --eval "$task/eval.jsonl" --model /tmp/qwen2-0.5b-random -o /tmp/run-gpu \
-  --set training.bf16=true --set guard.action=warn 2>&1 | grep -v "it/s\]" | tail -30
+  --set training.bf16=true --set guard.action=warn --set general=general-quick --set task.eval_limit=80 2>&1 | grep -v "it/s\]" | tail -30
 echo "tether train: $((SECONDS - start)) s"
 cp /tmp/run-gpu/summary.json "$OUT/train_summary.json" 2>/dev/null
 cp /tmp/run-gpu/metrics.jsonl "$OUT/train_metrics.jsonl" 2>/dev/null
