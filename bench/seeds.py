@@ -29,6 +29,7 @@ VARIANTS = {
     "LoRA r64 α256": ["lora.r=64", "lora.alpha=256"],
     # alpha/r 16 (the default's 8 doubled): learns the task further, drifts further (README, session 8)
     "replay mode add, LoRA α256": ["replay.mode=add", "lora.alpha=256"],
+    "replay mode add, LoRA α256, LwF α40": ["replay.mode=add", "lora.alpha=256", "lwf.alpha=40"],
     "naive full FT": ["lora=false", "replay=false", "lwf=false", "full={}"],
 }
 
