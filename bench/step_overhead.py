@@ -13,6 +13,7 @@ the reference (a process's first run also pays for warming up: clocks, allocator
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import time
@@ -137,6 +138,7 @@ def main() -> None:
         if torch.cuda.is_available():
             results[label]["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
             del model, trainer
+            gc.collect()  # free this configuration's model before the next one's peak is read
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         Console().print(f"{label}: median {results[label]['median_s']:.3f} s/step")

@@ -104,8 +104,12 @@ def test_bf16_training_checks_and_returns_the_model_at_its_own_precision(tiny_mo
     guard = ForgettingGuard(score, [result([1.0] * 4)], action="warn", every=2, run_dir=tmp_path)
     trainer.add_callback(guard)
     patched = []
-    trainer.add_callback(type("Spy", (TrainerCallback,), {"on_step_end": lambda self, a, s, c, model=None, **k:
-                                                           patched.append("_original_forward" in model.__dict__)})())
+
+    class Wrapped(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            patched.append("_original_forward" in model.__dict__)
+
+    trainer.add_callback(Wrapped())
     trainer.train()
     assert patched and all(patched)  # training did run under Accelerate's autocast wrapper
     assert seen == [(torch.float32, True)] * 2  # ... and the guard's checks did not
