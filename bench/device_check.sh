@@ -55,9 +55,10 @@ torch.manual_seed(0)
 cfg = AutoConfig.for_model(**RANDOM_CONFIGS["qwen2-0.5b"])
 with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
     m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-m.generation_config.eos_token_id = load_tokenizer(d).eos_token_id
+tok = load_tokenizer(d)
+m.generation_config.eos_token_id = tok.eos_token_id
 m.save_pretrained("/tmp/qwen2-0.5b-random")
-load_tokenizer(d).save_pretrained("/tmp/qwen2-0.5b-random")
+tok.save_pretrained("/tmp/qwen2-0.5b-random")
 print("random models ready")
 EOF
 

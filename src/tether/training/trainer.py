@@ -169,6 +169,8 @@ def drop_amp_forward(model) -> None:
     Why: Accelerate wraps ``model.forward`` in autocast for mixed precision and leaves it there, so
     the trained model (final probes, `train(keep_model=True)`, the next task of a sequence, which
     would wrap it again) kept running in bf16 while the base was scored in its own dtype.
+    Accelerate's ``unwrap_model(model, keep_fp32_wrapper=False)`` undoes the wrapper too, but
+    rebinds the unwrapped function as an instance attribute; this restores the class's method.
     """
     original = model.__dict__.pop("_original_forward", None)
     if original is None:
