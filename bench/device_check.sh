@@ -62,11 +62,11 @@ tok.save_pretrained("/tmp/qwen2-0.5b-random")
 print("random models ready")
 EOF
 
-echo "== 1. the CUDA tests"
+echo "== 1. the CUDA tests ($SECONDS s)"
 timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
 
-echo "== 2. step-time overhead, Qwen2-0.5B shapes, bf16"
-timeout 180 python3 bench/step_overhead.py --random-config qwen2-0.5b --bf16 --steps 20 --warmup 5 \
+echo "== 2. step-time overhead, Qwen2-0.5B shapes, bf16 ($SECONDS s)"
+timeout 180 python3 bench/step_overhead.py --random-config qwen2-0.5b --bf16 --steps 15 --warmup 4 \
   --out "$OUT/step_overhead_gpu.json" 2>&1 | grep -v "it/s\]" | tail -20
 
 # batch 32: how much of batch 8's per-step launch overhead is amortised (session 8 measured batch 8 only)
@@ -77,7 +77,7 @@ timeout 120 python3 bench/step_overhead.py --random-config qwen2-0.5b --bf16 --s
 echo "== 3. tether train, default recipe, random Qwen2-0.5B, bf16, guard every 20 steps"
 start=$SECONDS
 task="$TETHER_HOME/data/tasks/fortune-topics"
-timeout 150 python3 -c 'import sys; from tether.cli import main; sys.argv[0] = "tether"; main()' train \
+timeout 120 python3 -c 'import sys; from tether.cli import main; sys.argv[0] = "tether"; main()' train \
   --task "$task/train.jsonl" --eval "$task/eval.jsonl" --model /tmp/qwen2-0.5b-random -o /tmp/run-gpu \
   --set training.bf16=true --set guard.action=warn --set general=general-quick --set task.eval_limit=80 2>&1 | grep -v "it/s\]" | tail -30
 echo "tether train: $((SECONDS - start)) s"

@@ -92,6 +92,55 @@ def test_penalty_value_gradient_and_zero_at_anchor():
     assert zero.item() == 0.0 and all(torch.count_nonzero(p.grad) == 0 for p in at_anchor)
 
 
+def _reference_penalty(ewc, model, lam):
+    params = dict(model.named_parameters())
+    return lam / 2 * sum((ewc.fisher_[n].double() * (params[n].double() - ewc.anchor_[n].double()) ** 2).sum()
+                         for n in ewc.fisher_)
+
+
+def _nudge(model, seed, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+def test_packed_penalty_per_dtype_group_matches_the_formula(toy):
+    """extra_loss packs the anchor and Fisher into one flat buffer per (device, dtype); with the
+    weights in two dtypes it still gives the per-tensor formula's value and gradient."""
+    ewc = EWC({"lambda": 7.0, "fisher_samples": 4})
+    ewc.on_task_start(toy, _ctx(toy_examples(6, seed=2)))
+    toy.model.layers[1].to(torch.float64)  # a second dtype group (same Parameter objects)
+    _nudge(toy, 3)
+    toy.zero_grad()
+    pen = ewc.extra_loss(toy, {}, None, _ctx())["ewc"]
+    assert len(ewc._packed[1]) == 2
+    pen.backward()
+    torch.testing.assert_close(pen.double(), _reference_penalty(ewc, toy, 7.0), rtol=1e-5, atol=0)
+    for n, p in toy.named_parameters():
+        want = 7.0 * ewc.fisher_[n].double() * (p.detach().double() - ewc.anchor_[n].double())
+        torch.testing.assert_close(p.grad.double(), want, rtol=1e-5, atol=1e-12)
+
+
+def test_packed_buffers_follow_consolidation_and_save(toy, tmp_path):
+    """Online consolidation updates the anchor and Fisher in place through the dicts' views, so the
+    next penalty sees them; saving works although those views share one buffer's storage."""
+    ewc = EWC({"lambda": 7.0, "fisher_samples": 4})
+    ewc.on_task_start(toy, _ctx(toy_examples(6, seed=2)))
+    _nudge(toy, 3)
+    assert ewc.extra_loss(toy, {}, None, _ctx())["ewc"].item() > 0  # packs
+    ewc.on_task_end(toy, _ctx(task=toy_examples(4, seed=4)))  # anchor <- weights, F <- F + F_task
+    assert ewc.extra_loss(toy, {}, None, _ctx())["ewc"].item() == 0.0
+    _nudge(toy, 5, 0.01)
+    pen = ewc.extra_loss(toy, {}, None, _ctx())["ewc"]
+    torch.testing.assert_close(pen.double(), _reference_penalty(ewc, toy, 7.0), rtol=1e-5, atol=0)
+    ewc.save(tmp_path)
+    other = EWC()
+    other.load(tmp_path)
+    assert all(torch.equal(other.fisher_[n], ewc.fisher_[n]) for n in ewc.fisher_)
+    assert all(torch.equal(other.anchor_[n], ewc.anchor_[n]) for n in ewc.anchor_)
+
+
 def _ctx(general=(), task=(), **kw):
     return Context(general_examples=list(general), task_examples=list(task), **kw)
 

@@ -1,6 +1,7 @@
 """CUDA paths, skipped where no GPU is visible (CI has none; `bench/device_check.sh` runs them on a
 lent GPU): the scorer on the GPU against the CPU, LoRA scored unmerged on the GPU, EWC's Fisher and
-fused penalty on the GPU, and a whole `tether train` run of the default recipe's methods in bf16."""
+fused penalty on the GPU, LwF's KL in GPU-sized chunks, and a whole `tether train` run of the
+default recipe's methods in bf16."""
 
 from __future__ import annotations
 
@@ -102,3 +103,23 @@ def test_default_recipe_methods_train_in_bf16_on_cuda(tmp_path, tiny_model_dir, 
         trained = result.model.eval()(ids.to("cuda")).logits.float().cpu()
         reloaded, _ = models.load(result.run_dir / "model", base=tiny_model_dir, device="cpu")
         assert torch.allclose(reloaded(ids).logits, trained, atol=1e-4)
+
+
+def test_lwf_kl_in_large_chunks_on_cuda_matches_cpu_rows_of_8():
+    """On a GPU `lwf_kl` reduces ~32M logits at a time (few kernels); the CPU's 8-row chunks are the reference."""
+    from tether.methods.lwf import lwf_kl
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(4, 50, 49152, generator=g) * 3
+    s = torch.randn(4, 50, 49152, generator=g) * 3
+    mask = torch.ones(4, 50, dtype=torch.long)
+    mask[1, 30:] = 0
+    values, grads = [], []
+    for device in ("cpu", "cuda"):
+        student = s.to(device).requires_grad_(True) if device == "cuda" else s.clone().requires_grad_(True)
+        value = lwf_kl(student, t.to(device), mask.to(device), 2.0)
+        value.backward()
+        values.append(value.item())
+        grads.append(student.grad.cpu())
+    assert values[1] == pytest.approx(values[0], rel=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-9)

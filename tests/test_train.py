@@ -73,7 +73,7 @@ def test_full_ft_with_freeze_ewc_lwf(tmp_path, tiny_model_dir, tiny_task, tiny_s
     s = result.summary
     assert s["methods"] == ["full", "freeze", "ewc", "lwf"] and s["guard"] is None
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    tuned = result.model
+    tuned = result.model.cpu()  # trained on the GPU where one is visible
     b, t = dict(base.named_parameters()), dict(tuned.named_parameters())
     assert torch.equal(b["model.layers.0.self_attn.q_proj.weight"], t["model.layers.0.self_attn.q_proj.weight"])
     assert not torch.equal(b["model.layers.1.self_attn.q_proj.weight"], t["model.layers.1.self_attn.q_proj.weight"])

@@ -94,7 +94,8 @@ def test_train_under_torchrun_two_processes(tmp_path, tiny_model_dir, tiny_task,
            "--set", f"general={tiny_suite}", "--set", f"guard.suite={tiny_suite}", "--set", "guard.every=2",
            "--set", "guard.action=warn", "--set", "training.max_steps=2", "--set", "training.batch_size=4",
            "--set", "lora.r=4", "--set", "task.max_new_tokens=3", "--set", "training.logging_steps=1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # CPU processes even where a GPU is visible: two ranks on one GPU is not a valid NCCL setup
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads((run / "summary.json").read_text())
@@ -213,3 +214,29 @@ def test_lora_plus_keeps_hfs_optimizer_groups_and_refuses_one_it_cannot_rebuild(
 def test_lora_plus_ratio_must_be_positive():
     with pytest.raises(Exception, match="lora.lr_ratio must be > 0"):
         METHODS.get("lora")({"lr_ratio": 0.0})
+
+
+def test_logged_terms_and_task_replay_split_accumulate_without_readback(tmp_path):
+    """Terms and the task/replay loss split are summed as tensors per micro-batch and read once per
+    log: each is the mean over the micro-batches that had it (a batch without replay rows gives no
+    replay loss), and the replay fraction counts every batch."""
+    from transformers import TrainingArguments
+
+    from tests.conftest import make_tiny_llama
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], save_strategy="no", use_cpu=True)
+    trainer = TetherTrainer(model=make_tiny_llama(50, hidden=8), args=args, train_dataset=[],
+                            data_collator=Collator(0), methods={}, context=Context())
+    sums, counts = torch.tensor([2.0, 6.0, 3.0]), torch.tensor([1.0, 3.0, 3.0])
+    trainer._record({"ewc": torch.tensor(0.5)}, {}, None, torch.tensor([False, True, False]), (sums, counts))
+    trainer._record({"ewc": torch.tensor(1.5)}, {}, None, torch.tensor([False, False, False]), (sums, counts))
+    assert all(isinstance(v, torch.Tensor) for v in trainer._term_sums.values())
+    logs = {"loss": 1.0}
+    trainer.log(logs)
+    assert logs["ewc"] == pytest.approx(1.0)
+    assert logs["loss_task"] == pytest.approx((5 / 4 + 11 / 7) / 2)
+    assert logs["loss_replay"] == pytest.approx(2.0)
+    assert logs["replay_fraction"] == pytest.approx(1 / 6)
+    again = {"loss": 1.0}
+    trainer.log(again)  # nothing accumulated since: nothing added
+    assert set(again) <= {"loss", "epoch"}

@@ -8,7 +8,8 @@ hooks). ``__init__`` only stores its typed config; learned state carries a trail
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -65,6 +66,25 @@ def example_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     sums = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
     counts = torch.bincount(rows, minlength=labels.shape[0]).to(nll.dtype)
     return sums, counts
+
+
+@contextlib.contextmanager
+def eval_mode(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """Every module in eval mode for a block, then each back to its own mode.
+
+    Why not ``model.eval()`` and ``mod.train(mode)``: ``train()`` recurses, so restoring module by
+    module visits each subtree again; on Qwen2-0.5B under LoRA (2,000 modules) that alone cost more
+    than a teacher forward's kernels on a GPU.
+    """
+    states = [vars(mod) for mod in modules]  # the flag lives there; nn.Module.__setattr__ is slow
+    was = [state["training"] for state in states]
+    for state in states:
+        state["training"] = False
+    try:
+        yield
+    finally:
+        for state, training in zip(states, was):
+            state["training"] = training
 
 
 class Method:

@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..registry import register_method
-from .base import Context, Method
+from .base import Context, Method, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +80,24 @@ class EWCConfig(BaseModel):
         return v
 
 
-def ewc_penalty(params: list[torch.Tensor], anchors: list[torch.Tensor], fisher: list[torch.Tensor],
-                lam: float) -> torch.Tensor:
-    """``(λ/2) Σ F (θ − θ*)²`` as one fused ``_foreach`` chain (gradient: ``λ F (θ − θ*)``)."""
+def ewc_penalty(params: list[torch.Tensor], anchor: torch.Tensor | list[torch.Tensor],
+                fisher: torch.Tensor | list[torch.Tensor], lam: float) -> torch.Tensor:
+    """``(λ/2) Σ F (θ − θ*)²`` over one flat view of ``params`` (gradient: ``λ F (θ − θ*)``).
+
+    ``anchor`` and ``fisher`` are flat buffers in ``params`` order (or lists, flattened here). Why
+    flat: one ``cat`` and four element-wise kernels whatever the tensor count, where a ``_foreach``
+    chain still reduced each tensor on its own (336 under LoRA on Qwen2-0.5B; that version cost +28%
+    of tether's LoRA step on an H200 in bf16). The sum runs in float32 for low-precision weights.
+    """
     if not params:
         return torch.zeros(())
-    diff = torch._foreach_sub(params, anchors)
-    terms = torch._foreach_mul(torch._foreach_mul(diff, fisher), diff)
-    return 0.5 * lam * torch.stack([t.sum(dtype=torch.float32) for t in terms]).sum()
+    anchor, fisher = _flat(anchor), _flat(fisher)
+    diff = torch.cat([p.reshape(-1) for p in params]).float() - anchor
+    return 0.5 * lam * torch.dot(diff * fisher, diff)
+
+
+def _flat(t: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([x.reshape(-1) for x in t]) if isinstance(t, (list, tuple)) else t
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -95,10 +105,6 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
         model = model.module
     return model
-
-
-def _modes(model: torch.nn.Module) -> dict[torch.nn.Module, bool]:
-    return {m: m.training for m in model.modules()}
 
 
 def empirical_fisher(model: torch.nn.Module, examples: list,
@@ -115,25 +121,20 @@ def empirical_fisher(model: torch.nn.Module, examples: list,
     params = [p for _, p in named]
     acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     device = params[0].device
-    modes, count = _modes(model), 0
-    model.eval()
-    try:
-        with torch.enable_grad():
-            for ex in examples:
-                ids = torch.as_tensor(list(ex.input_ids)[:max_length], device=device)[None]
-                labels = torch.as_tensor(list(ex.labels)[:max_length], device=device)[None]
-                if (labels[:, 1:] != -100).sum() == 0:
-                    continue
-                logits = model(input_ids=ids).logits[:, :-1].float()
-                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(),
-                                                         ignore_index=-100)
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                grads = [torch.zeros_like(a) if g is None else g.float() for a, g in zip(acc, grads)]
-                torch._foreach_addcmul_(acc, grads, grads)
-                count += 1
-    finally:
-        for m, training in modes.items():
-            m.train(training)
+    count = 0
+    with eval_mode(list(model.modules())), torch.enable_grad():
+        for ex in examples:
+            ids = torch.as_tensor(list(ex.input_ids)[:max_length], device=device)[None]
+            labels = torch.as_tensor(list(ex.labels)[:max_length], device=device)[None]
+            if (labels[:, 1:] != -100).sum() == 0:
+                continue
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(),
+                                                     ignore_index=-100)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            grads = [torch.zeros_like(a) if g is None else g.float() for a, g in zip(acc, grads)]
+            torch._foreach_addcmul_(acc, grads, grads)
+            count += 1
     if count == 0:
         raise ValueError("ewc: no example with a target token to estimate the Fisher on")
     torch._foreach_div_(acc, count)
@@ -166,6 +167,7 @@ class EWC(Method):
         self.fisher_: dict[str, torch.Tensor] = {}
         self.anchor_: dict[str, torch.Tensor] = {}
         self.tasks_consolidated_ = 0
+        self._packed: tuple[torch.nn.Module, list] | None = None  # (model, [(params, anchor, fisher)])
 
     def _estimate(self, model: torch.nn.Module, examples: list, seed: int) -> dict[str, torch.Tensor]:
         sample = _sample(examples, self.config.fisher_samples, seed)
@@ -180,12 +182,14 @@ class EWC(Method):
             return
         self.fisher_ = self._estimate(model, ctx.general_examples, ctx.seed)
         self.anchor_ = {n: p.detach().clone() for n, p in model.named_parameters() if n in self.fisher_}
+        self._packed = None
         log.info("ewc: Fisher of %d tensors from %d general examples; %.1f MB extra",
                  len(self.fisher_), min(len(ctx.general_examples), self.config.fisher_samples),
                  self.metrics()["ewc_memory_mb"])
 
     def on_task_end(self, model: torch.nn.Module, ctx: Context) -> None:
         model = _unwrap(model)
+        self._packed = None  # holds the parameters: let them go with the task
         if not ctx.task_examples:
             log.warning("ewc: no task examples at task end; nothing consolidated")
             return
@@ -194,7 +198,7 @@ class EWC(Method):
         if not self.fisher_:
             self.fisher_ = new
             self.anchor_ = {n: params[n].detach().clone() for n in new}
-        else:
+        else:  # in place: constant memory
             names = list(self.fisher_)
             fisher = [self.fisher_[n] for n in names]
             torch._foreach_mul_(fisher, self.config.gamma)
@@ -205,14 +209,38 @@ class EWC(Method):
     def extra_loss(self, model, batch: dict, outputs, ctx: Context) -> dict[str, torch.Tensor]:
         if not self.fisher_:
             return {}
-        params = dict(_unwrap(model).named_parameters())
-        names = list(self.fisher_)
-        missing = [n for n in names if n not in params]
+        total = None
+        for params, anchor, fisher in self._pack(_unwrap(model)):
+            pen = ewc_penalty(params, anchor, fisher, self.config.lambda_)
+            total = pen if total is None else total + pen.to(total.device)
+        return {"ewc": total}
+
+    def _pack(self, model: torch.nn.Module) -> list:
+        """The covered parameters with the anchor and Fisher as one flat buffer per (device, dtype).
+
+        Built at a task's first step; ``fisher_`` and ``anchor_`` then hold views into the buffers,
+        so memory does not double.
+        """
+        if self._packed is not None and self._packed[0] is model:
+            return self._packed[1]
+        params = dict(model.named_parameters())
+        missing = [n for n in self.fisher_ if n not in params]
         if missing:
             raise KeyError(f"ewc: the model lost parameters the Fisher covers, e.g. {missing[0]!r}")
-        penalty = ewc_penalty([params[n] for n in names], [self.anchor_[n] for n in names],
-                              [self.fisher_[n] for n in names], self.config.lambda_)
-        return {"ewc": penalty}
+        by_group: dict[tuple, list[str]] = {}
+        for n in self.fisher_:
+            by_group.setdefault((params[n].device, params[n].dtype), []).append(n)
+        groups = []
+        for (device, dtype), names in by_group.items():
+            buffers = []
+            for store in (self.anchor_, self.fisher_):
+                flat = torch.cat([store[n].detach().reshape(-1).to(device, dtype) for n in names])
+                views = flat.split([params[n].numel() for n in names])
+                store.update({n: v.view(params[n].shape) for n, v in zip(names, views)})
+                buffers.append(flat)
+            groups.append(([params[n] for n in names], *buffers))
+        self._packed = (model, groups)
+        return groups
 
     def metrics(self) -> dict[str, float]:
         nbytes = sum(t.numel() * t.element_size() for d in (self.fisher_, self.anchor_) for t in d.values())
@@ -225,6 +253,7 @@ class EWC(Method):
     def load_state_dict(self, state: dict) -> None:
         self.fisher_ = dict(state.get("fisher", {}))
         self.anchor_ = dict(state.get("anchor", {}))
+        self._packed = None
         self.tasks_consolidated_ = int(state.get("tasks_consolidated", 0))
 
     def save(self, out_dir: str | Path) -> Path:
@@ -233,8 +262,9 @@ class EWC(Method):
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        tensors = {f"fisher/{n}": t.contiguous() for n, t in self.fisher_.items()}
-        tensors.update({f"anchor/{n}": t.contiguous() for n, t in self.anchor_.items()})
+        # clones: views into one packed buffer share storage, which safetensors refuses
+        tensors = {f"fisher/{n}": t.detach().clone() for n, t in self.fisher_.items()}
+        tensors.update({f"anchor/{n}": t.detach().clone() for n, t in self.anchor_.items()})
         meta = {"lambda": str(self.config.lambda_), "gamma": str(self.config.gamma),
                 "tasks_consolidated": str(self.tasks_consolidated_)}
         save_file(tensors, str(out / "ewc_fisher.safetensors"), metadata=meta)
@@ -253,3 +283,4 @@ class EWC(Method):
                 (fisher if kind == "fisher" else anchor)[name] = f.get_tensor(key)
             self.tasks_consolidated_ = int((f.metadata() or {}).get("tasks_consolidated", 0))
         self.fisher_, self.anchor_ = fisher, anchor
+        self._packed = None

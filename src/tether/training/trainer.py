@@ -31,8 +31,8 @@ class TetherTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.methods = methods
         self.base_context = context
-        self._term_sums: dict[str, float] = defaultdict(float)
-        self._term_counts: dict[str, int] = defaultdict(int)
+        self._term_sums: dict[str, Any] = defaultdict(float)  # tensors once a term is added
+        self._term_counts: dict[str, Any] = defaultdict(int)
         self.add_callback(_MethodHooks(self))
 
     def context(self) -> Context:
@@ -135,26 +135,31 @@ class TetherTrainer(Trainer):
 
     @torch.no_grad()
     def _record(self, terms, inputs, outputs, is_replay, nll=None) -> None:
+        """Accumulate the logged terms as tensors, without reading them back: a ``float()`` here
+        would make the host wait for the forward pass mid-step, every step (read once per log)."""
         for k, v in terms.items():
-            self._term_sums[k] += float(v.detach())
-            self._term_counts[k] += 1
-        if is_replay is None or not bool(is_replay.any()) or bool(is_replay.all()):
+            self._add(k, v.detach().float())
+        if is_replay is None:
             return
         # split the task loss into task and replay parts for the log (no extra forward pass)
         sums, counts = (t.detach() for t in nll) if nll is not None else example_nll(outputs.logits, inputs["labels"])
-        for name, sel in (("loss_task", ~is_replay), ("loss_replay", is_replay)):
-            sel = sel.to(counts.device)
-            denom = counts[sel].sum()
-            if denom > 0:
-                self._term_sums[name] += float(sums[sel].sum() / denom)
-                self._term_counts[name] += 1
-        self._term_sums["replay_fraction"] += float(is_replay.float().mean())
-        self._term_counts["replay_fraction"] += 1
+        replay = is_replay.to(counts.device)
+        for name, sel in (("loss_task", ~replay), ("loss_replay", replay)):
+            denom = (counts * sel).sum()
+            present = (denom > 0).float()  # a batch without such rows does not count
+            self._add(name, (sums * sel).sum() / denom.clamp_min(1.0) * present, present)
+        self._add("replay_fraction", replay.float().mean())
+
+    def _add(self, key: str, value: torch.Tensor, count: torch.Tensor | int = 1) -> None:
+        self._term_sums[key] = self._term_sums[key] + value
+        self._term_counts[key] = self._term_counts[key] + count
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # a training log: add what accumulated since the last one
             for k, total in self._term_sums.items():
-                logs[k] = total / max(1, self._term_counts[k])
+                count = float(self._term_counts[k])
+                if count > 0:
+                    logs[k] = float(total) / count
             self._term_sums.clear()
             self._term_counts.clear()
             for name, method in self.methods.items():
