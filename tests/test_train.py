@@ -34,6 +34,8 @@ def test_default_recipe_run_directory(tmp_path, tiny_model_dir, tiny_task, tiny_
     assert {p["probe"] for p in s["probes"]} == {"chat_loss", "facts_mc", "sums_gen", "drift"}
     assert [p["shares_source_with_replay"] for p in s["probes"]] == [True, False, False, False]
     assert s["task"]["base"] is not None and s["guard"]["checks"] == 2
+    base = json.loads((run / "probes_base.json").read_text())
+    assert base["guard"] == base["general"]  # the guard watches the general suite: not scored twice
     logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_logs = [x for x in logs if "loss" in x]
     assert len(train_logs) == 4 and all(x["replay_fraction"] == 0.25 for x in train_logs)
@@ -95,3 +97,32 @@ def test_bad_task_data_fails_before_the_model_loads(tmp_path, tiny_task, tiny_su
 def test_cli_override_reaches_the_recipe():
     with pytest.raises(RecipeError, match="lora"):
         load_recipe(overrides=["lora.r=-1"])
+
+
+def test_guard_base_scores_reuse_identical_general_probes_and_score_the_rest():
+    """A guard probe identical to a general one (same kind, items, options) takes the base's general
+    result; one with other items or options is scored, in the guard's own order."""
+    from types import SimpleNamespace
+
+    from tether.probes.base import ProbeResult
+    from tether.registry import PROBES
+    from tether.training.session import Session
+
+    items = [{"text": f"line {i}"} for i in range(6)]
+    ppl = PROBES.get("perplexity")
+    general = [ppl("chat", items, sources=["a"]), ppl("code", items, sources=["b"], chat=False)]
+    guard = [ppl("code", items, sources=["b"], chat=False),  # identical: reused
+             ppl("chat", items[:3], sources=["a"])]  # a prefix is other items: scored
+    assert general[1].same_as(guard[0]) and not general[0].same_as(guard[1])
+    assert not general[1].same_as(ppl("code", items, sources=["b"], chat=True))
+
+    def result(name, score):
+        return ProbeResult(name, "perplexity", "loss", False, score, 6, score, score, [score] * 6)
+
+    scored = []
+    fake = SimpleNamespace(general_probes=general, guard_probes=guard,
+                           _run=lambda probes, ref, reference: scored.append([p.name for p in probes])
+                           or [result(p.name, 9.0) for p in probes])
+    out = Session._guard_base(fake, [result("chat", 1.0), result("code", 2.0)], ref=None)
+    assert scored == [["chat"]]
+    assert [(r.name, r.score) for r in out] == [("code", 2.0), ("chat", 9.0)]

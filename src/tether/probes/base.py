@@ -69,6 +69,12 @@ class Probe(abc.ABC):
         self.seed = seed
         self.options = options
 
+    def same_as(self, other: "Probe") -> bool:
+        """Would ``other`` score every model exactly as this probe does (same kind, items, options)?"""
+        return (type(self) is type(other) and self.name == other.name and self.options == other.options
+                and self.sources == other.sources and self.seed == other.seed
+                and self.shares_source_with_replay == other.shares_source_with_replay and self.items == other.items)
+
     @abc.abstractmethod
     def run(self, scorer, *, reference=None) -> ProbeResult:
         """Score the model behind ``scorer`` (``reference``: the base model's view, for drift)."""

@@ -82,7 +82,7 @@ class Session:
             if "general" not in out:
                 out["general"] = self._run(self.general_probes, ref, "self")
             if self.guard_probes is not None and "guard" not in out:
-                out["guard"] = self._run(self.guard_probes, ref, "self")
+                out["guard"] = self._guard_base(out["general"], ref)
             del ref
             if "task" not in out:
                 probe = self.task_probe()
@@ -90,6 +90,18 @@ class Session:
         write_json(self.run_dir / "probes_base.json", {k: [r.to_dict() for r in v] if isinstance(v, list) else v
                                                        for k, v in out.items()})
         return out
+
+    def _guard_base(self, general: list, ref) -> list:
+        """The base's guard scores: a guard probe identical to a general one (the guard watching the
+        general suite itself) takes that result as is; only the others are scored."""
+        by_name = {r.name: r for r in general}
+        reused = [next((by_name.get(p.name) for p in self.general_probes if p.same_as(g)), None)
+                  for g in self.guard_probes]
+        todo = [g for g, r in zip(self.guard_probes, reused) if r is None]
+        scored = iter(self._run(todo, ref, "self") if todo else [])
+        if len(todo) < len(reused):
+            log.info("guard: %d of %d base scores taken from the general suite's", len(reused) - len(todo), len(reused))
+        return [r if r is not None else next(scored) for r in reused]
 
     def guard_score(self, model):
         probe = self.task_probe(limit=self.recipe.guard.task_limit)
