@@ -89,3 +89,41 @@ def test_config_errors():
         LoraMethodConfig(target_modules=[])
     with pytest.raises(ValidationError):
         LoraMethodConfig(target_modules="everything")
+
+
+def test_eva_init_starts_at_the_base_with_a_from_the_task_inputs_principal_directions():
+    """``init: eva``: B = 0 (the model is the base, the disabled view stays the base), each A has
+    orthonormal rows spanning the leading principal directions of its layer's inputs on the task
+    data, and the same seed gives the same A."""
+    from tether.data.formats import Example
+
+    g = torch.Generator().manual_seed(1)
+    examples = [Example(x := torch.randint(3, VOCAB, (12,), generator=g).tolist(), [-100] * 10 + x[10:], "", "")
+                for _ in range(32)]
+    base = make_tiny_llama(VOCAB, hidden=16).eval()
+    inputs = []
+    hook = base.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, a, out: inputs.append(a[0]))
+    with torch.no_grad():
+        reference = base(input_ids=torch.tensor([e.input_ids for e in examples])).logits
+    hook.remove()
+    x = torch.cat(inputs).reshape(-1, 16)
+    top = torch.linalg.svd(x - x.mean(0), full_matrices=False).Vh
+
+    def eva(seed):
+        model = make_tiny_llama(VOCAB, hidden=16).eval()
+        ctx = Context(task_examples=examples, batch_size=8, seed=seed)
+        model = LoRA({"r": 4, "init": "eva"}).prepare_model(model, ctx)
+        return model.eval(), model.base_model.model.model.layers[0].self_attn.q_proj
+
+    model, layer = eva(0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=torch.tensor([e.input_ids for e in examples])).logits, reference)
+    a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    assert torch.count_nonzero(b) == 0
+    torch.testing.assert_close(a @ a.T, torch.eye(4), atol=1e-4, rtol=0)
+    # the cosines of the principal angles between A's rows and the inputs' two leading directions
+    assert torch.linalg.svdvals(top[:2] @ a.T).min() > 0.95  # a random A: ~0.5 (EVA stops its SVD early)
+    assert torch.equal(a, eva(0)[1].lora_A["default"].weight.detach())
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    with pytest.raises(ValueError, match="needs the task data"):
+        LoRA({"r": 4, "init": "eva"}).prepare_model(make_tiny_llama(VOCAB, hidden=16), Context())

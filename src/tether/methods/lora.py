@@ -41,6 +41,14 @@ class LoraMethodConfig(BaseModel):
             different roles; one learning rate for both leaves ``B`` too slow, so LoRA learns less per
             step than full fine-tuning (the paper uses 2-16; 1 = plain LoRA). PEFT's
             ``create_loraplus_optimizer`` does the same grouping.
+        init ("default" | "eva"): how ``A`` starts (``B`` starts at 0 either way, so the model
+            starts as the base and the adapter-disabled view stays the base model). ``default``:
+            PEFT's random ``A``. ``eva``: EVA (Paischer et al., https://arxiv.org/abs/2410.07170,
+            PEFT's ``initialize_lora_eva_weights``): each ``A`` holds the leading right singular
+            vectors of its layer's inputs on the task data, so the first steps move the directions
+            the task's activations vary in. Costs forward passes over at most ``init_batches`` task
+            batches before training; every layer keeps rank ``r`` (EVA's ``rho`` 1).
+        init_batches (int): task batches EVA's incremental SVD may read.
         merge_on_save (bool): save a merged full model instead of the adapter.
         adapter_name (str): PEFT adapter name.
     """
@@ -52,6 +60,8 @@ class LoraMethodConfig(BaseModel):
     dropout: float = 0.05
     target_modules: list[str] | Literal["all-linear"] = DEFAULT_TARGETS.copy()
     lr_ratio: float = 1.0
+    init: Literal["default", "eva"] = "default"
+    init_batches: int = 16
     merge_on_save: bool = False
     adapter_name: str = "default"
 
@@ -81,6 +91,13 @@ class LoraMethodConfig(BaseModel):
     def _lr_ratio(cls, v: float) -> float:
         if v <= 0:
             raise ValueError("lora.lr_ratio must be > 0")
+        return v
+
+    @field_validator("init_batches")
+    @classmethod
+    def _init_batches(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError("lora.init_batches must be > 0")
         return v
 
     @field_validator("target_modules")
@@ -137,8 +154,14 @@ class LoRA(Method):
 
         c = self.config
         targets = c.target_modules if c.target_modules == "all-linear" else list(c.target_modules)
+        extra = {}
+        if c.init == "eva":
+            from peft import EvaConfig
+
+            # every non-padding position: a task row's label is a few tokens, too few for a stable SVD
+            extra = {"init_lora_weights": "eva", "eva_config": EvaConfig(rho=1.0, use_label_mask=False)}
         return LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=targets,
-                          task_type="CAUSAL_LM", bias="none")
+                          task_type="CAUSAL_LM", bias="none", **extra)
 
     def prepare_model(self, model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
         from peft import get_peft_model
@@ -151,11 +174,34 @@ class LoRA(Method):
         elif c.adapter_name not in model.peft_config:
             model.add_adapter(c.adapter_name, self.peft_config())
         model.set_adapter(c.adapter_name)
+        if c.init == "eva":
+            self._eva(model, ctx)
         for name, p in model.named_parameters():
             if f".lora_A.{c.adapter_name}." in name or f".lora_B.{c.adapter_name}." in name:
                 p.requires_grad_(True)
         self._log_matches(model)
         return model
+
+    def _eva(self, model: torch.nn.Module, ctx: Context) -> None:
+        """EVA-initialise this adapter's ``A`` from the task data (PEFT does the SVD)."""
+        from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+        from ..data.collate import Collator
+
+        if not ctx.task_examples:
+            raise ValueError("lora.init 'eva' needs the task data to initialise from; none was given")
+        pad = getattr(ctx.tokenizer, "pad_token_id", None)
+        collate = Collator(pad if pad is not None else 0)
+        device = next(model.parameters()).device
+        rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in ctx.task_examples]
+        size = max(1, ctx.batch_size)
+        batches = [{k: v.to(device) for k, v in collate(rows[i:i + size]).items()}
+                   for i in range(0, min(len(rows), size * self.config.init_batches), size)]
+        with torch.random.fork_rng(devices=[]):  # its SVD is randomised: the run seed makes it repeatable
+            torch.manual_seed(ctx.seed)
+            initialize_lora_eva_weights(model, dataloader=batches, adapter_name=self.config.adapter_name,
+                                        show_progress_bar=False)
+        log.info("lora: EVA-initialised adapter %r from %d task batches", self.config.adapter_name, len(batches))
 
     def lr_scale(self, name: str, param: torch.nn.Parameter) -> float:
         return self.config.lr_ratio if f".lora_B.{self.config.adapter_name}." in name else 1.0
