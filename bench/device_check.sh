@@ -2,9 +2,12 @@
 # The GPU checks, as one short run on a lent machine that has torch/transformers/peft/accelerate but
 # no weights, no tether and no network (README, "On a GPU"). Prepare here, once:
 #   bench/device_check.sh --prepare     # .whl/ (pydantic for Python 3.12) and .dev/home (pack, task, tokenizer)
-# then run it there with both folders carried; results land in $OUT (default /tmp/tether-device):
+# then run it there with both folders carried; results land in $OUT (default /tmp/tether-device; copy
+# them to the tool's $OUT: `DEADLINE=545 bash bench/device_check.sh; cp -r /tmp/tether-device/. "$OUT"/`,
+# timeout_s 575; session 9's run took 388 s of its 575):
 #   1. the CUDA tests (tests/test_gpu.py) and the rest of the fast suite with the GPU visible
-#   2. bench/step_overhead.py at Qwen2-0.5B's shapes in bf16 (plain Trainer + PEFT vs each method)
+#   2. bench/step_overhead.py at Qwen2-0.5B's shapes in bf16 (plain Trainer + PEFT vs each method), at
+#      batch 8 and 32, and a torch.profiler run of the replace vs add replay modes (`--profile`)
 #   3. one `tether train` of the default recipe (guard on) on a random Qwen2-0.5B, bf16, scored on
 #      `general-quick` (session 8's run on the full suite was cut at 150 s in its final scoring: a
 #      random model generates to every probe's token limit)
@@ -73,6 +76,12 @@ timeout 180 python3 bench/step_overhead.py --random-config qwen2-0.5b --bf16 --s
 timeout 120 python3 bench/step_overhead.py --random-config qwen2-0.5b --bf16 --steps 10 --warmup 3 --batch-size 32 \
   --only "tether LoRA" "+ EWC" "+ LwF" "+ replay 25% + LwF on replay rows, LoRA dropout 0" \
   --out "$OUT/step_overhead_gpu_b32.json" 2>&1 | grep -v "it/s\]" | tail -12
+
+# why does replay mode add cost 1.4-2.0x the replace mode's step on a GPU (sessions 8-9) for 1.25x the rows?
+timeout 150 python3 bench/step_overhead.py --random-config qwen2-0.5b --bf16 --steps 5 --warmup 3 --profile \
+  --only "+ replay 25% + LwF on replay rows, LoRA dropout 0" \
+  "+ replay 20% on top (mode add) + LwF on replay rows, LoRA dropout 0" \
+  --out "$OUT/step_profile_gpu.json" 2>&1 | grep -v "it/s\]" | tail -8
 
 echo "== 3. tether train, default recipe, random Qwen2-0.5B, bf16, guard every 20 steps"
 start=$SECONDS

@@ -78,6 +78,44 @@ class StepTimer:
         return cb
 
 
+class Profiled:
+    """Trainer callback running ``torch.profiler`` from the first timed step to the end of training."""
+
+    def __new__(cls, warmup: int):
+        import torch
+        from transformers import TrainerCallback
+
+        class Cb(TrainerCallback):
+            prof = None
+
+            def on_step_begin(self, args, state, control, **kw):
+                if self.prof is None and state.global_step == warmup:
+                    acts = [torch.profiler.ProfilerActivity.CPU]
+                    if torch.cuda.is_available():
+                        acts.append(torch.profiler.ProfilerActivity.CUDA)
+                    self.prof = torch.profiler.profile(activities=acts)
+                    self.prof.__enter__()
+
+            def on_train_end(self, args, state, control, **kw):
+                if self.prof is not None:
+                    self.prof.__exit__(None, None, None)
+
+            def top(self, steps: int, k: int = 15) -> list[dict]:
+                """The ``k`` ops with the most self time per step (device time where there is a GPU)."""
+                if self.prof is None:
+                    return []
+                rows = []
+                for e in self.prof.key_averages():
+                    device_us = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+                    rows.append({"op": e.key, "calls_per_step": e.count / steps,
+                                 "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+                                 "self_device_ms_per_step": device_us / 1e3 / steps})
+                key = "self_device_ms_per_step" if torch.cuda.is_available() else "self_cpu_ms_per_step"
+                return sorted(rows, key=lambda r: -r[key])[:k]
+
+        return Cb()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct", help="weights to time (and the tokenizer)")
@@ -88,6 +126,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--only", nargs="*", help="run only these configurations (plain Trainer + PEFT always runs)")
+    ap.add_argument("--profile", action="store_true",
+                    help="torch.profiler over the timed steps: each configuration's top ops per step go in the JSON "
+                         "(the profiler's own overhead is in those steps' times)")
     ap.add_argument("--out", default=str(HERE / "results" / "step_overhead.json"))
     args = ap.parse_args()
 
@@ -132,9 +173,14 @@ def main() -> None:
         trainer = make(model, tok)
         timer = StepTimer()
         trainer.add_callback(timer)
+        profiler = Profiled(args.warmup) if args.profile else None
+        if profiler is not None:
+            trainer.add_callback(profiler)
         trainer.train()
         times = timer.times[args.warmup:]
         results[label] = {"median_s": statistics.median(times), "mean_s": statistics.mean(times), "steps": len(times)}
+        if profiler is not None:
+            results[label]["profile_top_ops_per_step"] = profiler.top(len(times))
         if torch.cuda.is_available():
             results[label]["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
             del model, trainer
