@@ -39,6 +39,12 @@ class Collator:
         self.pad_token_id = int(pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of
 
+    @classmethod
+    def for_tokenizer(cls, tokenizer) -> "Collator":
+        """Padding with the tokenizer's pad id, or 0 where it has none (padding is masked out anyway)."""
+        pad = getattr(tokenizer, "pad_token_id", None)
+        return cls(pad if pad is not None else 0)
+
     def __call__(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
         if not items:
             raise ValueError("cannot collate an empty batch")

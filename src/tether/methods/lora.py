@@ -190,11 +190,9 @@ class LoRA(Method):
 
         if not ctx.task_examples:
             raise ValueError("lora.init 'eva' needs the task data to initialise from; none was given")
-        pad = getattr(ctx.tokenizer, "pad_token_id", None)
-        collate = Collator(pad if pad is not None else 0)
+        collate = Collator.for_tokenizer(ctx.tokenizer)
         device = next(model.parameters()).device
-        rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in ctx.task_examples]
-        size = max(1, ctx.batch_size)
+        rows, size = ctx.task_examples, max(1, ctx.batch_size)
         batches = [{k: v.to(device) for k, v in collate(rows[i:i + size]).items()}
                    for i in range(0, min(len(rows), size * self.config.init_batches), size)]
         with torch.random.fork_rng(devices=[]):  # its SVD is randomised: the run seed makes it repeatable

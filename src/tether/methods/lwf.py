@@ -152,10 +152,11 @@ def lwf_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: tor
     if chunk is None:
         chunk = 8 if cpu else max(8, (1 << 25) // vocab)
     student, teacher = student_logits.reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab)
+    gather = cpu if gather is None else gather
     rows = weights = None
     if mask is None:
         count = student.shape[0]
-    elif cpu if gather is None else gather:
+    elif gather:
         rows = mask.reshape(-1).nonzero().squeeze(-1).to(student.device)
         count = rows.numel()
         if count == 0:
@@ -301,8 +302,7 @@ class LwF(Method):
         k = self.config.general_batch_size
         picked = [pool[order[(self.general_cursor_ + i) % len(pool)]] for i in range(min(k, len(pool)))]
         self.general_cursor_ = (self.general_cursor_ + k) % len(pool)
-        pad = getattr(ctx.tokenizer, "pad_token_id", None)
-        return Collator(pad if pad is not None else 0)(picked)
+        return Collator.for_tokenizer(ctx.tokenizer)(picked)
 
     def extra_loss(self, model, batch: dict, outputs, ctx: Context) -> dict[str, torch.Tensor]:
         if ctx.reference is None:

@@ -95,7 +95,7 @@ class Session:
         """The base's guard scores: a guard probe identical to a general one (the guard watching the
         general suite itself) takes that result as is; only the others are scored."""
         by_name = {r.name: r for r in general}
-        reused = [next((by_name.get(p.name) for p in self.general_probes if p.same_as(g)), None)
+        reused = [by_name.get(g.name) if any(p.same_as(g) for p in self.general_probes) else None
                   for g in self.guard_probes]
         todo = [g for g, r in zip(self.guard_probes, reused) if r is None]
         scored = iter(self._run(todo, ref, "self") if todo else [])
