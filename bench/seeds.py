@@ -30,6 +30,10 @@ VARIANTS = {
     # alpha/r 16 (the default's 8 doubled): learns the task further, drifts further (README, session 8)
     "replay mode add, LoRA α256": ["replay.mode=add", "lora.alpha=256"],
     "replay mode add, LoRA α256, LwF α40": ["replay.mode=add", "lora.alpha=256", "lwf.alpha=40"],
+    # distil every position the task loss does not train (the task rows' prompts too), not only replay rows
+    "replay mode add, LwF on inputs": ["replay.mode=add", "lwf.on=inputs"],
+    # the embedding (and tied output) rows of the answers' tokens train too (lora.trainable_tokens)
+    "replay mode add, answer tokens trained": ["replay.mode=add", "lora.trainable_tokens=answers"],
     # A from the leading singular directions of each layer's inputs on the task data (PEFT's EVA)
     "LoRA EVA init": ["lora.init=eva"],
     "naive full FT": ["lora=false", "replay=false", "lwf=false", "full={}"],

@@ -23,6 +23,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
 
+DEFAULT_METHODS = {"lora": {"r": 16, "alpha": 128, "dropout": 0.0},
+                   "replay": {"ratio": 0.2, "balance_loss": True, "answers": "model"},
+                   "lwf": {"on": "replay", "alpha": 20.0}}
 CONFIGS = {
     "tether LoRA": {"lora": {}},
     "+ replay 20%": {"lora": {}, "replay": {"ratio": 0.25}},
@@ -40,6 +43,16 @@ CONFIGS = {
     # replay.mode add (opt-in): the replay rows come on top of the 8 task rows (8 + 2 per step)
     "+ replay 20% on top (mode add) + LwF on replay rows, LoRA dropout 0": {
         "lora": {"dropout": 0.0}, "replay": {"ratio": 0.2, "mode": "add"}, "lwf": {"on": "replay"}},
+    # lora.trainable_tokens: the answers' embedding (tied: output) rows train too; PEFT writes them
+    # into a copy of the embedding matrix every forward
+    "+ replay 20% on top (mode add) + LwF on replay rows, LoRA dropout 0, answer tokens trained": {
+        "lora": {"dropout": 0.0, "trainable_tokens": "answers"}, "replay": {"ratio": 0.2, "mode": "add"},
+        "lwf": {"on": "replay"}},
+    # the default recipe's methods as they are, its self-answered replay included (longer rows than the
+    # ChatterBot replies above), and the same with replay.mode add
+    "default recipe's methods": DEFAULT_METHODS,
+    "default recipe's methods, replay mode add": {**DEFAULT_METHODS, "replay": {**DEFAULT_METHODS["replay"],
+                                                                               "mode": "add"}},
 }
 
 

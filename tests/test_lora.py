@@ -127,3 +127,57 @@ def test_eva_init_starts_at_the_base_with_a_from_the_task_inputs_principal_direc
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
     with pytest.raises(ValueError, match="needs the task data"):
         LoRA({"r": 4, "init": "eva"}).prepare_model(make_tiny_llama(VOCAB, hidden=16), Context())
+
+
+def test_answer_tokens_train_only_their_tied_rows_keep_the_base_view_and_reload(tmp_path):
+    """lora.trainable_tokens 'answers': the answers' non-special tokens get trainable embedding rows
+    (the output rows too, tied); nothing else of the embedding moves, the adapter-disabled teacher is
+    still the base model, and the saved adapter reloads with PEFT to the same logits."""
+    from types import SimpleNamespace
+
+    from peft import PeftModel
+
+    from tether.methods.lwf import make_reference
+
+    tok = SimpleNamespace(all_special_ids=[2], decode=lambda t: str(t))
+    task = [SimpleNamespace(labels=[-100, -100, 5, 7, 2]), SimpleNamespace(labels=[-100, 9, 2])]
+    method = LoRA({"r": 4, "trainable_tokens": "answers"})
+    assert method.answer_tokens(Context(tokenizer=tok, task_examples=task)) == [5, 7, 9]
+    base = make_tiny_llama(VOCAB, hidden=16)
+    x = ids()
+    with torch.no_grad():
+        base_logits = base(input_ids=x).logits.clone()
+        base_embed = base.get_input_embeddings().weight.detach().clone()
+    model = method.prepare_model(base, Context(tokenizer=tok, task_examples=task))
+    deltas = [(n, p) for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert [p.shape for _, p in deltas] == [torch.Size([3, 16])] and "trainable_tokens_delta" in deltas[0][0]
+
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(input_ids=x).logits[:, :-1].reshape(-1, VOCAB),
+                                                 torch.full((x.numel() - 2,), 7))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        embed = model.get_input_embeddings().weight
+        moved = (embed - base_embed).abs().sum(-1).nonzero().squeeze(-1).tolist()
+        assert moved == [5, 7, 9]
+        assert torch.equal(model.get_output_embeddings().weight, embed)  # tied: the output rows moved with them
+        trained = model(input_ids=x).logits
+        assert not torch.allclose(trained, base_logits, atol=1e-3)
+        teacher = make_reference(model)(model, {"input_ids": x})
+        assert torch.allclose(teacher, base_logits, atol=1e-5)
+
+    method.save_model(model, tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(make_tiny_llama(VOCAB, hidden=16), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=x).logits, trained, atol=1e-5)
+
+    with pytest.raises(ValueError, match="needs the task data"):
+        LoRA({"trainable_tokens": "answers"}).prepare_model(make_tiny_llama(VOCAB, hidden=16), Context())
+    with pytest.raises(ValueError, match="no non-special token"):
+        LoRA({"trainable_tokens": "answers"}).answer_tokens(
+            Context(tokenizer=tok, task_examples=[SimpleNamespace(labels=[-100, 2])]))

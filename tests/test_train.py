@@ -66,6 +66,29 @@ def result_logits(run, base_dir, ids):
         return model(ids).logits
 
 
+def test_lora_answer_tokens_in_a_run_save_and_reload(tmp_path, tiny_model_dir, tiny_task, tiny_suite):
+    """lora.trainable_tokens 'answers' through `train`, with replay and LwF on its rows: the trained
+    rows are saved with the adapter and PEFT reloads the same model."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    r = recipe(tmp_path, tiny_model_dir, tiny_task, tiny_suite, guard={"enabled": False},
+               methods={"lora": {"r": 4, "trainable_tokens": "answers"}, "replay": {"ratio": 0.25},
+                        "lwf": {"on": "replay"}})
+    run = train(r).run_dir
+    saved = load_file(run / "model" / "adapter_model.safetensors")
+    deltas = [v for k, v in saved.items() if "trainable_tokens_delta" in k]
+    assert len(deltas) == 1 and deltas[0].shape[0] >= 3  # the task's three label words at least
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    reloaded = PeftModel.from_pretrained(base, run / "model")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, result_logits(run, tiny_model_dir, ids), atol=1e-5)
+        assert not torch.allclose(reloaded.get_input_embeddings().weight,
+                                  AutoModelForCausalLM.from_pretrained(tiny_model_dir).get_input_embeddings().weight)
+
+
 def test_full_ft_with_freeze_ewc_lwf(tmp_path, tiny_model_dir, tiny_task, tiny_suite):
     from transformers import AutoModelForCausalLM
 

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from ..data.formats import IGNORE_INDEX
 from ..models import is_peft_model
 from ..registry import register_method
 from .base import Context, Method
@@ -49,6 +50,13 @@ class LoraMethodConfig(BaseModel):
             the task's activations vary in. Costs forward passes over at most ``init_batches`` task
             batches before training; every layer keeps rank ``r`` (EVA's ``rho`` 1).
         init_batches (int): task batches EVA's incremental SVD may read.
+        trainable_tokens ("none" | "answers"): ``answers`` also trains the embedding rows of the
+            tokens the task's answers are made of (special tokens excepted), through PEFT's
+            ``trainable_token_indices``; with tied embeddings (SmolLM2, Qwen2, Llama 3.2) these are
+            the output rows as well. Why: full fine-tuning moves the output rows of a narrow task's
+            label words directly, while LoRA on the blocks can only steer the hidden state toward
+            them. Costs those rows' weights (8 labels: 8 x 576 on SmolLM2) and a copy of the
+            embedding matrix per forward (PEFT writes the rows into a merged weight).
         merge_on_save (bool): save a merged full model instead of the adapter.
         adapter_name (str): PEFT adapter name.
     """
@@ -62,6 +70,7 @@ class LoraMethodConfig(BaseModel):
     lr_ratio: float = 1.0
     init: Literal["default", "eva"] = "default"
     init_batches: int = 16
+    trainable_tokens: Literal["none", "answers"] = "none"
     merge_on_save: bool = False
     adapter_name: str = "default"
 
@@ -149,7 +158,7 @@ class LoRA(Method):
     def __init__(self, config: LoraMethodConfig | dict | None = None):
         super().__init__(LoraMethodConfig.model_validate(config or {}))
 
-    def peft_config(self):
+    def peft_config(self, token_ids: list[int] | None = None):
         from peft import LoraConfig
 
         c = self.config
@@ -160,8 +169,21 @@ class LoRA(Method):
 
             # every non-padding position: a task row's label is a few tokens, too few for a stable SVD
             extra = {"init_lora_weights": "eva", "eva_config": EvaConfig(rho=1.0, use_label_mask=False)}
+        if token_ids:
+            extra["trainable_token_indices"] = list(token_ids)
         return LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, target_modules=targets,
                           task_type="CAUSAL_LM", bias="none", **extra)
+
+    def answer_tokens(self, ctx: Context) -> list[int]:
+        """The token ids the task's answers (label != -100) use, special tokens excepted, sorted."""
+        if not ctx.task_examples:
+            raise ValueError("lora.trainable_tokens 'answers' needs the task data to read the answers from; "
+                             "none was given")
+        special = set(getattr(ctx.tokenizer, "all_special_ids", None) or [])
+        ids = sorted({int(t) for e in ctx.task_examples for t in e.labels if t != IGNORE_INDEX} - special)
+        if not ids:
+            raise ValueError("lora.trainable_tokens 'answers': the task's answers hold no non-special token")
+        return ids
 
     def prepare_model(self, model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
         from peft import get_peft_model
@@ -169,9 +191,17 @@ class LoRA(Method):
         c = self.config
         if c.target_modules != "all-linear":
             check_targets(model, list(c.target_modules))
+        tokens = self.answer_tokens(ctx) if c.trainable_tokens == "answers" else None
+        if tokens:
+            shown = ", ".join(repr(ctx.tokenizer.decode([t])) for t in tokens[:16])
+            log.info("lora: training the embedding rows of %d answer tokens: %s%s", len(tokens), shown,
+                     " ..." if len(tokens) > 16 else "")
         if not is_peft_model(model):
-            model = get_peft_model(model, self.peft_config(), adapter_name=c.adapter_name)
+            model = get_peft_model(model, self.peft_config(tokens), adapter_name=c.adapter_name)
         elif c.adapter_name not in model.peft_config:
+            if tokens:
+                raise ValueError("lora.trainable_tokens 'answers' needs a model without an adapter yet (one run, "
+                                 "or the first task of a sequence)")
             model.add_adapter(c.adapter_name, self.peft_config())
         model.set_adapter(c.adapter_name)
         if c.init == "eva":
