@@ -34,6 +34,8 @@ VARIANTS = {
     "replay mode add, LwF on inputs": ["replay.mode=add", "lwf.on=inputs"],
     # the embedding (and tied output) rows of the answers' tokens train too (lora.trainable_tokens)
     "replay mode add, answer tokens trained": ["replay.mode=add", "lora.trainable_tokens=answers"],
+    "replay mode add, answer tokens trained, LoRA α256": ["replay.mode=add", "lora.trainable_tokens=answers",
+                                                          "lora.alpha=256"],
     # A from the leading singular directions of each layer's inputs on the task data (PEFT's EVA)
     "LoRA EVA init": ["lora.init=eva"],
     "naive full FT": ["lora=false", "replay=false", "lwf=false", "full={}"],

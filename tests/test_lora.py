@@ -136,6 +136,7 @@ def test_answer_tokens_train_only_their_tied_rows_keep_the_base_view_and_reload(
     from types import SimpleNamespace
 
     from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
     from tether.methods.lwf import make_reference
 
@@ -173,8 +174,11 @@ def test_answer_tokens_train_only_their_tied_rows_keep_the_base_view_and_reload(
 
     method.save_model(model, tmp_path / "adapter")
     reloaded = PeftModel.from_pretrained(make_tiny_llama(VOCAB, hidden=16), tmp_path / "adapter").eval()
+    method.save_model(model, tmp_path / "merged", merge=True)  # the rows folded into the (tied) embedding
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=x).logits, trained, atol=1e-5)
+        assert torch.allclose(merged(input_ids=x).logits, trained, atol=1e-5)
 
     with pytest.raises(ValueError, match="needs the task data"):
         LoRA({"trainable_tokens": "answers"}).prepare_model(make_tiny_llama(VOCAB, hidden=16), Context())

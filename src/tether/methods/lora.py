@@ -55,8 +55,9 @@ class LoraMethodConfig(BaseModel):
             ``trainable_token_indices``; with tied embeddings (SmolLM2, Qwen2, Llama 3.2) these are
             the output rows as well. Why: full fine-tuning moves the output rows of a narrow task's
             label words directly, while LoRA on the blocks can only steer the hidden state toward
-            them. Costs those rows' weights (8 labels: 8 x 576 on SmolLM2) and a copy of the
-            embedding matrix per forward (PEFT writes the rows into a merged weight).
+            them. Costs those rows' weights (the demo task: 11 x 576 on SmolLM2) and a copy of the
+            embedding matrix per forward (PEFT writes the rows into a merged weight): within the
+            noise of a SmolLM2 step on CPU (bench/step_overhead.py).
         merge_on_save (bool): save a merged full model instead of the adapter.
         adapter_name (str): PEFT adapter name.
     """
