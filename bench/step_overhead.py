@@ -23,9 +23,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
 
-DEFAULT_METHODS = {"lora": {"r": 16, "alpha": 128, "dropout": 0.0},
-                   "replay": {"ratio": 0.2, "balance_loss": True, "answers": "model"},
-                   "lwf": {"on": "replay", "alpha": 20.0}}
 CONFIGS = {
     "tether LoRA": {"lora": {}},
     "+ replay 20%": {"lora": {}, "replay": {"ratio": 0.25}},
@@ -48,11 +45,6 @@ CONFIGS = {
     "+ replay 20% on top (mode add) + LwF on replay rows, LoRA dropout 0, answer tokens trained": {
         "lora": {"dropout": 0.0, "trainable_tokens": "answers"}, "replay": {"ratio": 0.2, "mode": "add"},
         "lwf": {"on": "replay"}},
-    # the default recipe's methods as they are, its self-answered replay included (longer rows than the
-    # ChatterBot replies above), and the same with replay.mode add
-    "default recipe's methods": DEFAULT_METHODS,
-    "default recipe's methods, replay mode add": {**DEFAULT_METHODS, "replay": {**DEFAULT_METHODS["replay"],
-                                                                               "mode": "add"}},
 }
 
 
@@ -152,7 +144,7 @@ def main() -> None:
     from transformers import Trainer
 
     from tether import models
-    from tether.config import TrainingSpec
+    from tether.config import TrainingSpec, load_recipe
     from tether.data.collate import Collator
     from tether.data.formats import encode_records
     from tether.data.pack import ensure_pack
@@ -234,8 +226,13 @@ def main() -> None:
                                  methods=methods, context=ctx)
         return make
 
+    # the default recipe's methods as default.yaml has them, its self-answered replay included (longer
+    # rows than the ChatterBot replies above), and the same with replay.mode add
+    default = load_recipe(None).methods
+    configs = {**CONFIGS, "default recipe's methods": default,
+               "default recipe's methods, replay mode add": {**default, "replay": {**default["replay"], "mode": "add"}}}
     run("plain Trainer + PEFT LoRA", plain)
-    for label, cfg in CONFIGS.items():
+    for label, cfg in configs.items():
         if not args.only or label in args.only:
             run(label, tethered(cfg))
     # again, last: the first run of a process also pays for warming up (on a GPU: clocks, allocator)

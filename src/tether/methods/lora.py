@@ -193,10 +193,6 @@ class LoRA(Method):
         if c.target_modules != "all-linear":
             check_targets(model, list(c.target_modules))
         tokens = self.answer_tokens(ctx) if c.trainable_tokens == "answers" else None
-        if tokens:
-            shown = ", ".join(repr(ctx.tokenizer.decode([t])) for t in tokens[:16])
-            log.info("lora: training the embedding rows of %d answer tokens: %s%s", len(tokens), shown,
-                     " ..." if len(tokens) > 16 else "")
         if not is_peft_model(model):
             model = get_peft_model(model, self.peft_config(tokens), adapter_name=c.adapter_name)
         elif c.adapter_name not in model.peft_config:
@@ -204,6 +200,10 @@ class LoRA(Method):
                 raise ValueError("lora.trainable_tokens 'answers' needs a model without an adapter yet (one run, "
                                  "or the first task of a sequence)")
             model.add_adapter(c.adapter_name, self.peft_config())
+        if tokens:
+            shown = ", ".join(repr(ctx.tokenizer.decode([t])) for t in tokens[:16])
+            log.info("lora: training the embedding rows of %d answer tokens: %s%s", len(tokens), shown,
+                     " ..." if len(tokens) > 16 else "")
         model.set_adapter(c.adapter_name)
         if c.init == "eva":
             self._eva(model, ctx)
