@@ -36,6 +36,13 @@ VARIANTS = {
     "replay mode add, answer tokens trained": ["replay.mode=add", "lora.trainable_tokens=answers"],
     "replay mode add, answer tokens trained, LoRA α256": ["replay.mode=add", "lora.trainable_tokens=answers",
                                                           "lora.alpha=256"],
+    # the larger scale's task gain with every untrained position distilled, to hold its drift
+    "replay mode add, answer tokens trained, LoRA α256, LwF on inputs": [
+        "replay.mode=add", "lora.trainable_tokens=answers", "lora.alpha=256", "lwf.on=inputs"],
+    # LwF on a separate general mini-batch (the distil-general recipe's, alpha 3) instead of the replay rows
+    "replay mode add, answer tokens trained, LwF on general α3": [
+        "replay.mode=add", "lora.trainable_tokens=answers", "lwf.on=general", "lwf.alpha=3",
+        "lwf.general_batch_size=4"],
     # A from the leading singular directions of each layer's inputs on the task data (PEFT's EVA)
     "LoRA EVA init": ["lora.init=eva"],
     "naive full FT": ["lora=false", "replay=false", "lwf=false", "full={}"],
