@@ -376,3 +376,41 @@ def test_concurrent_builds_of_one_directory_swap_in_turn(tmp_path):
         assert not errors
         assert json.loads((out / "manifest.json").read_text())["builder"] in range(8)
         assert sorted(p.name for p in out.parent.iterdir()) == [".t.lock", "t"]
+
+
+def test_concurrent_first_uses_build_once(tmp_path):
+    """Two runs started together on a fresh machine: one builds, the other waits and reuses the
+    build (before the build lock, both read the BIG-bench archive and the first to finish deleted it
+    under the second)."""
+    import threading
+    import time
+
+    from tether.data.pack import PACK_VERSION, build_once
+
+    out = tmp_path / "data" / "p"
+    calls, errors, barrier = [], [], threading.Barrier(6)
+
+    def build(path):
+        calls.append(path)
+        time.sleep(0.2)  # long enough for every other caller to reach the lock
+        path.mkdir(parents=True)
+        (path / "manifest.json").write_text(json.dumps({"builder_version": PACK_VERSION}))
+        return path
+
+    def use():
+        barrier.wait()
+        try:
+            assert build_once(out, build) == out
+        except Exception as e:  # noqa: BLE001 - any failure is the bug
+            errors.append(e)
+
+    threads = [threading.Thread(target=use) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and calls == [out]
+    assert build_once(out, build) == out and calls == [out]  # fresh: no lock, no build
+    (out / "manifest.json").unlink()  # no longer current: built again
+    (out / "manifest.json").parent.rmdir()
+    assert build_once(out, build) == out and len(calls) == 2

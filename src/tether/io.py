@@ -26,6 +26,23 @@ def tether_home() -> Path:
 
 
 @contextmanager
+def file_lock(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``lock`` (created if missing), across processes and threads."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock; the atomic renames still hold, concurrent work is repeated
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path``; move it into place only if the block succeeds."""
     path = Path(path)

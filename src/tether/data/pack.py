@@ -24,7 +24,6 @@ and are never replayed; every replay record that overlaps any probe item is drop
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -37,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..io import tether_home, write_json, write_jsonl
+from ..io import file_lock, tether_home, write_json, write_jsonl
 from ..progress import status
 from . import sources as S
 
@@ -425,7 +424,7 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     Two processes may build the same directory at once (two benchmark runs started together,
     torchrun ranks): without the lock, the second one's rename of ``out`` finds it already moved.
     """
-    with _swap_lock(out):
+    with file_lock(out.parent / f".{out.name}.lock"):
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -433,21 +432,6 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _swap_lock(out: Path):
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: renames stay atomic, concurrent builds are not serialised
-        yield
-        return
-    with open(out.parent / f".{out.name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _fresh(path: Path) -> bool:
@@ -460,8 +444,17 @@ def _fresh(path: Path) -> bool:
 
 def ensure_pack(name: str = "general-v1") -> Path:
     """``tether_home()/data/name``, built on first use (and rebuilt when the builder changed)."""
-    path = tether_home() / "data" / name
-    return path if _fresh(path) else build_pack(name, path)
+    return build_once(tether_home() / "data" / name, lambda path: build_pack(name, path))
+
+
+def build_once(path: Path, build: Callable[[Path], Path]) -> Path:
+    """``path`` if its build is current, else ``build(path)``, one builder at a time: two runs started
+    together on a fresh machine wait for one build instead of both reading (and one deleting) the
+    BIG-bench archive."""
+    if _fresh(path):
+        return path
+    with file_lock(path.parent / f".{path.name}.build.lock"):
+        return path if _fresh(path) else build(path)
 
 
 def resolve_pack_uri(uri: str) -> Path:

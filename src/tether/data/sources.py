@@ -36,7 +36,7 @@ import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..io import tether_home, write_text
+from ..io import file_lock, tether_home, write_text
 
 log = logging.getLogger("tether.data")
 
@@ -83,9 +83,11 @@ def bigbench_tasks(names: Iterable[str], *, keep_archive: bool = False) -> dict[
     ``"natural_instructions/subtask045_..."``), from the cache, extracting missing ones once."""
     names = list(dict.fromkeys(names))
     cache = downloads_dir() / f"bigbench-{BIGBENCH_VERSION}-tasks"
-    missing = [n for n in names if not (cache / _bb_file(n)).exists()]
-    if missing:
-        _extract_bigbench(missing, cache, keep_archive=keep_archive)
+    if any(not (cache / _bb_file(n)).exists() for n in names):
+        with file_lock(downloads_dir() / ".bigbench.lock"):  # one download and extraction at a time
+            missing = [n for n in names if not (cache / _bb_file(n)).exists()]
+            if missing:
+                _extract_bigbench(missing, cache, keep_archive=keep_archive)
     return {n: json.loads((cache / _bb_file(n)).read_text(encoding="utf-8")) for n in names}
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..io import tether_home, write_json, write_jsonl
 from . import sources as S
-from .pack import PACK_VERSION, _fresh, _rng, _sha256, _swap_into_place, normalise, resolve_pack_uri
+from .pack import PACK_VERSION, _rng, _sha256, _swap_into_place, build_once, normalise, resolve_pack_uri
 
 FORTUNE_TOPICS = ("art", "computers", "food", "law", "love", "politics", "science", "sports")
 # disjoint 4-way label sets, so learning a later task pulls answers toward its labels
@@ -152,8 +152,7 @@ def build_task(name: str = "fortune-topics", out_dir: str | os.PathLike | None =
 
 
 def ensure_task(name: str = "fortune-topics") -> Path:
-    path = tether_home() / "data" / "tasks" / name
-    return path if _fresh(path) else build_task(name, path)
+    return build_once(tether_home() / "data" / "tasks" / name, lambda path: build_task(name, path))
 
 
 def resolve_data_uri(uri: str) -> Path:
