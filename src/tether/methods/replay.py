@@ -204,10 +204,6 @@ def plan_ratios(plan: list[list[Slot]], task_lengths: list[int],
     return n_r / max(n, 1), t_r / max(t_all, 1)
 
 
-def _n_target(ex) -> int:
-    return sum(1 for t in ex.labels if t != -100)
-
-
 class MixedDataset(torch.utils.data.Dataset):
     """Task examples followed by the replay pool; ``batches`` is the plan, as dataset indices.
 
@@ -313,8 +309,8 @@ class Replay(Method):
     def prepare_data(self, dataset: list, ctx: Context) -> MixedDataset:
         c = self.config
         pool = (list(self.pool_) if self.pool_ is not None else list(ctx.general_examples)) if c.ratio > 0 else []
-        task_len = [_n_target(e) for e in dataset]
-        pool_len = [_n_target(e) for e in pool]
+        task_len = [e.n_target_tokens for e in dataset]
+        pool_len = [e.n_target_tokens for e in pool]
         seed = ctx.seed if c.seed is None else c.seed
         per_slot = _per_slot(c.ratio, c.mode)
         if c.by == "examples" and (per_slot * ctx.batch_size).denominator != 1:
