@@ -11,7 +11,7 @@ from transformers import TrainerCallback, TrainingArguments
 from tether.data.collate import Collator
 from tether.methods.base import Context
 from tether.probes.base import ProbeResult
-from tether.training.guard import ForgettingGuard, trainable_state
+from tether.training.guard import ForgettingGuard, restore_trainable, trainable_state, weights_stamp
 from tether.training.trainer import TetherTrainer
 
 
@@ -53,6 +53,30 @@ def test_guard_stops_on_degradation_and_restores_best(tiny_model, tokenizer, tmp
     events = [json.loads(line) for line in (tmp_path / "guard.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events] == [2, 4, 6] and events[-1]["breached"] == ["general"]
     assert events[-1]["action"] == "stop"
+    # the last check (step 6) scored weights the restore has since overwritten: nothing may reuse it
+    assert guard.last["step"] == 6 and guard.last["stamp"] != weights_stamp(tiny_model)
+
+
+def test_weights_stamp_changes_on_any_write_and_only_then(tiny_model):
+    """What lets the final scoring reuse the guard's last check: the stamp holds through forwards and
+    reads, and changes on an optimizer step, a restore or an in-place write to a frozen weight."""
+    ids = torch.tensor([[5, 6, 7, 8]])
+    before = weights_stamp(tiny_model)
+    with torch.no_grad():
+        tiny_model(ids)
+    state = trainable_state(tiny_model)
+    assert weights_stamp(tiny_model) == before
+    tiny_model(ids, labels=ids).loss.backward()
+    torch.optim.SGD(tiny_model.parameters(), lr=1e-3).step()
+    stepped = weights_stamp(tiny_model)
+    assert stepped != before
+    restore_trainable(tiny_model, state)
+    restored = weights_stamp(tiny_model)
+    assert restored != stepped
+    frozen = next(iter(tiny_model.parameters())).requires_grad_(False)
+    with torch.no_grad():
+        frozen.mul_(1.0)  # a write that changes no value still counts: the stamp never trusts values
+    assert weights_stamp(tiny_model) != restored
 
 
 @pytest.mark.parametrize("action", ["warn", "adapt"])

@@ -24,7 +24,7 @@ def recipe(tmp_path, tiny_model_dir, tiny_task, tiny_suite, **fields):
 
 def test_default_recipe_run_directory(tmp_path, tiny_model_dir, tiny_task, tiny_suite):
     r = recipe(tmp_path, tiny_model_dir, tiny_task, tiny_suite, methods={"lora": {"r": 4}, "replay": {"ratio": 0.25}})
-    result = train(r)
+    result = train(r, keep_model=True)
     run = result.run_dir
     for f in ("recipe.yaml", "metrics.jsonl", "guard.jsonl", "probes_base.json", "probes_final.json", "summary.json",
               "report.html", "plots/train_loss.png"):
@@ -47,6 +47,21 @@ def test_default_recipe_run_directory(tmp_path, tiny_model_dir, tiny_task, tiny_
     final = json.loads((run / "probes_final.json").read_text())
     assert final["task"] == s["task"]["final"] and [r["name"] for r in final["general"]] == [
         "chat_loss", "facts_mc", "sums_gen", "drift"]
+    # the guard's check at the last step scored these very weights on the same probes (and every task
+    # item: fewer than its task_limit): the final scores are that check's, and equal a fresh scoring
+    assert final["general_from_guard_step"] == 4
+    from tether.probes.scorer import Scorer
+    from tether.probes.suite import run_suite, validate_suite
+    from tether.registry import PROBES
+    from tether.training.run import load_task, task_eval_items
+
+    scorer = Scorer(result.model, result.tokenizer)
+    fresh = run_suite(validate_suite(str(tiny_suite)), scorer, progress=False)
+    assert [x["score"] for x in final["general"]] == pytest.approx([x.score for x in fresh], abs=1e-5)
+    task_items = task_eval_items(r, load_task(r)[1])
+    assert len(task_items) <= r.guard.task_limit
+    task_probe = PROBES.get(r.task.eval_kind)("task", task_items, metric=r.task.eval_metric, max_new_tokens=4)
+    assert final["task"] == pytest.approx(task_probe.run(scorer).score)
     # the adapter is in PEFT format and reloads on the base
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -32,6 +32,12 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def weights_stamp(model: torch.nn.Module) -> tuple:
+    """Changes whenever any parameter is written in place (an optimizer step, a restore, an adapter
+    merge) or replaced: scores taken under one stamp hold for the model while the stamp is unchanged."""
+    return tuple((n, p.data_ptr(), p._version) for n, p in model.named_parameters())
+
+
 def restore_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -71,12 +77,14 @@ class ForgettingGuard(TrainerCallback):
         self.best: dict[str, Any] | None = None  # {"step", "task_score", "state"}
         self.stopped_at: int | None = None
         self.restored_step: int | None = None
+        self.last: dict[str, Any] | None = None  # the latest check's results, for the final scoring to reuse
 
     # -- decisions -------------------------------------------------------------------------------
     def check(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         with native_forward(model):
             results, task_score = self.score(model)
+        self.last = {"step": step, "results": results, "task_score": task_score, "stamp": weights_stamp(model)}
         comps = compare_results(self.base_results, results, threshold=self.threshold,
                                 kind_thresholds=self.kind_thresholds)
         breached = [c.probe for c in comps if c.verdict == "forgot"]

@@ -136,7 +136,7 @@ def train(recipe: Recipe, *, base_results: dict[str, list] | None = None, keep_m
     if not trainer.is_world_process_zero():
         return TrainResult(run_dir, {}, base["general"], [])
     session.save_model(model, methods)
-    final = session.score_final(model)
+    final = session.score_final(model, guard)
     summary = session.summarise(base, final, train_out, guard, methods, skipped, time.perf_counter() - t_start)
     write_json(run_dir / "summary.json", summary)
     from ..report.html import write_report

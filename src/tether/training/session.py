@@ -113,20 +113,43 @@ class Session:
         results = self._run(probes + ([task_probe] if task_probe else []), model, reference)
         return (results[:-1], results[-1].score) if task_probe else (results, None)
 
-    def score_final(self, model) -> dict[str, Any]:
+    def score_final(self, model, guard=None) -> dict[str, Any]:
+        """The tuned model's general and task scores. A probe the guard's last check scored on these
+        very weights (the guard watching the general suite, checking at the last step) is taken from
+        that check instead of being scored a second time."""
         from .. import models
+        from .guard import weights_stamp
 
-        with status("scoring the tuned model on the general probes"):
-            if self.scorer(model).is_peft:
-                reference = None  # the adapter-disabled view
-            else:
-                base = self.frozen_base or models.load(self.base_name, dtype=self.recipe.model.dtype,
-                                                       with_tokenizer=False, device=str(model.device))
-                reference = self.scorer(base)
-            out = dict(zip(("general", "task"),
-                           self._with_task(self.general_probes, self.task_probe(), model, reference)))
-        write_json(self.run_dir / "probes_final.json", {k: [r.to_dict() for r in v] if isinstance(v, list) else v
-                                                        for k, v in out.items()})
+        general, task, reused_from = [None] * len(self.general_probes), None, None
+        last = guard.last if guard is not None else None
+        if last is not None and last["stamp"] == weights_stamp(model):
+            for i, p in enumerate(self.general_probes):
+                j = next((j for j, g in enumerate(self.guard_probes) if p.same_as(g)), None)
+                general[i] = last["results"][j] if j is not None else None
+            limit = self.recipe.guard.task_limit
+            if self.task_items and (limit is None or limit >= len(self.task_items)):
+                task = last["task_score"]
+            if any(r is not None for r in general):
+                reused_from = last["step"]
+                log.info("final scores of %d of %d general probes taken from the guard's check at step %d",
+                         sum(r is not None for r in general), len(general), last["step"])
+        todo = [p for p, r in zip(self.general_probes, general) if r is None]
+        task_probe = self.task_probe() if task is None else None
+        if todo or task_probe:
+            with status("scoring the tuned model on the general probes"):
+                reference = None  # PEFT: the adapter-disabled view
+                if todo and not self.scorer(model).is_peft:
+                    base = self.frozen_base or models.load(self.base_name, dtype=self.recipe.model.dtype,
+                                                           with_tokenizer=False, device=str(model.device))
+                    reference = self.scorer(base)
+                scored, task_score = self._with_task(todo, task_probe, model, reference)
+            task = task_score if task_probe else task
+            scored = iter(scored)
+            general = [r if r is not None else next(scored) for r in general]
+        out = {"general": general, "task": task if self.task_items else None}
+        write_json(self.run_dir / "probes_final.json", {**{k: [r.to_dict() for r in v] if isinstance(v, list) else v
+                                                           for k, v in out.items()},
+                                                        "general_from_guard_step": reused_from})
         return out
 
     # -- training ----------------------------------------------------------------------------------
