@@ -230,7 +230,8 @@ def main() -> None:
     # rows than the ChatterBot replies above), and the same with replay.mode add
     default = load_recipe(None).methods
     configs = {**CONFIGS, "default recipe's methods": default,
-               "default recipe's methods, replay mode add": {**default, "replay": {**default["replay"], "mode": "add"}}}
+               "default recipe's methods, replay mode add": {**default, "replay": {**default["replay"], "mode": "add"}},
+               "distil-inputs recipe's methods": load_recipe("distil-inputs").methods}
     run("plain Trainer + PEFT LoRA", plain)
     for label, cfg in configs.items():
         if not args.only or label in args.only:

@@ -70,6 +70,9 @@ CONFIGS = {
     "default recipe": (None, True),
     # the default with the replay rows on top of the 8 task rows (8 + 2 per step), guard on as above
     "default recipe, replay mode add": (["replay.mode=add"], True),
+    # the distil-inputs recipe's methods (src/tether/recipes/distil-inputs.yaml), guard on as the default's
+    "distil-inputs recipe": (["replay.mode=add", "lora.alpha=256", "lora.trainable_tokens=answers", "lwf.on=inputs"],
+                             True),
 }
 
 

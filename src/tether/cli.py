@@ -73,7 +73,8 @@ def eval_cmd(
 @app.command("train")
 def train_cmd(
     recipe: Optional[Path] = typer.Argument(
-        None, help="Recipe YAML; defaults: LoRA + 20% replay (LwF on its rows) + lr 1e-4 + guard."),
+        None, help="Recipe YAML or a shipped recipe's name (distil-inputs, naive, ...); defaults: LoRA + 20% "
+                   "replay with LwF on its rows + lr 1e-4 + guard."),
     task: Optional[str] = typer.Option(None, "--task", "-t", help="Task training data (JSONL/JSON/CSV/Parquet)."),
     eval_data: Optional[str] = typer.Option(None, "--eval", help="Held-out task data for the task score."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to fine-tune."),

@@ -228,9 +228,22 @@ def _read_yaml(p: Path, what: str) -> dict[str, Any]:
     return data
 
 
+def shipped_recipe(name: str | Path | None) -> Path | None:
+    """The packaged recipe ``name`` (``distil-inputs`` or ``distil-inputs.yaml``) when no such file
+    exists where ``name`` points, so `tether train distil-inputs --task x.jsonl` works from any directory."""
+    from importlib import resources
+
+    if not name or Path(name).exists() or Path(name).name != str(name):
+        return None
+    stem = str(name).removesuffix(".yaml")
+    f = resources.files("tether.recipes") / f"{stem}.yaml"
+    return Path(str(f)) if f.is_file() else None
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None,
                 **fields: Any) -> Recipe:
     """Read a recipe YAML (or start from the defaults), apply overrides, validate."""
+    path = shipped_recipe(path) or path
     source = str(path) if path else "<defaults>"
     data: dict[str, Any] = {}
     if path:
