@@ -68,6 +68,12 @@ def test_every_shipped_recipe_and_suite_validates():
         r = load_recipe(p)
         load_suite(r.general)
         load_suite(r.guard.suite)
+    # a shipped recipe loads by name from any directory; a path that exists wins; a typo is an error
+    assert load_recipe("distil-inputs").methods == load_recipe(resources.files("tether.recipes") / "distil-inputs.yaml"
+                                                                ).methods
+    assert load_recipe("distil-inputs.yaml").methods["lwf"]["on"] == "inputs"
+    with pytest.raises(RecipeError, match="distil-input: recipe not found"):
+        load_recipe("distil-input")
     default = load_recipe(resources.files("tether.recipes") / "default.yaml")
     assert default.methods == load_recipe().methods  # `tether train --task x` runs default.yaml's methods
     assert default.methods["replay"]["ratio"] == 0.2 and default.methods["lora"]["alpha"] == 128
@@ -99,3 +105,10 @@ def test_yaml_on_off_yes_no_are_strings_not_booleans(tmp_path):
     assert r.methods["lwf"] == {"on": "task+general", "temperature": 2.5}
     assert r.guard.enabled is False and "replay" not in r.methods
     assert load_recipe(p, ["guard.enabled=true"]).guard.enabled is True
+
+
+def test_a_file_in_the_working_directory_wins_over_a_shipped_recipe_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "naive.yaml").write_text("methods:\n  lora: {r: 4}\n")
+    assert load_recipe("naive.yaml").methods == {"lora": {"r": 4}}
+    assert load_recipe("naive").methods == {"full": {}}  # no file "naive" here: the shipped one

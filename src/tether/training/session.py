@@ -136,7 +136,7 @@ class Session:
         todo = [p for p, r in zip(self.general_probes, general) if r is None]
         task_probe = self.task_probe() if task is None else None
         if todo or task_probe:
-            with status("scoring the tuned model on the general probes"):
+            with status("scoring the tuned model on the " + ("general probes" if todo else "task")):
                 reference = None  # PEFT: the adapter-disabled view
                 if todo and not self.scorer(model).is_peft:
                     base = self.frozen_base or models.load(self.base_name, dtype=self.recipe.model.dtype,
