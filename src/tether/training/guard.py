@@ -33,8 +33,10 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def weights_stamp(model: torch.nn.Module) -> tuple:
-    """Changes whenever any parameter is written in place (an optimizer step, a restore, an adapter
-    merge) or replaced: scores taken under one stamp hold for the model while the stamp is unchanged."""
+    """Changes whenever a parameter is written in place (an optimizer step, a restore) or replaced, or
+    modules are swapped (a merge that unloads adapters): scores taken under one stamp hold while it is
+    unchanged. A write through ``.data`` bumps no version (PEFT's unsafe merge/unmerge round trip, at
+    rounding level); nothing in a run writes that way between the last guard check and the final scoring."""
     return tuple((n, p.data_ptr(), p._version) for n, p in model.named_parameters())
 
 
