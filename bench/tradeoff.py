@@ -27,7 +27,7 @@ def _self_replay(lora_alpha: float, dropout: float = 0.05, lr_ratio: float = 1.0
 
 
 # label -> (methods, guard on?); methods None = the default recipe exactly as `tether train` runs it, a
-# list of `--set` overrides = the default recipe with those changes
+# list of `--set` overrides = the default recipe with those changes, a string = that shipped recipe's methods
 CONFIGS = {
     "naive full FT": ({"full": {}}, False),
     "LoRA": ({"lora": {}}, False),
@@ -70,9 +70,8 @@ CONFIGS = {
     "default recipe": (None, True),
     # the default with the replay rows on top of the 8 task rows (8 + 2 per step), guard on as above
     "default recipe, replay mode add": (["replay.mode=add"], True),
-    # the distil-inputs recipe's methods (src/tether/recipes/distil-inputs.yaml), guard on as the default's
-    "distil-inputs recipe": (["replay.mode=add", "lora.alpha=256", "lora.trainable_tokens=answers", "lwf.on=inputs"],
-                             True),
+    # a shipped recipe's methods, by name (src/tether/recipes/distil-inputs.yaml), guard on as the default's
+    "distil-inputs recipe": ("distil-inputs", True),
 }
 
 
@@ -117,6 +116,8 @@ def main() -> None:
         key = label if args.seed == 0 else f"{label} (seed {args.seed})"
         if (args.only and label not in args.only) or key in results:
             continue
+        if isinstance(methods, str):  # a shipped recipe's name
+            methods = load_recipe(methods).methods
         extra = {"methods": methods} if isinstance(methods, dict) else {"overrides": methods or []}
         recipe = load_recipe(
             None, **extra, general=args.suite,

@@ -18,6 +18,18 @@ from ..progress import status
 log = logging.getLogger(__name__)
 
 
+def identical_results(probes: list, others: list, results: list) -> list:
+    """For each of ``probes``, the result an identical probe (`Probe.same_as`) among ``others`` got
+    (``results`` in ``others``' order), else ``None``: what need not be scored again."""
+    return [next((r for o, r in zip(others, results) if p.same_as(o)), None) for p in probes]
+
+
+def fill_in(reused: list, scored: list) -> list:
+    """``reused`` with its ``None`` entries replaced, in order, by ``scored``."""
+    rest = iter(scored)
+    return [r if r is not None else next(rest) for r in reused]
+
+
 class Session:
     def __init__(self, recipe: Recipe, model, tokenizer, general, general_probes: list, guard_probes: list | None,
                  task_items, run_dir: Path):
@@ -94,14 +106,11 @@ class Session:
     def _guard_base(self, general: list, ref) -> list:
         """The base's guard scores: a guard probe identical to a general one (the guard watching the
         general suite itself) takes that result as is; only the others are scored."""
-        by_name = {r.name: r for r in general}
-        reused = [by_name.get(g.name) if any(p.same_as(g) for p in self.general_probes) else None
-                  for g in self.guard_probes]
+        reused = identical_results(self.guard_probes, self.general_probes, general)
         todo = [g for g, r in zip(self.guard_probes, reused) if r is None]
-        scored = iter(self._run(todo, ref, "self") if todo else [])
         if len(todo) < len(reused):
             log.info("guard: %d of %d base scores taken from the general suite's", len(reused) - len(todo), len(reused))
-        return [r if r is not None else next(scored) for r in reused]
+        return fill_in(reused, self._run(todo, ref, "self") if todo else [])
 
     def guard_score(self, model):
         probe = self.task_probe(limit=self.recipe.guard.task_limit)
@@ -123,9 +132,7 @@ class Session:
         general, task, reused_from = [None] * len(self.general_probes), None, None
         last = guard.last if guard is not None else None
         if last is not None and last["stamp"] == weights_stamp(model):
-            for i, p in enumerate(self.general_probes):
-                j = next((j for j, g in enumerate(self.guard_probes) if p.same_as(g)), None)
-                general[i] = last["results"][j] if j is not None else None
+            general = identical_results(self.general_probes, self.guard_probes, last["results"])
             limit = self.recipe.guard.task_limit
             if self.task_items and (limit is None or limit >= len(self.task_items)):
                 task = last["task_score"]
@@ -144,8 +151,7 @@ class Session:
                     reference = self.scorer(base)
                 scored, task_score = self._with_task(todo, task_probe, model, reference)
             task = task_score if task_probe else task
-            scored = iter(scored)
-            general = [r if r is not None else next(scored) for r in general]
+            general = fill_in(general, scored)
         out = {"general": general, "task": task if self.task_items else None}
         write_json(self.run_dir / "probes_final.json", {**{k: [r.to_dict() for r in v] if isinstance(v, list) else v
                                                            for k, v in out.items()},
