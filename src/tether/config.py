@@ -55,6 +55,8 @@ class TrainingSpec(_Strict):
     bf16: bool = False
     fp16: bool = False
     gradient_checkpointing: bool = False
+    # run the prompt prefix a batch's rows share once (exact; see tether.prefix): off only to compare
+    share_prefix: bool = True
     logging_steps: int = 5
     save_steps: int | None = None
     report_to: list[str] = Field(default_factory=lambda: ["none"])

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from .. import prefix
 from ..data.collate import Collator
 from ..data.formats import IGNORE_INDEX
 from ..registry import register_method
@@ -189,7 +190,28 @@ def untrained_positions(batch: dict) -> torch.Tensor:
 
 
 def _forward_inputs(batch: dict) -> dict:
-    return {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+    """What a forward of ``batch`` needs: its ids and mask, and the trainer's ``prefix_groups`` if any."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "prefix_groups") if k in batch}
+
+
+def _regrouped(inputs: dict, sharing: bool) -> dict:
+    """``inputs`` (rows picked from a batch, or another batch) with prefix groups of their own when
+    the trainer shares prefixes, so the extra forwards share theirs too."""
+    inputs = {k: v for k, v in inputs.items() if k != "prefix_groups"}
+    if sharing:
+        groups = prefix.plan(inputs["input_ids"], inputs.get("attention_mask"))
+        if any(g.shared for g in groups) and prefix.saves(groups, inputs["input_ids"].shape[1]):
+            inputs["prefix_groups"] = groups
+    return inputs
+
+
+def run_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """``model``'s logits on ``batch``; rows in ``batch["prefix_groups"]`` run their shared prefix once."""
+    groups = batch.get("prefix_groups")
+    if groups:
+        return prefix.forward(model, batch["input_ids"], batch.get("attention_mask"), groups,
+                              prefix.cache_keyword(model) or "cache")
+    return model(**{k: v for k, v in batch.items() if k != "prefix_groups"}).logits
 
 
 def make_reference(model: torch.nn.Module, frozen_copy: torch.nn.Module | None = None) -> Reference:
@@ -214,7 +236,7 @@ def make_reference(model: torch.nn.Module, frozen_copy: torch.nn.Module | None =
 
         def reference(_model: torch.nn.Module, batch: dict) -> torch.Tensor:
             with torch.no_grad():
-                return frozen_copy(**_forward_inputs(batch)).logits.detach()
+                return run_logits(frozen_copy, _forward_inputs(batch)).detach()
 
         return reference
 
@@ -226,7 +248,7 @@ def make_reference(model: torch.nn.Module, frozen_copy: torch.nn.Module | None =
         if state.get("model") is not m:  # once per model: the walks below are most of the cost
             state.update(model=m, modules=list(m.modules()), layers=adapter_layers(m))
         with torch.no_grad(), eval_mode(state["modules"]), adapters_off(m, state["layers"]):
-            return m(**_forward_inputs(batch)).logits.detach()
+            return run_logits(m, _forward_inputs(batch)).detach()
 
     return reference
 
@@ -322,8 +344,8 @@ class LwF(Method):
             gb = self.general_batch(ctx)
             if gb is None:
                 raise ValueError(f"lwf.on is {c.on!r} but there is no general data")
-            terms["lwf_general"] = self._distil(model, {k: v.to(device) for k, v in _forward_inputs(gb).items()},
-                                                None, ctx)
+            gb = {k: v.to(device) for k, v in _forward_inputs(gb).items()}
+            terms["lwf_general"] = self._distil(model, _regrouped(gb, "prefix_groups" in batch), None, ctx)
         return terms
 
     def _distil(self, model, inputs: dict, student: torch.Tensor | None, ctx: Context,
@@ -331,7 +353,7 @@ class LwF(Method):
         """``α · lwf_kl`` of the student's logits (the ones given, else a forward of ``inputs``)
         against the teacher's on ``inputs``, over ``mask`` (default: the non-padding positions)."""
         if student is None:
-            student = model(**inputs).logits
+            student = run_logits(model, inputs)
         teacher = ctx.reference(model, inputs)
         if mask is None:
             mask = inputs.get("attention_mask")
@@ -346,7 +368,8 @@ class LwF(Method):
         if rows.numel() == 0:
             return torch.zeros((), device=batch["input_ids"].device)
         student = _logits(outputs)
-        return self._distil(model, {k: v[rows] for k, v in _forward_inputs(batch).items()},
+        picked = {k: v[rows] for k, v in _forward_inputs(batch).items() if k != "prefix_groups"}
+        return self._distil(model, _regrouped(picked, "prefix_groups" in batch),
                             None if student is None else student[rows], ctx)
 
     def state_dict(self) -> dict:

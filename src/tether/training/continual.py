@@ -125,7 +125,8 @@ def _train_phase(seq, model, tok, methods, phase: int, task_ids: list[int], enco
     ctx, data = start_task(model, methods, ctx, teacher)
     args = training_arguments(t.model_copy(update={"max_steps": steps}), str(run_dir / "checkpoints"))
     trainer = TetherTrainer(model=model, args=args, train_dataset=data,
-                            data_collator=Collator.for_tokenizer(tok), methods=methods, context=ctx)
+                            data_collator=Collator.for_tokenizer(tok), methods=methods, context=ctx,
+                            share_prefix=t.share_prefix)
     trainer.add_callback(JsonlMetrics(run_dir / "metrics.jsonl", {"task": phase}))
     trainer.train()
     for m in methods.values():

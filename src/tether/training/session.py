@@ -188,7 +188,8 @@ class Session:
         ctx, data = start_task(model, methods, ctx, self.frozen_base)
         args = training_arguments(t, str(self.run_dir / "checkpoints"))
         trainer = TetherTrainer(model=model, args=args, train_dataset=data,
-                                data_collator=Collator.for_tokenizer(self.tok), methods=methods, context=ctx)
+                                data_collator=Collator.for_tokenizer(self.tok), methods=methods, context=ctx,
+                                share_prefix=t.share_prefix)
         trainer.add_callback(JsonlMetrics(self.run_dir / "metrics.jsonl"))
         guard = None
         if self.guard_probes is not None:

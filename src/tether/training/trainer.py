@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Iterator
@@ -15,8 +16,12 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .. import prefix
 from ..methods.base import Context, Method, example_nll
+
+log = logging.getLogger("tether")
 
 
 class TetherTrainer(Trainer):
@@ -25,12 +30,18 @@ class TetherTrainer(Trainer):
     Args:
         methods: active methods by name, in recipe order.
         context: the base `Context`; ``step`` is filled in per call.
+        share_prefix: run the prompt prefix a batch's task rows (and, apart, its replay rows) share
+            once per batch (`tether.prefix`), where that is exact: no dropout, no gradient
+            checkpointing, one process. Methods see the grouping as ``batch["prefix_groups"]``.
     """
 
-    def __init__(self, *args: Any, methods: dict[str, Method], context: Context, **kwargs: Any):
+    def __init__(self, *args: Any, methods: dict[str, Method], context: Context, share_prefix: bool = True,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.methods = methods
         self.base_context = context
+        self.share_prefix = share_prefix
+        self._prefix: dict[str, Any] = {}  # per model: whether sharing is exact for it, its cache keyword
         self._term_sums: dict[str, Any] = defaultdict(float)  # tensors once a term is added
         self._term_counts: dict[str, Any] = defaultdict(int)
         self.add_callback(_MethodHooks(self))
@@ -95,16 +106,26 @@ class TetherTrainer(Trainer):
         ctx = self.context()
         seen = inputs if is_replay is None else {**inputs, "is_replay": is_replay, "replay_index": replay_index}
         weights = self._example_weights(seen, ctx)
+        groups = self._prefix_groups(model, inputs, is_replay)
         nll = None  # per-example (NLL sum, target count), when the loss is computed here
-        if weights is None:
+        if weights is None and groups is None:
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                  num_items_in_batch=num_items_in_batch)
         else:
-            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            if groups is None:
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            else:
+                seen = {**seen, "prefix_groups": groups}
+                outputs = CausalLMOutputWithPast(logits=prefix.forward(
+                    model, inputs["input_ids"], inputs.get("attention_mask"), groups, self._prefix["keyword"]))
             nll = example_nll(outputs.logits, inputs["labels"])
-            loss = _weighted_mean(*nll, weights)
-            if self._loss_already_scaled(num_items_in_batch):
-                loss = loss / self.current_gradient_accumulation_steps  # a per-micro-batch mean
+            scaled = self._loss_already_scaled(num_items_in_batch)
+            if weights is not None:
+                loss = _weighted_mean(*nll, weights)
+                if scaled:
+                    loss = loss / self.current_gradient_accumulation_steps  # a per-micro-batch mean
+            else:  # what the model's own loss would be: a token mean, or a sum over the accumulated batch's tokens
+                loss = nll[0].sum() / (num_items_in_batch if scaled else nll[1].sum())
         terms: dict[str, torch.Tensor] = {}
         for name, method in self.methods.items():
             for key, value in method.extra_loss(model, seen, outputs, ctx).items():
@@ -118,6 +139,54 @@ class TetherTrainer(Trainer):
             loss = loss + extra
         self._record(terms, inputs, outputs, is_replay, nll)
         return (loss, outputs) if return_outputs else loss
+
+    def _prefix_groups(self, model, inputs: dict, is_replay) -> list[prefix.Group] | None:
+        """This batch's `prefix.plan` where sharing is on, exact for this model and saves work; else None."""
+        if not self.share_prefix:
+            return None
+        state = self._prefix
+        if state.get("model") is not model:
+            state.clear()
+            state.update(model=model, keyword=prefix.cache_keyword(model), why=self._why_not_share(model))
+            if state["why"] is None and state["keyword"] is None:
+                state["why"] = "the model's forward takes no KV cache"
+            if state["why"]:
+                log.info("shared prefix: off (%s)", state["why"])
+        if state["why"]:
+            return None
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        groups = prefix.plan(ids, mask, is_replay)
+        if not any(g.shared for g in groups) or not prefix.saves(groups, ids.shape[1]):
+            return None
+        if not state.get("checked"):  # once per model: the cached forward must give the plain logits
+            state["checked"] = True
+            if not prefix.agrees(model, ids, mask, groups, state["keyword"]):
+                state["why"] = "its cached forward differs from the plain one"
+                return None
+            log.info("shared prefix: on; first batch: %s", ", ".join(
+                f"{len(g.rows)} rows share {g.shared} tokens" for g in groups if g.shared))
+        plain = ids.shape[0] * ids.shape[1]
+        self._add("prefix_saved", torch.tensor(1.0 - sum(len(g.rows) * (g.length - g.shared) + g.shared
+                                                        for g in groups) / plain))
+        return groups
+
+    def _why_not_share(self, model) -> str | None:
+        """Why sharing a prefix would not be exact (or not possible) for this model in this run, or None."""
+        a = self.args
+        if a.gradient_checkpointing:
+            return "gradient checkpointing turns the KV cache off"
+        if self.accelerator.num_processes > 1 or a.n_gpu > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return "a distributed run: every process runs its rows whole"
+        if self.label_smoother is not None or self.compute_loss_func is not None:
+            return "a custom loss"
+        if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+            return "dropout is on: one mask would serve every row's prefix"
+        config = getattr(model, "config", None)
+        rates = {k: v for k, v in (vars(config) if config is not None else {}).items()
+                 if "dropout" in k and isinstance(v, float) and v > 0}
+        if rates:
+            return f"the model's config sets {', '.join(sorted(rates))}"
+        return None
 
     def _example_weights(self, batch: dict, ctx: Context) -> torch.Tensor | None:
         weights = None

@@ -1,0 +1,138 @@
+"""Shared prompt prefixes run once per batch: same logits, gradients and training as without."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from tests.conftest import make_tiny_llama
+from tether import prefix
+
+
+def batch(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+PRE = list(range(10, 30))  # 20 shared tokens
+
+
+def test_plan_groups_rows_and_finds_each_groups_shared_prefix():
+    rows = [PRE + [40, 41, 42], PRE + [50], PRE + [60, 61], PRE[:5] + [70] * 30]
+    ids, mask = batch(rows)
+    split = torch.tensor([False, False, False, True])
+    g = prefix.plan(ids, mask, split)
+    assert g == [prefix.Group((0, 1, 2), 20, 23), prefix.Group((3,), 0, 35)]
+    # one group: the rows share only 5 tokens, under the minimum
+    assert prefix.plan(ids, mask) == [prefix.Group((0, 1, 2, 3), 0, 35)]
+    assert prefix.plan(ids, mask, min_shared=4)[0].shared == 5
+    # a row that is all prefix keeps its last token for itself
+    ids, mask = batch([PRE, PRE + [1, 2]])
+    assert prefix.plan(ids, mask)[0].shared == 19
+    # a left-padded row shares nothing
+    ids, mask = batch([PRE + [1], PRE + [2]])
+    left_ids = torch.cat([torch.zeros((2, 1), dtype=torch.long), ids], 1)
+    left_mask = torch.cat([torch.tensor([[0], [1]]), mask], 1)
+    assert prefix.plan(left_ids, left_mask)[0].shared == 0
+    # saves: fewer token positions than the plain padded batch
+    ids, mask = batch(rows)
+    assert prefix.saves(prefix.plan(ids, mask, split), ids.shape[1])
+    assert not prefix.saves([prefix.Group((0, 1, 2, 3), 0, 35)], 35)
+
+
+def test_forward_gives_the_plain_logits_and_gradients():
+    model = make_tiny_llama(128, layers=3).train()  # no dropout in the tiny config
+    g = torch.Generator().manual_seed(1)
+    pre = torch.randint(3, 128, (24,), generator=g).tolist()
+    rows = [pre + torch.randint(3, 128, (n,), generator=g).tolist() for n in (3, 9, 1, 6)]
+    rows += [pre[:4] + torch.randint(3, 128, (n,), generator=g).tolist() for n in (30, 12)]
+    ids, mask = batch(rows)
+    split = torch.tensor([False] * 4 + [True] * 2)
+    groups = prefix.plan(ids, mask, split)
+    assert [(len(x.rows), x.shared) for x in groups] == [(4, 24), (2, 0)]
+    keep = mask.bool()
+
+    def run(fn):
+        model.zero_grad()
+        logits = fn()
+        # a loss over every real position, weighted per position so each gradient differs
+        w = torch.linspace(0.5, 1.5, logits.shape[1])[None, :, None]
+        (logits * w)[keep].float().pow(2).mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, g_plain = run(lambda: model(input_ids=ids, attention_mask=mask).logits)
+    shared, g_shared = run(lambda: prefix.forward(model, ids, mask, groups, prefix.cache_keyword(model)))
+    assert torch.allclose(plain[keep], shared[keep], atol=1e-5)
+    for n in g_plain:
+        assert torch.allclose(g_plain[n], g_shared[n], atol=1e-6, rtol=1e-4), n
+    assert prefix.agrees(model, ids, mask, groups, prefix.cache_keyword(model))
+
+
+class IgnoresCache(torch.nn.Module):
+    """A model whose forward takes a cache argument and drops it: a prefix cache would be lost."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids, attention_mask=None, cache=None, use_cache=None, **kw):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_agrees_catches_a_model_that_does_not_continue_the_prefix(caplog):
+    model = IgnoresCache(make_tiny_llama(128))
+    ids, mask = batch([PRE + [40, 41], PRE + [50, 51, 52]])
+    groups = prefix.plan(ids, mask)
+    assert prefix.cache_keyword(model) == "cache"
+    with caplog.at_level(logging.WARNING, logger="tether"):
+        assert not prefix.agrees(model, ids, mask, groups, "cache")
+    assert "differs from its plain one" in caplog.text
+
+
+def _train(tmp_path, tiny_model_dir, tiny_task, tiny_suite, share: bool, methods: dict, name: str):
+    from tests.test_train import recipe
+    from tether.training.run import train
+
+    r = recipe(tmp_path / name, tiny_model_dir, tiny_task, tiny_suite, methods=methods,
+               training={"share_prefix": share, "batch_size": 4, "max_steps": 3}, guard={"enabled": False})
+    res = train(r, keep_model=True)
+    logs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return res, [x for x in logs if "loss" in x]
+
+
+@pytest.mark.parametrize("methods", [
+    {"lora": {"r": 4, "dropout": 0.0}, "replay": {"ratio": 0.2, "mode": "add"}, "lwf": {"on": "inputs"}},
+    {"full": {}, "lwf": {"on": "task"}},
+], ids=["lora+replay+lwf-inputs", "full+lwf-frozen-copy"])
+def test_training_with_shared_prefixes_is_training_without(tmp_path, tiny_model_dir, tiny_task, tiny_suite, methods,
+                                                            caplog):
+    with caplog.at_level(logging.INFO, logger="tether"):
+        on, logs_on = _train(tmp_path, tiny_model_dir, tiny_task, tiny_suite, True, methods, "on")
+    assert "shared prefix: on" in caplog.text
+    off, logs_off = _train(tmp_path, tiny_model_dir, tiny_task, tiny_suite, False, methods, "off")
+    # the chat template's system prompt and the task's "Topic of: the" run once per batch
+    assert all(x["prefix_saved"] > 0.2 for x in logs_on) and not any("prefix_saved" in x for x in logs_off)
+    for a, b in zip(logs_on, logs_off):
+        for k in ("loss", "lwf", "lwf_inputs", "loss_task", "loss_replay"):
+            if k in b:
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+    p_on, p_off = dict(on.model.named_parameters()), dict(off.model.named_parameters())
+    for n, p in p_off.items():
+        if p.requires_grad:
+            assert torch.allclose(p_on[n], p, atol=1e-5), n
+
+
+def test_sharing_stays_off_where_it_would_not_be_exact(tmp_path, tiny_model_dir, tiny_task, tiny_suite, caplog):
+    with caplog.at_level(logging.INFO, logger="tether"):
+        _, logs = _train(tmp_path, tiny_model_dir, tiny_task, tiny_suite, True, {"lora": {"r": 4, "dropout": 0.1}},
+                         "dropout")
+    assert "shared prefix: off (dropout is on" in caplog.text
+    assert not any("prefix_saved" in x for x in logs)
