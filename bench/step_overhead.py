@@ -45,7 +45,13 @@ CONFIGS = {
     "+ replay 20% on top (mode add) + LwF on replay rows, LoRA dropout 0, answer tokens trained": {
         "lora": {"dropout": 0.0, "trainable_tokens": "answers"}, "replay": {"ratio": 0.2, "mode": "add"},
         "lwf": {"on": "replay"}},
+    # no dropout: the batch's shared prompt prefix runs once (tether.prefix; dropout turns that off)
+    "tether LoRA, dropout 0": {"lora": {"dropout": 0.0}},
+    "tether full fine-tuning": {"full": {}},
 }
+# these again with training.share_prefix off: what running the shared prefix once saves
+UNSHARED = ("tether LoRA, dropout 0", "tether full fine-tuning", "default recipe's methods",
+            "distil-inputs recipe's methods")
 
 
 # Qwen2-0.5B's shapes (its config.json), for timing on a machine that holds no weights: randomly
@@ -202,7 +208,12 @@ def main() -> None:
         return Trainer(model=peft_model, args=training_arguments(spec, "/tmp/tether-bench-plain"),
                        train_dataset=as_dataset(examples), data_collator=Collator(tok.pad_token_id))
 
-    def tethered(methods_cfg):
+    def plain_full(model, tok):
+        examples = encode_records(read_records(task_dir / "train.jsonl"), tok, max_length=256)[0]
+        return Trainer(model=model, args=training_arguments(spec, "/tmp/tether-bench-plain-full"),
+                       train_dataset=as_dataset(examples), data_collator=Collator(tok.pad_token_id))
+
+    def tethered(methods_cfg, share_prefix: bool = True):
         def make(model, tok):
             examples = encode_records(read_records(task_dir / "train.jsonl"), tok, max_length=256)[0]
             general = encode_records(read_records(pack / "replay.jsonl", limit=400), tok, max_length=256)[0]
@@ -223,7 +234,7 @@ def main() -> None:
                 data = m.prepare_data(data, ctx)
             return TetherTrainer(model=model, args=training_arguments(spec, "/tmp/tether-bench-t"),
                                  train_dataset=as_dataset(data), data_collator=Collator(tok.pad_token_id),
-                                 methods=methods, context=ctx)
+                                 methods=methods, context=ctx, share_prefix=share_prefix)
         return make
 
     # the default recipe's methods as default.yaml has them, its self-answered replay included (longer
@@ -233,9 +244,14 @@ def main() -> None:
                "default recipe's methods, replay mode add": {**default, "replay": {**default["replay"], "mode": "add"}},
                "distil-inputs recipe's methods": load_recipe("distil-inputs").methods}
     run("plain Trainer + PEFT LoRA", plain)
+    if not args.only or "plain Trainer full fine-tuning" in args.only:
+        run("plain Trainer full fine-tuning", plain_full)
     for label, cfg in configs.items():
         if not args.only or label in args.only:
             run(label, tethered(cfg))
+        unshared = f"{label}, prefix sharing off"
+        if label in UNSHARED and (not args.only or unshared in args.only):
+            run(unshared, tethered(cfg, share_prefix=False))
     # again, last: the first run of a process also pays for warming up (on a GPU: clocks, allocator)
     run("plain Trainer + PEFT LoRA, again", plain)
     ref = results["plain Trainer + PEFT LoRA, again"]["median_s"]
