@@ -70,7 +70,15 @@ timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gp
 
 echo "== 2. step-time overhead, Qwen2-0.5B shapes, bf16 ($SECONDS s)"
 timeout 180 python3 bench/step_overhead.py --random-config qwen2-0.5b --bf16 --steps 15 --warmup 4 \
+  --only "tether LoRA" "+ replay 20%" "+ freeze 50%" "+ EWC" "+ LwF" "+ replay 25% + LwF on replay rows" \
+  "+ replay 25% + LwF on a general batch" "+ replay 25% + LwF on inputs" \
   --out "$OUT/step_overhead_gpu.json" 2>&1 | grep -v "it/s\]" | tail -20
+
+# shared prompt prefixes (session 12): the same configurations with training.share_prefix off
+timeout 120 python3 bench/step_overhead.py --random-config qwen2-0.5b --bf16 --steps 10 --warmup 3 \
+  --only "tether LoRA, dropout 0" "tether LoRA, dropout 0, prefix sharing off" "default recipe's methods" \
+  "default recipe's methods, prefix sharing off" \
+  --out "$OUT/step_overhead_gpu_prefix.json" 2>&1 | grep -v "it/s\]" | tail -10
 
 # batch 32: how much of batch 8's per-step launch overhead is amortised (session 8 measured batch 8 only)
 timeout 120 python3 bench/step_overhead.py --random-config qwen2-0.5b --bf16 --steps 10 --warmup 3 --batch-size 32 \

@@ -123,3 +123,27 @@ def test_lwf_kl_in_large_chunks_on_cuda_matches_cpu_rows_of_8():
         grads.append(student.grad.cpu())
     assert values[1] == pytest.approx(values[0], rel=1e-5)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-9)
+
+
+def test_shared_prefix_forward_on_cuda_matches_plain_in_fp32_and_bf16():
+    from tests.conftest import make_tiny_llama
+    from tether import prefix
+
+    model = make_tiny_llama(128, layers=3).to("cuda").train()
+    g = torch.Generator().manual_seed(2)
+    pre = torch.randint(3, 128, (24,), generator=g).tolist()
+    rows = [pre + torch.randint(3, 128, (n,), generator=g).tolist() for n in (3, 9, 1, 6)]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    ids, mask = ids.cuda(), mask.cuda()
+    groups = prefix.plan(ids, mask)
+    assert groups[0].shared == 24
+    keep = mask.bool()
+    plain = model(input_ids=ids, attention_mask=mask).logits
+    shared = prefix.forward(model, ids, mask, groups, prefix.cache_keyword(model))
+    assert torch.allclose(plain[keep], shared[keep], atol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert prefix.agrees(model, ids, mask, groups, prefix.cache_keyword(model))
