@@ -97,27 +97,31 @@ def test_agrees_catches_a_model_that_does_not_continue_the_prefix(caplog):
     assert "differs from its plain one" in caplog.text
 
 
-def _train(tmp_path, tiny_model_dir, tiny_task, tiny_suite, share: bool, methods: dict, name: str):
+def _train(tmp_path, tiny_model_dir, tiny_task, tiny_suite, share: bool, methods: dict, name: str,
+           grad_accum: int = 1):
     from tests.test_train import recipe
     from tether.training.run import train
 
     r = recipe(tmp_path / name, tiny_model_dir, tiny_task, tiny_suite, methods=methods,
-               training={"share_prefix": share, "batch_size": 4, "max_steps": 3}, guard={"enabled": False})
+               training={"share_prefix": share, "batch_size": 4, "max_steps": 3, "grad_accum": grad_accum},
+               guard={"enabled": False})
     res = train(r, keep_model=True)
     logs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
     return res, [x for x in logs if "loss" in x]
 
 
-@pytest.mark.parametrize("methods", [
-    {"lora": {"r": 4, "dropout": 0.0}, "replay": {"ratio": 0.2, "mode": "add"}, "lwf": {"on": "inputs"}},
-    {"full": {}, "lwf": {"on": "task"}},
-], ids=["lora+replay+lwf-inputs", "full+lwf-frozen-copy"])
+@pytest.mark.parametrize("methods,grad_accum", [
+    ({"lora": {"r": 4, "dropout": 0.0}, "replay": {"ratio": 0.2, "mode": "add"}, "lwf": {"on": "inputs"}}, 1),
+    ({"full": {}, "lwf": {"on": "task"}}, 1),
+    # no example weights: the loss is HF's token mean over the accumulated batch (num_items_in_batch)
+    ({"lora": {"r": 4, "dropout": 0.0}}, 2),
+], ids=["lora+replay+lwf-inputs", "full+lwf-frozen-copy", "lora-grad-accum-2"])
 def test_training_with_shared_prefixes_is_training_without(tmp_path, tiny_model_dir, tiny_task, tiny_suite, methods,
-                                                            caplog):
+                                                            grad_accum, caplog):
     with caplog.at_level(logging.INFO, logger="tether"):
-        on, logs_on = _train(tmp_path, tiny_model_dir, tiny_task, tiny_suite, True, methods, "on")
+        on, logs_on = _train(tmp_path, tiny_model_dir, tiny_task, tiny_suite, True, methods, "on", grad_accum)
     assert "shared prefix: on" in caplog.text
-    off, logs_off = _train(tmp_path, tiny_model_dir, tiny_task, tiny_suite, False, methods, "off")
+    off, logs_off = _train(tmp_path, tiny_model_dir, tiny_task, tiny_suite, False, methods, "off", grad_accum)
     # the chat template's system prompt and the task's "Topic of: the" run once per batch
     assert all(x["prefix_saved"] > 0.2 for x in logs_on) and not any("prefix_saved" in x for x in logs_off)
     for a, b in zip(logs_on, logs_off):
