@@ -48,8 +48,28 @@ def test_plan_groups_rows_and_finds_each_groups_shared_prefix():
     assert not prefix.saves([prefix.Group((0, 1, 2, 3), 0, 35)], 35)
 
 
-def test_forward_gives_the_plain_logits_and_gradients():
-    model = make_tiny_llama(128, layers=3).train()  # no dropout in the tiny config
+def tiny(arch: str):
+    """A tiny random causal LM of ``arch`` without dropout (Mistral and Gemma 2 with a sliding window
+    shorter than the shared prefix)."""
+    import transformers
+
+    if arch == "llama":
+        return make_tiny_llama(128, layers=3)
+    small = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    cfg = {"qwen2": lambda: transformers.Qwen2Config(**small),
+           "mistral": lambda: transformers.MistralConfig(**small, sliding_window=8),
+           "gemma2": lambda: transformers.Gemma2Config(**small, head_dim=8, sliding_window=8),
+           "gpt2": lambda: transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
+                                                   embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2),
+           }[arch]()
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma2", "gpt2"])
+def test_forward_gives_the_plain_logits_and_gradients(arch):
+    model = tiny(arch).train()  # no dropout in these configs
     g = torch.Generator().manual_seed(1)
     pre = torch.randint(3, 128, (24,), generator=g).tolist()
     rows = [pre + torch.randint(3, 128, (n,), generator=g).tolist() for n in (3, 9, 1, 6)]
@@ -83,8 +103,8 @@ class IgnoresCache(torch.nn.Module):
         super().__init__()
         self.inner, self.config = inner, inner.config
 
-    def forward(self, input_ids, attention_mask=None, cache=None, use_cache=None, **kw):
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+    def forward(self, input_ids, attention_mask=None, cache=None, use_cache=None, labels=None, **kw):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
 
 def test_agrees_catches_a_model_that_does_not_continue_the_prefix(caplog):
@@ -140,3 +160,34 @@ def test_sharing_stays_off_where_it_would_not_be_exact(tmp_path, tiny_model_dir,
                          "dropout")
     assert "shared prefix: off (dropout is on" in caplog.text
     assert not any("prefix_saved" in x for x in logs)
+
+
+class RefusesCache(IgnoresCache):
+    """A model whose forward raises when handed a cache (another cache class, say)."""
+
+    def forward(self, input_ids, attention_mask=None, cache=None, use_cache=None, labels=None, **kw):
+        if cache is not None:
+            raise NotImplementedError("no prefix cache for this model")
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+@pytest.mark.parametrize("wrapper,reason", [(IgnoresCache, "shared prefix: off (the model's cached forward"),
+                                            (RefusesCache, "cached forward failed: NotImplementedError")])
+def test_trainer_trains_plainly_a_model_whose_cached_forward_is_wrong_or_fails(tmp_path, caplog, wrapper, reason):
+    from tether.config import TrainingSpec
+    from tether.data.collate import Collator
+    from tether.methods.base import Context
+    from tether.training.trainer import TetherTrainer, training_arguments
+
+    model = wrapper(make_tiny_llama(128)).train()
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": (ids := PRE + torch.randint(3, 128, (n,), generator=g).tolist()), "labels": ids}
+            for n in (3, 5, 2, 7)]
+    spec = TrainingSpec(max_steps=2, batch_size=4, lr=1e-3, logging_steps=1)
+    trainer = TetherTrainer(model=model, args=training_arguments(spec, str(tmp_path / "o")), train_dataset=data,
+                            data_collator=Collator(0), methods={}, context=Context())
+    with caplog.at_level(logging.INFO, logger="tether"):
+        trainer.train()
+    assert reason in caplog.text
+    assert trainer._prefix["why"] == "its cached forward differs from the plain one"
+    assert not any("prefix_saved" in x for x in trainer.state.log_history)

@@ -160,7 +160,14 @@ class TetherTrainer(Trainer):
             return None
         if not state.get("checked"):  # once per model: the cached forward must give the plain logits
             state["checked"] = True
-            if not prefix.agrees(model, ids, mask, groups, state["keyword"]):
+            try:
+                agrees = prefix.agrees(model, ids, mask, groups, state["keyword"])
+            except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError) as e:
+                # a model whose forward refuses a prefix cache here (another cache class, say): train it plainly
+                log.info("shared prefix: off (the model's cached forward failed: %s: %s)", type(e).__name__,
+                         str(e).splitlines()[0] if str(e) else "")
+                agrees = False
+            if not agrees:
                 state["why"] = "its cached forward differs from the plain one"
                 return None
             log.info("shared prefix: on; first batch: %s", ", ".join(
