@@ -171,8 +171,9 @@ class RefusesCache(IgnoresCache):
         return self.inner(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
 
-@pytest.mark.parametrize("wrapper,reason", [(IgnoresCache, "shared prefix: off (the model's cached forward"),
-                                            (RefusesCache, "cached forward failed: NotImplementedError")])
+@pytest.mark.parametrize("wrapper,reason", [(IgnoresCache, "shared prefix: off (its cached forward"),
+                                            (RefusesCache, "shared prefix: off (its cached forward failed: "
+                                                           "NotImplementedError: no prefix cache")])
 def test_trainer_trains_plainly_a_model_whose_cached_forward_is_wrong_or_fails(tmp_path, caplog, wrapper, reason):
     from tether.config import TrainingSpec
     from tether.data.collate import Collator
@@ -189,5 +190,5 @@ def test_trainer_trains_plainly_a_model_whose_cached_forward_is_wrong_or_fails(t
     with caplog.at_level(logging.INFO, logger="tether"):
         trainer.train()
     assert reason in caplog.text
-    assert trainer._prefix["why"] == "its cached forward differs from the plain one"
+    assert trainer._prefix["why"].startswith("its cached forward")
     assert not any("prefix_saved" in x for x in trainer.state.log_history)

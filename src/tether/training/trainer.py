@@ -157,18 +157,21 @@ class TetherTrainer(Trainer):
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         groups = prefix.plan(ids, mask, is_replay)
         if not any(g.shared for g in groups) or not prefix.saves(groups, ids.shape[1]):
+            if state.get("checked") and not state["why"]:
+                self._add("prefix_saved", torch.tensor(0.0))  # a batch run whole: nothing saved
             return None
         if not state.get("checked"):  # once per model: the cached forward must give the plain logits
             state["checked"] = True
+            why = "its cached forward differs from the plain one"
             try:
                 agrees = prefix.agrees(model, ids, mask, groups, state["keyword"])
             except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError) as e:
                 # a model whose forward refuses a prefix cache here (another cache class, say): train it plainly
-                log.info("shared prefix: off (the model's cached forward failed: %s: %s)", type(e).__name__,
-                         str(e).splitlines()[0] if str(e) else "")
+                why = f"its cached forward failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
                 agrees = False
             if not agrees:
-                state["why"] = "its cached forward differs from the plain one"
+                state["why"] = why
+                log.info("shared prefix: off (%s)", why)
                 return None
             log.info("shared prefix: on; first batch: %s", ", ".join(
                 f"{len(g.rows)} rows share {g.shared} tokens" for g in groups if g.shared))
