@@ -70,9 +70,14 @@ def plan(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, split: to
 
 
 def saves(groups: Sequence[Group], width: int) -> bool:
-    """Whether ``groups`` run fewer token positions than one plain ``[B, width]`` forward."""
+    """Whether ``groups`` share a prefix and run fewer token positions than one plain ``[B, width]`` forward."""
     plain = sum(len(g.rows) for g in groups) * width
-    return sum(len(g.rows) * (g.length - g.shared) + g.shared for g in groups) < plain
+    return any(g.shared for g in groups) and positions(groups) < plain
+
+
+def positions(groups: Sequence[Group]) -> int:
+    """Token positions the grouped forward runs: each group's prefix once, then its rows' suffixes."""
+    return sum(len(g.rows) * (g.length - g.shared) + g.shared for g in groups)
 
 
 def cache_keyword(model: torch.nn.Module) -> str | None:

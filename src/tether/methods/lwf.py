@@ -200,7 +200,7 @@ def _regrouped(inputs: dict, sharing: bool) -> dict:
     inputs = {k: v for k, v in inputs.items() if k != "prefix_groups"}
     if sharing:
         groups = prefix.plan(inputs["input_ids"], inputs.get("attention_mask"))
-        if any(g.shared for g in groups) and prefix.saves(groups, inputs["input_ids"].shape[1]):
+        if prefix.saves(groups, inputs["input_ids"].shape[1]):
             inputs["prefix_groups"] = groups
     return inputs
 

@@ -156,7 +156,7 @@ class TetherTrainer(Trainer):
             return None
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         groups = prefix.plan(ids, mask, is_replay)
-        if not any(g.shared for g in groups) or not prefix.saves(groups, ids.shape[1]):
+        if not prefix.saves(groups, ids.shape[1]):
             if state.get("checked") and not state["why"]:
                 self._add("prefix_saved", torch.tensor(0.0))  # a batch run whole: nothing saved
             return None
@@ -175,9 +175,7 @@ class TetherTrainer(Trainer):
                 return None
             log.info("shared prefix: on; first batch: %s", ", ".join(
                 f"{len(g.rows)} rows share {g.shared} tokens" for g in groups if g.shared))
-        plain = ids.shape[0] * ids.shape[1]
-        self._add("prefix_saved", torch.tensor(1.0 - sum(len(g.rows) * (g.length - g.shared) + g.shared
-                                                        for g in groups) / plain))
+        self._add("prefix_saved", torch.tensor(1.0 - prefix.positions(groups) / ids.numel()))
         return groups
 
     def _why_not_share(self, model) -> str | None:
