@@ -213,7 +213,7 @@ def main() -> None:
         return Trainer(model=model, args=training_arguments(spec, "/tmp/tether-bench-plain-full"),
                        train_dataset=as_dataset(examples), data_collator=Collator(tok.pad_token_id))
 
-    def tethered(methods_cfg, share_prefix: bool = True):
+    def tethered(methods_cfg, share_prefix: bool | None = None):
         def make(model, tok):
             examples = encode_records(read_records(task_dir / "train.jsonl"), tok, max_length=256)[0]
             general = encode_records(read_records(pack / "replay.jsonl", limit=400), tok, max_length=256)[0]
@@ -248,7 +248,8 @@ def main() -> None:
         run("plain Trainer full fine-tuning", plain_full)
     for label, cfg in configs.items():
         if not args.only or label in args.only:
-            run(label, tethered(cfg))
+            # the pairs set sharing explicitly (tether's auto leaves it off on a GPU); the rest run as tether would
+            run(label, tethered(cfg, share_prefix=True if label in UNSHARED else None))
         unshared = f"{label}, prefix sharing off"
         if label in UNSHARED and (not args.only or unshared in args.only):
             run(unshared, tethered(cfg, share_prefix=False))

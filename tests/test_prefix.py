@@ -192,3 +192,18 @@ def test_trainer_trains_plainly_a_model_whose_cached_forward_is_wrong_or_fails(t
     assert reason in caplog.text
     assert trainer._prefix["why"].startswith("its cached forward")
     assert not any("prefix_saved" in x for x in trainer.state.log_history)
+
+
+@pytest.mark.parametrize("setting,off", [(None, True), (True, False)])
+def test_auto_leaves_sharing_off_off_the_cpu_until_asked(setting, off):
+    from types import SimpleNamespace
+
+    from tether.training.trainer import TetherTrainer
+
+    trainer = SimpleNamespace(share_prefix=setting, args=SimpleNamespace(gradient_checkpointing=False, n_gpu=0),
+                              accelerator=SimpleNamespace(num_processes=1), is_deepspeed_enabled=False,
+                              is_fsdp_enabled=False, label_smoother=None, compute_loss_func=None)
+    elsewhere = make_tiny_llama(128).to("meta")  # any device but the CPU
+    why = TetherTrainer._why_not_share(trainer, elsewhere)
+    assert (why is not None and why.startswith("not yet measured on meta")) == off
+    assert TetherTrainer._why_not_share(trainer, make_tiny_llama(128)) is None

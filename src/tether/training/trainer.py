@@ -32,10 +32,12 @@ class TetherTrainer(Trainer):
         context: the base `Context`; ``step`` is filled in per call.
         share_prefix: run the prompt prefix a batch's task rows (and, apart, its replay rows) share
             once per batch (`tether.prefix`), where that is exact: no dropout, no gradient
-            checkpointing, one process. Methods see the grouping as ``batch["prefix_groups"]``.
+            checkpointing, one process. ``None``: only on a CPU, where it was measured (on a GPU a
+            small model's step is bound by kernel launches, which the extra forward calls add to).
+            Methods see the grouping as ``batch["prefix_groups"]``.
     """
 
-    def __init__(self, *args: Any, methods: dict[str, Method], context: Context, share_prefix: bool = True,
+    def __init__(self, *args: Any, methods: dict[str, Method], context: Context, share_prefix: bool | None = None,
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.methods = methods
@@ -142,7 +144,7 @@ class TetherTrainer(Trainer):
 
     def _prefix_groups(self, model, inputs: dict, is_replay) -> list[prefix.Group] | None:
         """This batch's `prefix.plan` where sharing is on, exact for this model and saves work; else None."""
-        if not self.share_prefix:
+        if self.share_prefix is False:
             return None
         state = self._prefix
         if state.get("model") is not model:
@@ -181,6 +183,10 @@ class TetherTrainer(Trainer):
     def _why_not_share(self, model) -> str | None:
         """Why sharing a prefix would not be exact (or not possible) for this model in this run, or None."""
         a = self.args
+        device = next(model.parameters()).device
+        if self.share_prefix is None and device.type != "cpu":
+            return (f"not yet measured on {device.type}: training.share_prefix: true turns it on "
+                    "(bench/step_overhead.py times both)")
         if a.gradient_checkpointing:
             return "gradient checkpointing turns the KV cache off"
         if self.accelerator.num_processes > 1 or a.n_gpu > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
