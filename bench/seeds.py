@@ -39,6 +39,8 @@ VARIANTS = {
     # the larger scale's task gain with every untrained position distilled, to hold its drift
     "replay mode add, answer tokens trained, LoRA α256, LwF on inputs": [
         "replay.mode=add", "lora.trainable_tokens=answers", "lora.alpha=256", "lwf.on=inputs"],
+    # the same without the answer tokens: what trainable_tokens adds to the distil-inputs recipe
+    "replay mode add, LoRA α256, LwF on inputs": ["replay.mode=add", "lora.alpha=256", "lwf.on=inputs"],
     # LwF on a separate general mini-batch (the distil-general recipe's, alpha 3) instead of the replay rows
     "replay mode add, answer tokens trained, LwF on general α3": [
         "replay.mode=add", "lora.trainable_tokens=answers", "lwf.on=general", "lwf.alpha=3",
