@@ -200,8 +200,11 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         Console().print(f"{label}: median {results[label]['median_s']:.3f} s/step")
 
+    def task_examples(tok):
+        return encode_records(read_records(task_dir / "train.jsonl"), tok, max_length=256)[0]
+
     def plain(model, tok):
-        examples = encode_records(read_records(task_dir / "train.jsonl"), tok, max_length=256)[0]
+        examples = task_examples(tok)
         lcfg = LoraMethodConfig()
         peft_model = get_peft_model(model, LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
                                                       target_modules=lcfg.target_modules, task_type="CAUSAL_LM"))
@@ -209,13 +212,13 @@ def main() -> None:
                        train_dataset=as_dataset(examples), data_collator=Collator(tok.pad_token_id))
 
     def plain_full(model, tok):
-        examples = encode_records(read_records(task_dir / "train.jsonl"), tok, max_length=256)[0]
+        examples = task_examples(tok)
         return Trainer(model=model, args=training_arguments(spec, "/tmp/tether-bench-plain-full"),
                        train_dataset=as_dataset(examples), data_collator=Collator(tok.pad_token_id))
 
     def tethered(methods_cfg, share_prefix: bool | None = None):
         def make(model, tok):
-            examples = encode_records(read_records(task_dir / "train.jsonl"), tok, max_length=256)[0]
+            examples = task_examples(tok)
             general = encode_records(read_records(pack / "replay.jsonl", limit=400), tok, max_length=256)[0]
             methods = {n: METHODS.get(n)(c) for n, c in methods_cfg.items()}
             ctx = Context(tokenizer=tok, general_examples=general, task_examples=examples, batch_size=args.batch_size,

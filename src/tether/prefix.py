@@ -49,9 +49,10 @@ def plan(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, split: to
         lengths = [width] * n
     else:
         mask = attention_mask.bool()
-        lengths = mask.sum(1).tolist()
+        counts = mask.sum(1)
+        lengths = counts.tolist()
         # right padding only: a row's ones must come first (a left-padded row gets its own plain group)
-        right = (mask.cumprod(1).sum(1) == mask.sum(1)).tolist()
+        right = (mask.cumprod(1).sum(1) == counts).tolist()
     keys = [0] * n if split is None else [int(v) for v in split.tolist()]
     groups = []
     for key in dict.fromkeys(keys):
@@ -119,10 +120,14 @@ def _expand(cache: Any, n: int) -> None:
 
 
 def forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-            groups: Sequence[Group], keyword: str = "cache") -> torch.Tensor:
+            groups: Sequence[Group], keyword: str | None = None) -> torch.Tensor:
     """``[B, L, V]`` logits of the batch, each group run on its own (prefix once, then the rows'
     suffixes). Only the real (``attention_mask``) positions are the plain forward's logits; padding
-    holds the model's output there or, past its group's longest row, zeros."""
+    holds the model's output there or, past its group's longest row, zeros. ``keyword``: the cache
+    argument (`cache_keyword`, looked up when not given)."""
+    keyword = keyword or cache_keyword(model)
+    if keyword is None and any(g.shared for g in groups):
+        raise ValueError("shared prefix: the model's forward takes no KV cache")
     n, width = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)

@@ -195,9 +195,8 @@ def _forward_inputs(batch: dict) -> dict:
 
 
 def _regrouped(inputs: dict, sharing: bool) -> dict:
-    """``inputs`` (rows picked from a batch, or another batch) with prefix groups of their own when
-    the trainer shares prefixes, so the extra forwards share theirs too."""
-    inputs = {k: v for k, v in inputs.items() if k != "prefix_groups"}
+    """``inputs`` (rows picked from a batch, or another batch; no groups yet) with prefix groups of
+    their own when the trainer shares prefixes, so the extra forwards share theirs too."""
     if sharing:
         groups = prefix.plan(inputs["input_ids"], inputs.get("attention_mask"))
         if prefix.saves(groups, inputs["input_ids"].shape[1]):
@@ -209,8 +208,7 @@ def run_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """``model``'s logits on ``batch``; rows in ``batch["prefix_groups"]`` run their shared prefix once."""
     groups = batch.get("prefix_groups")
     if groups:
-        return prefix.forward(model, batch["input_ids"], batch.get("attention_mask"), groups,
-                              prefix.cache_keyword(model) or "cache")
+        return prefix.forward(model, batch["input_ids"], batch.get("attention_mask"), groups)
     return model(**{k: v for k, v in batch.items() if k != "prefix_groups"}).logits
 
 

@@ -159,7 +159,7 @@ class TetherTrainer(Trainer):
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         groups = prefix.plan(ids, mask, is_replay)
         if not prefix.saves(groups, ids.shape[1]):
-            if state.get("checked") and not state["why"]:
+            if state.get("checked"):
                 self._add("prefix_saved", torch.tensor(0.0))  # a batch run whole: nothing saved
             return None
         if not state.get("checked"):  # once per model: the cached forward must give the plain logits
