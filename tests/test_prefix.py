@@ -207,3 +207,33 @@ def test_auto_leaves_sharing_off_off_the_cpu_until_asked(setting, off):
     why = TetherTrainer._why_not_share(trainer, elsewhere)
     assert (why is not None and why.startswith("not yet measured on meta")) == off
     assert TetherTrainer._why_not_share(trainer, make_tiny_llama(128)) is None
+
+
+def test_mixed_precision_checks_the_cache_in_the_weights_precision_and_keeps_sharing_on(
+        tmp_path, tiny_model_dir, tiny_task, tiny_suite, monkeypatch, caplog):
+    """bf16 autocast alone moves a real model's logits ~9% of their spread between the cached and the
+    plain forward (SmolLM2), which turned sharing off under ``training.bf16``: the check is about the
+    architecture, so it runs in the float32 weights' own precision, outside Accelerate's autocast."""
+    from tests.test_train import recipe
+    from tether.training.run import train
+
+    seen = []
+    real = prefix.agrees
+
+    def spy(model, *args, **kwargs):
+        original = model.__dict__.get("_original_forward")  # set while Accelerate's autocast wraps forward
+        seen.append(original is not None and model.forward is original)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(prefix, "agrees", spy)
+    r = recipe(tmp_path / "bf16", tiny_model_dir, tiny_task, tiny_suite,
+               methods={"lora": {"r": 4, "dropout": 0.0}, "replay": {"ratio": 0.2, "mode": "add"},
+                        "lwf": {"on": "replay"}},
+               training={"share_prefix": True, "bf16": True, "batch_size": 4, "max_steps": 2},
+               guard={"enabled": False})
+    with caplog.at_level(logging.INFO, logger="tether"):
+        res = train(r)
+    assert seen == [True]  # once, with the model's own forward in place of Accelerate's autocast wrapper
+    assert "shared prefix: on" in caplog.text
+    logs = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(x["prefix_saved"] > 0.2 for x in logs if "loss" in x)

@@ -247,3 +247,75 @@ def test_run_suite_merges_for_scoring_but_not_for_drift_against_disabled_adapter
     assert got[1].extra["kl"] == pytest.approx(want[1].extra["kl"], abs=1e-6) and want[1].extra["kl"] > 0
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+# ----------------------------------------------------------------- shared prompt prefixes
+def _prefixed(seed: int = 1, vocab: int = 128):
+    """Prompts that share a 24-token prefix (a system prompt), with suffixes of different lengths."""
+    g = torch.Generator().manual_seed(seed)
+    pre = torch.randint(3, vocab, (24,), generator=g).tolist()
+    return [pre + torch.randint(3, vocab, (n,), generator=g).tolist() for n in (3, 9, 1, 6, 4)]
+
+
+def _score_all(model, tokenizer, prompts, share: bool):
+    scorer = Scorer(model, tokenizer, batch_size=8, share_prefix=share)
+    # labels on each row's own tokens (the usual prompt/answer split), and on a row with labels in the prefix
+    examples = [(p, [-100] * 24 + p[24:]) for p in prompts]
+    nll = scorer.completion_nll(examples)
+    nll_in_prefix = scorer.completion_nll([(p, [-100] * 20 + p[20:]) for p in prompts])
+    lps = dict(scorer.iter_logprobs(prompts))
+    gen = scorer.generate_ids(prompts, max_new_tokens=5)
+    return scorer, nll, nll_in_prefix, lps, gen
+
+
+@pytest.mark.parametrize("arch,left", [("llama", True), ("qwen2", True), ("mistral", False), ("gemma2", False),
+                                       ("gpt2", True)])
+def test_shared_prompt_prefix_runs_once_and_scores_like_the_plain_forward(arch, left, tokenizer, monkeypatch):
+    """Right-padded scoring shares the prefix on every architecture; generation (left padding, so
+    padding sits between the prefix and each row's own tokens) only where no sliding window shorter
+    than the prompt counts that padding: Mistral's and Gemma 2's windows of 8 tokens fall back, found
+    by the check, and generate what the plain batch generates."""
+    from tests.test_prefix import tiny
+
+    model = peaky(tiny(arch)).eval()
+    model.generation_config.eos_token_id = None  # random model: do not stop on a random EOS
+    model.generation_config.pad_token_id = 0
+    prompts = _prefixed()
+    prefix_runs = []
+    real = Scorer._prefix_cache
+    monkeypatch.setattr(Scorer, "_prefix_cache", lambda self, first, shared, rows, logits=False: (
+        prefix_runs.append((shared, rows)) or real(self, first, shared, rows, logits)))
+    on = _score_all(model, tokenizer, prompts, True)
+    off = _score_all(model, tokenizer, prompts, False)
+    assert on[0]._prefix_exact == {"right": True, "left": left}
+    # completion losses and next-token distributions: each batch's 24 shared tokens ran once
+    # (the check's two-row runs, then the batch's five rows; labels inside the prefix: a plain batch)
+    assert (24, 5) in prefix_runs and not off[0]._prefix_exact
+    for (a, n), (b, m) in zip(on[1] + on[2], off[1] + off[2]):
+        assert n == m and a == pytest.approx(b, abs=1e-4)
+    for i, lp in off[3].items():
+        assert torch.allclose(on[3][i], lp, atol=1e-4)
+    assert on[4] == off[4]
+    assert off[4][1] == _manual_greedy(model, prompts[1], 5)
+
+
+def test_scorer_scores_plainly_where_the_prefix_cache_does_not_continue_exactly(tiny_model, tokenizer, monkeypatch,
+                                                                                caplog):
+    """A cache that does not hold what the plain forward would have seen (here: a prefix cache of other
+    tokens) is caught on the first shared batch of each padding side; from then on batches run plainly."""
+    import logging
+
+    model = peaky(tiny_model)
+    model.generation_config.eos_token_id = None
+    prompts = _prefixed(vocab=len(tokenizer))
+    real = Scorer._prefix_cache
+    monkeypatch.setattr(Scorer, "_prefix_cache", lambda self, first, shared, rows, logits=False: real(
+        self, [t + 1 for t in first], shared, rows, logits))
+    with caplog.at_level(logging.INFO, logger="tether"):
+        wrong = _score_all(model, tokenizer, prompts, True)
+    assert wrong[0]._prefix_exact == {"right": False, "left": False}
+    assert "cached forward differs from its plain one" in caplog.text
+    plain = _score_all(model, tokenizer, prompts, False)
+    assert wrong[1:3] == plain[1:3] and wrong[4] == plain[4]
+    for i, lp in plain[3].items():
+        assert torch.equal(wrong[3][i], lp)

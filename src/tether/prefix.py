@@ -70,6 +70,19 @@ def plan(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, split: to
     return groups
 
 
+def common_prefix(seqs: Sequence[Sequence[int]], min_shared: int = MIN_SHARED) -> int:
+    """Leading tokens every sequence shares, each keeping at least one of its own; 0 below
+    ``min_shared`` or for fewer than two sequences (unpadded token lists, as the scorer holds them)."""
+    if len(seqs) < 2:
+        return 0
+    limit = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in seqs):
+        n += 1
+    return n if n >= min_shared else 0
+
+
 def saves(groups: Sequence[Group], width: int) -> bool:
     """Whether ``groups`` share a prefix and run fewer token positions than one plain ``[B, width]`` forward."""
     plain = sum(len(g.rows) for g in groups) * width
@@ -96,7 +109,8 @@ def cache_keyword(model: torch.nn.Module) -> str | None:
     return None
 
 
-def _prefix_cache(model: torch.nn.Module):
+def new_cache(model: torch.nn.Module):
+    """An empty KV cache for ``model`` to fill with a prefix."""
     from transformers import DynamicCache
 
     config = getattr(model, "config", None)
@@ -106,7 +120,7 @@ def _prefix_cache(model: torch.nn.Module):
         return DynamicCache()
 
 
-def _expand(cache: Any, n: int) -> None:
+def expand_cache(cache: Any, n: int) -> None:
     """Give the batch-of-one prefix cache ``n`` rows: a view per layer where layers expose their
     tensors, else the cache's own (copying) ``batch_repeat_interleave``."""
     layers = getattr(cache, "layers", None)
@@ -136,10 +150,10 @@ def forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
         idx = torch.tensor(g.rows, device=input_ids.device)
         ids, mask = input_ids[idx, :g.length], attention_mask[idx, :g.length]
         if g.shared:
-            cache = _prefix_cache(model)
+            cache = new_cache(model)
             head = model(input_ids=ids[:1, :g.shared], attention_mask=mask[:1, :g.shared], use_cache=True,
                          **{keyword: cache}).logits
-            _expand(cache, len(g.rows))
+            expand_cache(cache, len(g.rows))
             tail = model(input_ids=ids[:, g.shared:], attention_mask=mask, use_cache=True, **{keyword: cache}).logits
             logits = torch.cat([head.expand(len(g.rows), -1, -1), tail], dim=1)
         else:

@@ -7,7 +7,9 @@ flag afterwards, so the forgetting guard can probe in the middle of training.
 Why it is faster than lm-eval's ``HFLM`` on multiple choice: requests sharing a context (the choices
 of one item) run the context once; its KV cache is then expanded across the choices and only the
 continuation tokens are run. Logits are projected only at the positions that are scored
-(``logits_to_keep``), which matters with a 49k vocabulary.
+(``logits_to_keep``), which matters with a 49k vocabulary. A prompt prefix every row of a batch
+shares (an instruct model's system prompt and a task's instruction: 37-65% of the demo suite's
+chat and generation tokens) runs once, as in training (`tether.prefix`).
 """
 
 from __future__ import annotations
@@ -15,11 +17,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import logging
 import sys
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .. import prefix as prefixes
+
+log = logging.getLogger("tether")
 
 # A forward pass has a fixed cost (every weight is read once): padding is split off into another
 # pass only when that saves more than this many tokens (tuned on CPU with bench/eval_speed.py).
@@ -64,11 +71,13 @@ class Scorer:
         max_batch_tokens: cap on padded tokens per batch where logits are kept for every position.
         merge_adapters: let `merged` fold LoRA adapters into their base weights for a block of
             scoring; ``None`` (default) does so on CPU only (see `merged`).
+        share_prefix: run a batch's shared prompt prefix once (exact: checked once per scorer
+            against the plain forward, off for a model whose cached forward differs).
     """
 
     def __init__(self, model, tokenizer, *, batch_size: int = 32, max_length: int | None = None,
                  device: str | torch.device | None = None, max_batch_tokens: int = 2048,
-                 merge_adapters: bool | None = None):
+                 merge_adapters: bool | None = None, share_prefix: bool = True):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.model = model
@@ -90,6 +99,9 @@ class Scorer:
         # (5.2x); older modeling code indexes `hidden[:, keep, :]` and fails on it: slice afterwards there
         module = sys.modules.get(type(base).__module__)
         self._keep_2d = "logits_to_keep" in params and hasattr(module, "slice_logits_to_keep")
+        self._keep = "logits_to_keep" in params
+        self.share_prefix = share_prefix and self._cache_kw in params
+        self._prefix_exact: dict[str, bool] = {}  # per padding side: checked on the first shared batch
 
     # ----------------------------------------------------------------- plumbing
     @property
@@ -182,6 +194,57 @@ class Scorer:
         elif keep is not None and keep.dtype != torch.bool and logits.shape[1] != keep.shape[1]:
             logits = torch.take_along_dim(logits, keep[..., None], dim=1)
         return logits.float(), out
+
+    def _shared(self, seqs: Sequence[Sequence[int]], side: str) -> int:
+        """Tokens a batch's rows share at the start, to run once; 0 to run the batch plainly."""
+        if not self.share_prefix or self._prefix_exact.get(side) is False:
+            return 0
+        return prefixes.common_prefix(seqs)
+
+    def _prefix_cache(self, first: Sequence[int], shared: int, rows: int, logits: bool = False):
+        """``first[:shared]`` run once: its KV cache expanded (a view) to ``rows`` rows, and its
+        ``[1, shared, V]`` logits when ``logits`` (else None)."""
+        cache = prefixes.new_cache(self.model)
+        ids = torch.tensor([list(first[:shared])], device=self.device)
+        keep = {} if logits or not self._keep else {"logits_to_keep": 1}
+        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                         **{self._cache_kw: cache}, **keep)
+        prefixes.expand_cache(cache, rows)
+        return cache, (out.logits.float() if logits else None)
+
+    def _exact(self, side: str, plain, shared) -> bool:
+        """Once per padding side: whether the shared forward gives the plain logits (``plain()`` and
+        ``shared()`` on the same two rows); a model whose cache does not continue a prefix exactly
+        (a custom forward, say) is scored plainly from then on."""
+        if side not in self._prefix_exact:
+            a, b = plain().float(), shared().float()
+            err = ((a - b).abs().max() / a.std().clamp_min(1e-6)).item()
+            self._prefix_exact[side] = err <= 5e-2
+            if err > 5e-2:  # e.g. a sliding window shorter than the prompt counts generation's padding
+                log.info("scorer: this model's cached forward differs from its plain one (%s padding, max error "
+                         "%.3g of the logits' spread); each row runs its own prompt prefix", side, err)
+        return self._prefix_exact[side]
+
+    def _batch_logits(self, seqs: Sequence[Sequence[int]], keep: torch.Tensor | None = None) -> torch.Tensor:
+        """`_logits` of ``seqs`` right-padded (``keep``: a bool ``[B, W]`` mask of the positions to
+        project, or every position when ``None``), the batch's shared prefix run once."""
+        ids, mask = self._pad(seqs)
+        shared = self._shared(seqs, "right")
+        if shared and keep is not None and keep[:, :shared].any():
+            shared = 0  # a scored position inside the prefix (labels on a shared prompt): run plainly
+        if shared:
+            def run_shared(n: int) -> torch.Tensor:  # the first n rows
+                cache, head = self._prefix_cache(seqs[0], shared, n, logits=keep is None)
+                tail, _ = self._logits(ids[:n, shared:], mask[:n], keep=None if keep is None else keep[:n, shared:],
+                                       use_cache=True, **{self._cache_kw: cache})
+                return tail if head is None else torch.cat([head.expand(n, -1, -1), tail], dim=1)
+
+            def plain_two() -> torch.Tensor:
+                return self._logits(ids[:2], mask[:2], keep=None if keep is None else keep[:2])[0]
+
+            if self._exact("right", plain_two, lambda: run_shared(2)):
+                return run_shared(len(seqs))
+        return self._logits(ids, mask, keep=keep)[0]
 
     def _pad(self, seqs: Sequence[Sequence[int]], side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in seqs)
@@ -290,15 +353,15 @@ class Scorer:
         order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
         out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
         for batch in self._token_batches([len(s) for s in seqs], order):
-            ids, mask = self._pad([seqs[i] for i in batch])
-            target = torch.full_like(ids, -100)
+            rows = [seqs[i] for i in batch]
+            target = torch.full((len(rows), max(map(len, rows))), -100, dtype=torch.long, device=self.device)
             for row, i in enumerate(batch):
                 target[row, : len(labs[i]) - 1] = torch.tensor(labs[i][1:], dtype=torch.long)
             keep = target != -100  # position t predicts label t+1; project logits only there
             if not keep.any():
                 continue
             with self._inference():
-                logits, _ = self._logits(ids, mask, keep=keep)
+                logits = self._batch_logits(rows, keep)
             nll = F.cross_entropy(logits, target[keep], reduction="none")
             counts = keep.sum(1).tolist()
             for row, chunk in enumerate(torch.split(nll, counts)):
@@ -321,9 +384,8 @@ class Scorer:
         finally:
             self.batch_size = saved
         for batch in batches:
-            ids, mask = self._pad([seqs[i] for i in batch])
             with self._inference():
-                logits, _ = self._logits(ids, mask)
+                logits = self._batch_logits([seqs[i] for i in batch])
             lp = logits.sub_(logits.logsumexp(-1, keepdim=True))  # in place: B x T x V is the peak
             for row, i in enumerate(batch):
                 yield i, lp[row, : len(seqs[i])]
@@ -351,14 +413,48 @@ class Scorer:
         out: list[list[int]] = [[] for _ in seqs]
         for start in range(0, len(order), self.batch_size):
             batch = order[start: start + self.batch_size]
-            ids, mask = self._pad([seqs[i] for i in batch], side="left")
+            rows = [seqs[i] for i in batch]
             with self._inference():
+                ids, mask, cache = self._generation_inputs(rows)
                 gen = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg,
-                                          tokenizer=self.tokenizer)
+                                          tokenizer=self.tokenizer, **({self._cache_kw: cache} if cache else {}))
             for row, i in enumerate(batch):
                 new = gen[row, ids.shape[1]:].tolist()
                 out[i] = new[:next((k + 1 for k, t in enumerate(new) if t in eos), len(new))]
         return out
+
+    def _generation_inputs(self, rows: Sequence[Sequence[int]]):
+        """Left-padded ``(ids, mask, cache)`` for ``generate``. With a shared prefix the rows read
+        ``prefix + padding + own tokens`` and ``cache`` holds the prefix, run once (``generate``
+        runs only what the cache lacks and takes positions from the mask); else ``cache`` is None."""
+        shared = self._shared(rows, "left")
+        if shared:
+            tails, tail_mask = self._pad([r[shared:] for r in rows], side="left")
+            head = tails.new_tensor([list(rows[0][:shared])])
+
+            def joined(n: int):
+                return (torch.cat([head.expand(n, -1), tails[:n]], 1),
+                        torch.cat([torch.ones_like(head).expand(n, -1), tail_mask[:n]], 1))
+
+            def last_logits(ids, mask, **kw):  # the prefill's next-token logits, positions as generate sets them
+                pos = (mask.cumsum(-1) - 1).clamp_min(0)
+                return self.model(input_ids=ids, attention_mask=mask, position_ids=pos[:, -ids.shape[1]:],
+                                  **kw).logits[:, -1]
+
+            def plain_two():
+                ids, mask = self._pad(rows[:2], side="left")
+                return last_logits(ids, mask)
+
+            def shared_two():
+                ids, mask = joined(2)
+                cache, _ = self._prefix_cache(rows[0], shared, 2)
+                return last_logits(ids[:, shared:], mask, use_cache=True, **{self._cache_kw: cache})
+
+            if self._exact("left", plain_two, shared_two):
+                ids, mask = joined(len(rows))
+                return ids, mask, self._prefix_cache(rows[0], shared, len(rows))[0]
+        ids, mask = self._pad(rows, side="left")
+        return ids, mask, None
 
     def _generation_config(self, max_new_tokens: int, stop: Sequence[str] | None):
         """Greedy decoding settings (the model's own config otherwise) and the set of EOS ids."""

@@ -166,7 +166,10 @@ class TetherTrainer(Trainer):
             state["checked"] = True
             why = "its cached forward differs from the plain one"
             try:
-                agrees = prefix.agrees(model, ids, mask, groups, state["keyword"])
+                # an architecture property: checked in the weights' own precision, not under mixed
+                # precision's autocast (bf16 rounding alone moves SmolLM2's logits ~9% of their spread)
+                with native_forward(model), torch.autocast(ids.device.type, enabled=False):
+                    agrees = prefix.agrees(model, ids, mask, groups, state["keyword"])
             except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError) as e:
                 # a model whose forward refuses a prefix cache here (another cache class, say): train it plainly
                 why = f"its cached forward failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
