@@ -101,7 +101,7 @@ class Scorer:
         self._keep_2d = "logits_to_keep" in params and hasattr(module, "slice_logits_to_keep")
         self._keep = "logits_to_keep" in params
         self.share_prefix = share_prefix and self._cache_kw in params
-        self._prefix_exact: dict[str, bool] = {}  # per padding side: checked on the first shared batch
+        self._prefix_exact: dict[str, bool] = {}  # per padding side, from its first shared batch (`_shared`)
 
     # ----------------------------------------------------------------- plumbing
     @property
@@ -196,10 +196,36 @@ class Scorer:
         return logits.float(), out
 
     def _shared(self, seqs: Sequence[Sequence[int]], side: str) -> int:
-        """Tokens a batch's rows share at the start, to run once; 0 to run the batch plainly."""
+        """Tokens a batch's rows share at the start, to run once; 0 to run the batch plainly. The
+        first shared batch of each padding side checks that this model's cache continues a prefix
+        exactly (`_exact`); where it does not, every later batch of that side runs plainly."""
         if not self.share_prefix or self._prefix_exact.get(side) is False:
             return 0
-        return prefixes.common_prefix(seqs)
+        shared = prefixes.common_prefix(seqs)
+        if shared and side not in self._prefix_exact:
+            self._prefix_exact[side] = self._exact(side, seqs[:2], shared)
+        return shared if self._prefix_exact.get(side, True) else 0
+
+    def _exact(self, side: str, two: Sequence[Sequence[int]], shared: int) -> bool:
+        """Whether two rows (cut 8 tokens past the prefix: the check costs little) give the plain
+        forward's logits with their prefix run once: every real position for right padding, the
+        next-token logits generation starts from for left padding. A model whose cache does not
+        continue a prefix exactly (a custom forward; a sliding window shorter than the prompt, which
+        counts the padding generation puts after the prefix) is scored plainly."""
+        two = [list(s[:shared + 8]) for s in two]
+        if side == "right":
+            ids, mask = self._pad(two)
+            plain = self._logits(ids, mask)[0][mask.bool()]
+            ours = self._shared_logits(two, ids, mask, shared, None)[mask.bool()]
+        else:
+            plain = self._last_logits(*self._pad(two, side="left"))
+            ids, mask, cache = self._shared_left(two, shared)
+            ours = self._last_logits(ids[:, shared:], mask, use_cache=True, **{self._cache_kw: cache})
+        err = ((plain - ours).abs().max() / plain.std().clamp_min(1e-6)).item()
+        if err > 5e-2:
+            log.info("scorer: this model's cached forward differs from its plain one (%s padding, max error %.3g "
+                     "of the logits' spread); each row runs its own prompt prefix", side, err)
+        return err <= 5e-2
 
     def _prefix_cache(self, first: Sequence[int], shared: int, rows: int, logits: bool = False):
         """``first[:shared]`` run once: its KV cache expanded (a view) to ``rows`` rows, and its
@@ -212,38 +238,21 @@ class Scorer:
         prefixes.expand_cache(cache, rows)
         return cache, (out.logits.float() if logits else None)
 
-    def _exact(self, side: str, plain, shared) -> bool:
-        """Once per padding side: whether the shared forward gives the plain logits (``plain()`` and
-        ``shared()`` on the same two rows); a model whose cache does not continue a prefix exactly
-        (a custom forward, say) is scored plainly from then on."""
-        if side not in self._prefix_exact:
-            a, b = plain().float(), shared().float()
-            err = ((a - b).abs().max() / a.std().clamp_min(1e-6)).item()
-            self._prefix_exact[side] = err <= 5e-2
-            if err > 5e-2:  # e.g. a sliding window shorter than the prompt counts generation's padding
-                log.info("scorer: this model's cached forward differs from its plain one (%s padding, max error "
-                         "%.3g of the logits' spread); each row runs its own prompt prefix", side, err)
-        return self._prefix_exact[side]
+    def _shared_logits(self, seqs, ids, mask, shared: int, keep: torch.Tensor | None) -> torch.Tensor:
+        """`_logits` of the right-padded batch ``ids`` (of ``seqs``) with its first ``shared`` tokens
+        run once; ``keep`` must leave the prefix out (None: every position, the prefix's included)."""
+        cache, head = self._prefix_cache(seqs[0], shared, len(seqs), logits=keep is None)
+        tail, _ = self._logits(ids[:, shared:], mask, keep=None if keep is None else keep[:, shared:],
+                               use_cache=True, **{self._cache_kw: cache})
+        return tail if head is None else torch.cat([head.expand(len(seqs), -1, -1), tail], dim=1)
 
     def _batch_logits(self, seqs: Sequence[Sequence[int]], keep: torch.Tensor | None = None) -> torch.Tensor:
         """`_logits` of ``seqs`` right-padded (``keep``: a bool ``[B, W]`` mask of the positions to
         project, or every position when ``None``), the batch's shared prefix run once."""
         ids, mask = self._pad(seqs)
         shared = self._shared(seqs, "right")
-        if shared and keep is not None and keep[:, :shared].any():
-            shared = 0  # a scored position inside the prefix (labels on a shared prompt): run plainly
-        if shared:
-            def run_shared(n: int) -> torch.Tensor:  # the first n rows
-                cache, head = self._prefix_cache(seqs[0], shared, n, logits=keep is None)
-                tail, _ = self._logits(ids[:n, shared:], mask[:n], keep=None if keep is None else keep[:n, shared:],
-                                       use_cache=True, **{self._cache_kw: cache})
-                return tail if head is None else torch.cat([head.expand(n, -1, -1), tail], dim=1)
-
-            def plain_two() -> torch.Tensor:
-                return self._logits(ids[:2], mask[:2], keep=None if keep is None else keep[:2])[0]
-
-            if self._exact("right", plain_two, lambda: run_shared(2)):
-                return run_shared(len(seqs))
+        if shared and (keep is None or not keep[:, :shared].any()):  # else labels on the shared prompt
+            return self._shared_logits(seqs, ids, mask, shared, keep)
         return self._logits(ids, mask, keep=keep)[0]
 
     def _pad(self, seqs: Sequence[Sequence[int]], side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
@@ -424,37 +433,27 @@ class Scorer:
         return out
 
     def _generation_inputs(self, rows: Sequence[Sequence[int]]):
-        """Left-padded ``(ids, mask, cache)`` for ``generate``. With a shared prefix the rows read
-        ``prefix + padding + own tokens`` and ``cache`` holds the prefix, run once (``generate``
-        runs only what the cache lacks and takes positions from the mask); else ``cache`` is None."""
+        """Left-padded ``(ids, mask, cache)`` for ``generate``: the rows' shared prefix in ``cache``,
+        run once, or ``cache`` None where nothing is shared."""
         shared = self._shared(rows, "left")
         if shared:
-            tails, tail_mask = self._pad([r[shared:] for r in rows], side="left")
-            head = tails.new_tensor([list(rows[0][:shared])])
+            return self._shared_left(rows, shared)
+        return (*self._pad(rows, side="left"), None)
 
-            def joined(n: int):
-                return (torch.cat([head.expand(n, -1), tails[:n]], 1),
-                        torch.cat([torch.ones_like(head).expand(n, -1), tail_mask[:n]], 1))
+    def _shared_left(self, rows: Sequence[Sequence[int]], shared: int):
+        """``prefix + padding + own tokens`` per row, its mask, and the prefix's cache: ``generate``
+        runs only what the cache lacks and takes each token's position from the mask."""
+        tails, tail_mask = self._pad([r[shared:] for r in rows], side="left")
+        head = tails.new_tensor([list(rows[0][:shared])]).expand(len(rows), -1)
+        ids = torch.cat([head, tails], 1)
+        mask = torch.cat([torch.ones_like(head), tail_mask], 1)
+        return ids, mask, self._prefix_cache(rows[0], shared, len(rows))[0]
 
-            def last_logits(ids, mask, **kw):  # the prefill's next-token logits, positions as generate sets them
-                pos = (mask.cumsum(-1) - 1).clamp_min(0)
-                return self.model(input_ids=ids, attention_mask=mask, position_ids=pos[:, -ids.shape[1]:],
-                                  **kw).logits[:, -1]
-
-            def plain_two():
-                ids, mask = self._pad(rows[:2], side="left")
-                return last_logits(ids, mask)
-
-            def shared_two():
-                ids, mask = joined(2)
-                cache, _ = self._prefix_cache(rows[0], shared, 2)
-                return last_logits(ids[:, shared:], mask, use_cache=True, **{self._cache_kw: cache})
-
-            if self._exact("left", plain_two, shared_two):
-                ids, mask = joined(len(rows))
-                return ids, mask, self._prefix_cache(rows[0], shared, len(rows))[0]
-        ids, mask = self._pad(rows, side="left")
-        return ids, mask, None
+    def _last_logits(self, ids: torch.Tensor, mask: torch.Tensor, **kw) -> torch.Tensor:
+        """Next-token logits after left-padded ``ids`` (the rows' last ``ids.shape[1]`` tokens of
+        ``mask``), positions counted as ``generate`` counts them: real tokens only."""
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw).logits[:, -1].float()
 
     def _generation_config(self, max_new_tokens: int, stop: Sequence[str] | None):
         """Greedy decoding settings (the model's own config otherwise) and the set of EOS ids."""
