@@ -45,6 +45,12 @@ VARIANTS = {
     "replay mode add, answer tokens trained, LwF on general α3": [
         "replay.mode=add", "lora.trainable_tokens=answers", "lwf.on=general", "lwf.alpha=3",
         "lwf.general_batch_size=4"],
+    # the bottom half of the blocks frozen (their adapters too): backward stops at the middle block, which
+    # pays for the replay rows on top; without answer tokens, whose embedding rows would need gradients
+    # through every block
+    "replay mode add, freeze 50%": ["replay.mode=add", "freeze.fraction=0.5"],
+    "replay mode add, LoRA α256, LwF on inputs, freeze 50%": ["replay.mode=add", "lora.alpha=256", "lwf.on=inputs",
+                                                             "freeze.fraction=0.5"],
     # A from the leading singular directions of each layer's inputs on the task data (PEFT's EVA)
     "LoRA EVA init": ["lora.init=eva"],
     "naive full FT": ["lora=false", "replay=false", "lwf=false", "full={}"],

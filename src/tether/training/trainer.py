@@ -110,6 +110,7 @@ class TetherTrainer(Trainer):
         weights = self._example_weights(seen, ctx)
         groups = self._prefix_groups(model, inputs, is_replay)
         nll = None  # per-example (NLL sum, target count), when the loss is computed here
+        scaled = self._loss_already_scaled(num_items_in_batch)
         if weights is None and groups is None:
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                                  num_items_in_batch=num_items_in_batch)
@@ -121,7 +122,6 @@ class TetherTrainer(Trainer):
                 outputs = CausalLMOutputWithPast(logits=prefix.forward(
                     model, inputs["input_ids"], inputs.get("attention_mask"), groups, self._prefix["keyword"]))
             nll = example_nll(outputs.logits, inputs["labels"])
-            scaled = self._loss_already_scaled(num_items_in_batch)
             if weights is not None:
                 loss = _weighted_mean(*nll, weights)
                 if scaled:
@@ -134,7 +134,7 @@ class TetherTrainer(Trainer):
                 terms[key if key == name or key.startswith(name) else f"{name}_{key}"] = value
         if terms:
             extra = torch.stack([t.to(loss.dtype) for t in terms.values()]).sum()
-            if self._loss_already_scaled(num_items_in_batch):
+            if scaled:
                 # the task loss was normalised over the whole accumulated batch; the Trainer will not
                 # divide again, so extra terms must be divided here to weigh the same at any accumulation
                 extra = extra / self.current_gradient_accumulation_steps
@@ -150,8 +150,6 @@ class TetherTrainer(Trainer):
         if state.get("model") is not model:
             state.clear()
             state.update(model=model, keyword=prefix.cache_keyword(model), why=self._why_not_share(model))
-            if state["why"] is None and state["keyword"] is None:
-                state["why"] = "the model's forward takes no KV cache"
             if state["why"]:
                 log.info("shared prefix: off (%s)", state["why"])
         if state["why"]:
@@ -190,6 +188,8 @@ class TetherTrainer(Trainer):
         if self.share_prefix is None and device.type != "cpu":
             return (f"not yet measured on {device.type}: training.share_prefix: true turns it on "
                     "(bench/step_overhead.py times both)")
+        if prefix.cache_keyword(model) is None:
+            return "the model's forward takes no KV cache"
         if a.gradient_checkpointing:
             return "gradient checkpointing turns the KV cache off"
         if self.accelerator.num_processes > 1 or a.n_gpu > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
