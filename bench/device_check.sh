@@ -86,11 +86,12 @@ timeout 120 python3 bench/step_overhead.py --random-config qwen2-0.5b --bf16 --s
   --out "$OUT/step_overhead_gpu_b32.json" 2>&1 | grep -v "it/s\]" | tail -12
 
 # why does replay mode add cost 1.4-2.0x the replace mode's step on a GPU (sessions 8-9) for 1.25x the rows?
-# and the distil-inputs recipe (mode add + LwF on inputs + answer tokens) against the default
+# the default (mode add + the bottom half frozen, session 13) against the one before it (mode replace,
+# nothing frozen), and the distil-inputs recipe (mode add + LwF on inputs + answer tokens)
 timeout 150 python3 bench/step_overhead.py --random-config qwen2-0.5b --bf16 --steps 5 --warmup 3 --profile \
   --only "+ replay 25% + LwF on replay rows, LoRA dropout 0" \
   "+ replay 20% on top (mode add) + LwF on replay rows, LoRA dropout 0" \
-  "default recipe's methods" "distil-inputs recipe's methods" \
+  "default recipe's methods" "default recipe of sessions 4-12's methods" "distil-inputs recipe's methods" \
   --out "$OUT/step_profile_gpu.json" 2>&1 | grep -v "it/s\]" | tail -8
 
 echo "== 3. tether train, default recipe, random Qwen2-0.5B, bf16, guard every 20 steps"

@@ -20,40 +20,42 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
 
-# label -> (recipe overrides as `--set` strings); "default" is the default recipe as it is
+# label -> recipe overrides (`--set` strings) of the default recipe. Labels measured before session 13
+# were overrides of that day's default (replay mode replace, nothing frozen; "default" is that recipe):
+# BEFORE_13 keeps their meaning.
+BEFORE_13 = ["replay.mode=replace", "freeze=false"]
 VARIANTS = {
-    "default": [],
-    "replay mode add": ["replay.mode=add"],
-    "cosine schedule": ["training.scheduler=cosine"],
-    "linear schedule": ["training.scheduler=linear"],
-    "LoRA r64 α256": ["lora.r=64", "lora.alpha=256"],
+    "default": BEFORE_13,
+    "replay mode add": [*BEFORE_13, "replay.mode=add"],
+    "cosine schedule": [*BEFORE_13, "training.scheduler=cosine"],
+    "linear schedule": [*BEFORE_13, "training.scheduler=linear"],
+    "LoRA r64 α256": [*BEFORE_13, "lora.r=64", "lora.alpha=256"],
     # alpha/r 16 (the default's 8 doubled): learns the task further, drifts further (README, session 8)
-    "replay mode add, LoRA α256": ["replay.mode=add", "lora.alpha=256"],
-    "replay mode add, LoRA α256, LwF α40": ["replay.mode=add", "lora.alpha=256", "lwf.alpha=40"],
+    "replay mode add, LoRA α256": [*BEFORE_13, "replay.mode=add", "lora.alpha=256"],
+    "replay mode add, LoRA α256, LwF α40": [*BEFORE_13, "replay.mode=add", "lora.alpha=256", "lwf.alpha=40"],
     # distil every position the task loss does not train (the task rows' prompts too), not only replay rows
-    "replay mode add, LwF on inputs": ["replay.mode=add", "lwf.on=inputs"],
+    "replay mode add, LwF on inputs": [*BEFORE_13, "replay.mode=add", "lwf.on=inputs"],
     # the embedding (and tied output) rows of the answers' tokens train too (lora.trainable_tokens)
-    "replay mode add, answer tokens trained": ["replay.mode=add", "lora.trainable_tokens=answers"],
-    "replay mode add, answer tokens trained, LoRA α256": ["replay.mode=add", "lora.trainable_tokens=answers",
-                                                          "lora.alpha=256"],
+    "replay mode add, answer tokens trained": [*BEFORE_13, "replay.mode=add", "lora.trainable_tokens=answers"],
+    "replay mode add, answer tokens trained, LoRA α256": [
+        *BEFORE_13, "replay.mode=add", "lora.trainable_tokens=answers", "lora.alpha=256"],
     # the larger scale's task gain with every untrained position distilled, to hold its drift
     "replay mode add, answer tokens trained, LoRA α256, LwF on inputs": [
-        "replay.mode=add", "lora.trainable_tokens=answers", "lora.alpha=256", "lwf.on=inputs"],
+        *BEFORE_13, "replay.mode=add", "lora.trainable_tokens=answers", "lora.alpha=256", "lwf.on=inputs"],
     # the same without the answer tokens: what trainable_tokens adds to the distil-inputs recipe
-    "replay mode add, LoRA α256, LwF on inputs": ["replay.mode=add", "lora.alpha=256", "lwf.on=inputs"],
+    "replay mode add, LoRA α256, LwF on inputs": [*BEFORE_13, "replay.mode=add", "lora.alpha=256", "lwf.on=inputs"],
     # LwF on a separate general mini-batch (the distil-general recipe's, alpha 3) instead of the replay rows
     "replay mode add, answer tokens trained, LwF on general α3": [
-        "replay.mode=add", "lora.trainable_tokens=answers", "lwf.on=general", "lwf.alpha=3",
+        *BEFORE_13, "replay.mode=add", "lora.trainable_tokens=answers", "lwf.on=general", "lwf.alpha=3",
         "lwf.general_batch_size=4"],
     # the bottom half of the blocks frozen (their adapters too): backward stops at the middle block, which
-    # pays for the replay rows on top; without answer tokens, whose embedding rows would need gradients
-    # through every block
-    "replay mode add, freeze 50%": ["replay.mode=add", "freeze.fraction=0.5"],
-    "replay mode add, LoRA α256, LwF on inputs, freeze 50%": ["replay.mode=add", "lora.alpha=256", "lwf.on=inputs",
-                                                             "freeze.fraction=0.5"],
+    # pays for the replay rows on top (the default since session 13); the second without answer tokens,
+    # whose embedding rows would need gradients through every block
+    "replay mode add, freeze 50%": [],
+    "replay mode add, LoRA α256, LwF on inputs, freeze 50%": ["lora.alpha=256", "lwf.on=inputs"],
     # A from the leading singular directions of each layer's inputs on the task data (PEFT's EVA)
-    "LoRA EVA init": ["lora.init=eva"],
-    "naive full FT": ["lora=false", "replay=false", "lwf=false", "full={}"],
+    "LoRA EVA init": [*BEFORE_13, "lora.init=eva"],
+    "naive full FT": ["lora=false", "replay=false", "lwf=false", "freeze=false", "full={}"],
 }
 
 SCREEN_SUITE = """name: seeds-screen

@@ -241,10 +241,12 @@ def main() -> None:
         return make
 
     # the default recipe's methods as default.yaml has them, its self-answered replay included (longer
-    # rows than the ChatterBot replies above), and the same with replay.mode add
+    # rows than the ChatterBot replies above), and the default of sessions 4-12 (replay mode replace,
+    # nothing frozen)
     default = load_recipe(None).methods
+    before = load_recipe(None, overrides=["replay.mode=replace", "freeze=false"]).methods
     configs = {**CONFIGS, "default recipe's methods": default,
-               "default recipe's methods, replay mode add": {**default, "replay": {**default["replay"], "mode": "add"}},
+               "default recipe of sessions 4-12's methods": before,
                "distil-inputs recipe's methods": load_recipe("distil-inputs").methods}
     run("plain Trainer + PEFT LoRA", plain)
     if not args.only or "plain Trainer full fine-tuning" in args.only:

@@ -68,8 +68,10 @@ CONFIGS = {
     "LoRA+ (B lr x4) α128 dropout 0 + replay 20% (self answers) + LwF (replay rows, α 20)": (
         _self_replay(128, dropout=0.0, lr_ratio=4.0, on="replay", alpha=20.0), False),
     "default recipe": (None, True),
-    # the default with the replay rows on top of the 8 task rows (8 + 2 per step), guard on as above
-    "default recipe, replay mode add": (["replay.mode=add"], True),
+    # the default of sessions 4-12 (replay in the batch's 8 slots, nothing frozen), and it with the replay
+    # rows on top of the 8 task rows (8 + 2 per step), guard on as above
+    "default recipe of sessions 4-12": (["replay.mode=replace", "freeze=false"], True),
+    "default recipe, replay mode add": (["replay.mode=add", "freeze=false"], True),
     # a shipped recipe's methods, by name (src/tether/recipes/distil-inputs.yaml), guard on as the default's
     "distil-inputs recipe": ("distil-inputs", True),
 }

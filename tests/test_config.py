@@ -9,8 +9,9 @@ from tether.config import RecipeError, load_recipe, parse_overrides
 
 def test_default_recipe_is_the_practical_one():
     r = load_recipe()
-    assert set(r.methods) == {"lora", "replay", "lwf"} and r.methods["lwf"]["on"] == "replay"
-    assert r.methods["replay"]["ratio"] == 0.2
+    assert set(r.methods) == {"lora", "replay", "lwf", "freeze"} and r.methods["lwf"]["on"] == "replay"
+    assert r.methods["replay"]["ratio"] == 0.2 and r.methods["replay"]["mode"] == "add"
+    assert list(r.methods).index("freeze") > list(r.methods).index("lora")  # the bottom blocks' adapters too
     assert r.training.lr == 1e-4
     assert r.guard.enabled and r.guard.threshold == 0.05 and r.guard.action == "stop"
 

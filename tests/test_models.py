@@ -63,8 +63,8 @@ def test_score_a_probe_subset_on_smollm2(smollm2, tmp_path):
 
 @pytest.mark.slow
 def test_default_recipe_few_steps_on_smollm2(smollm2, tmp_path):
-    """The default recipe (LoRA + replay + LwF on the replay rows + guard) for a few steps on the embedded
-    model and the demo task."""
+    """The default recipe (LoRA + replay on top of the batch + LwF on the replay rows + the bottom half
+    frozen + guard) for a few steps on the embedded model and the demo task."""
     from tether.config import load_recipe
     from tether.data.tasks import ensure_task
     from tether.training.run import train
@@ -76,8 +76,13 @@ def test_default_recipe_few_steps_on_smollm2(smollm2, tmp_path):
                                 "eval_limit": 8, "max_new_tokens": 4, "limit": 32},
                     general=str(suite), guard={"suite": str(suite), "every": 2, "task_limit": 4},
                     training={"max_steps": 2, "batch_size": 4, "logging_steps": 1}, output_dir=str(tmp_path / "run"))
-    assert set(r.methods) == {"lora", "replay", "lwf"} and r.training.lr == 1e-4
-    s = train(r).summary
+    assert set(r.methods) == {"lora", "replay", "lwf", "freeze"} and r.training.lr == 1e-4
+    res = train(r, keep_model=True)
+    s = res.summary
+    # blocks 0-14 of SmolLM2's 30 and their adapters stay as they were; the upper blocks' adapters learn
+    lora_b = {n: p for n, p in res.model.named_parameters() if "lora_B" in n}
+    assert lora_b and all(not p.any() for n, p in lora_b.items() if ".layers.14." in n)  # B still 0
+    assert any(p.any() for n, p in lora_b.items() if ".layers.15." in n)
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(rec.get("lwf_replay", 0) > 0 for rec in logged), "LwF never saw a replay row"
     assert s["steps"] == 2 and s["guard"]["checks"] == 1

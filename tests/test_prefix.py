@@ -48,6 +48,15 @@ def test_plan_groups_rows_and_finds_each_groups_shared_prefix():
     assert not prefix.saves([prefix.Group((0, 1, 2, 3), 0, 35)], 35)
 
 
+def test_common_prefix_of_token_lists_leaves_each_row_a_token_of_its_own():
+    pre = list(range(3, 23))  # 20 tokens
+    assert prefix.common_prefix([pre + [1], pre + [2, 3]]) == 20
+    assert prefix.common_prefix([pre, pre + [2, 3]]) == 19  # the shortest row keeps its last token
+    assert prefix.common_prefix([pre + [1]]) == 0  # one row: nothing to share
+    assert prefix.common_prefix([pre[:10] + [1], pre[:10] + [2]]) == 0  # below MIN_SHARED
+    assert prefix.common_prefix([pre[:10] + [1], pre[:10] + [2]], min_shared=4) == 10
+
+
 def tiny(arch: str):
     """A tiny random causal LM of ``arch`` without dropout (Mistral and Gemma 2 with a sliding window
     shorter than the shared prefix)."""
