@@ -27,6 +27,9 @@ import torch
 log = logging.getLogger("tether")
 
 MIN_SHARED = 16  # below this the second, small forward costs about what it saves
+# largest |plain - shared| logit, in units of the plain logits' spread, that still counts as the same
+# forward (float32 rounding: ~1e-5; a cache that loses the prefix: ~1)
+RTOL = 5e-2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,8 +170,13 @@ def forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return out
 
 
+def relative_error(plain: torch.Tensor, shared: torch.Tensor) -> float:
+    """``max |plain - shared|`` over the logits given, in units of ``plain``'s standard deviation."""
+    return ((plain.float() - shared.float()).abs().max() / plain.float().std().clamp_min(1e-6)).item()
+
+
 def agrees(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-           groups: Sequence[Group], keyword: str, rtol: float = 5e-2) -> bool:
+           groups: Sequence[Group], keyword: str, rtol: float | None = None) -> bool:
     """Whether the grouped forward gives this model's plain logits on two rows of a shared group
     (checked once per run: an architecture whose cache does not continue a prefix exactly, a sliding
     window shorter than the prefix, say, must not train on wrong logits)."""
@@ -181,8 +189,8 @@ def agrees(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
     with torch.no_grad():
         plain = model(input_ids=ids, attention_mask=mask.long()).logits.float()
         shared = forward(model, ids, mask.long(), [Group((0, 1), g.shared, g.length)], keyword).float()
-    scale = plain[mask].std().clamp_min(1e-6)
-    err = ((plain - shared)[mask].abs().max() / scale).item()
+    err = relative_error(plain[mask], shared[mask])
+    rtol = RTOL if rtol is None else rtol
     if err > rtol:
         log.warning("shared prefix: this model's cached forward differs from its plain one (max error %.3g of the "
                     "logits' spread); every row runs its own prefix", err)

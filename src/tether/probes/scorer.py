@@ -94,13 +94,14 @@ class Scorer:
         # transformers 5.x renamed the forward's `past_key_values` to `cache`
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         params = inspect.signature(base.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        keyword = prefixes.cache_keyword(model)
+        self._cache_kw = keyword or "past_key_values"
         # 2-D `logits_to_keep` (positions per row, or a bool mask) is transformers' `slice_logits_to_keep`
         # (5.2x); older modeling code indexes `hidden[:, keep, :]` and fails on it: slice afterwards there
         module = sys.modules.get(type(base).__module__)
         self._keep_2d = "logits_to_keep" in params and hasattr(module, "slice_logits_to_keep")
         self._keep = "logits_to_keep" in params
-        self.share_prefix = share_prefix and self._cache_kw in params
+        self.share_prefix = share_prefix and keyword is not None
         self._prefix_exact: dict[str, bool] = {}  # per padding side, from its first shared batch (`_shared`)
 
     # ----------------------------------------------------------------- plumbing
@@ -221,11 +222,11 @@ class Scorer:
             plain = self._last_logits(*self._pad(two, side="left"))
             ids, mask, cache = self._shared_left(two, shared)
             ours = self._last_logits(ids[:, shared:], mask, use_cache=True, **{self._cache_kw: cache})
-        err = ((plain - ours).abs().max() / plain.std().clamp_min(1e-6)).item()
-        if err > 5e-2:
+        err = prefixes.relative_error(plain, ours)
+        if err > prefixes.RTOL:
             log.info("scorer: this model's cached forward differs from its plain one (%s padding, max error %.3g "
                      "of the logits' spread); each row runs its own prompt prefix", side, err)
-        return err <= 5e-2
+        return err <= prefixes.RTOL
 
     def _prefix_cache(self, first: Sequence[int], shared: int, rows: int, logits: bool = False):
         """``first[:shared]`` run once: its KV cache expanded (a view) to ``rows`` rows, and its
