@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from tether.data.formats import Example
 from tether.methods.base import Context, eval_mode
-from tether.methods.lwf import LwF, LwFConfig, adapter_layers, adapters_off, lwf_kl, make_reference, untrained_positions
+from tether.methods.lwf import LwF, LwFConfig, lwf_kl, make_reference, untrained_positions
+from tether.models import adapter_layers, adapters_off
 
 VOCAB = 80
 
@@ -129,7 +130,8 @@ def test_adapter_disabled_teacher_is_the_base_model_and_touches_nothing():
 def test_fast_teacher_switch_matches_peft_and_restores_what_it_found():
     """`adapters_off` flips only the flags the adapter layers' forward reads: same logits as PEFT's
     `disable_adapter()`, and afterwards every flag, mode and requires_grad is as it was (PEFT's own
-    context would re-enable a layer that was off and make a frozen adapter weight trainable)."""
+    context re-enables a layer that was off and makes a frozen adapter weight trainable; the fallback
+    through it puts requires_grad back)."""
     model, base = lora_model()
     b = batch()
     inputs = {k: b[k] for k in ("input_ids", "attention_mask")}
@@ -150,8 +152,8 @@ def test_fast_teacher_switch_matches_peft_and_restores_what_it_found():
             slow = model(**inputs).logits  # PEFT's context manager
     torch.testing.assert_close(fast, slow, rtol=0, atol=0)
     torch.testing.assert_close(fast, base.eval()(**inputs).logits)
-    assert frozen.requires_grad and not layers[0]._disable_adapters  # what PEFT's context left
-    frozen.requires_grad_(False)
+    assert not frozen.requires_grad  # PEFT's context re-enabled it; the fallback put it back
+    assert not layers[0]._disable_adapters  # what PEFT's context left: it re-enables every layer
     layers[0]._disable_adapters = True
     model.base_model.model.model.layers[1].eval()
     with torch.no_grad(), eval_mode(modules), adapters_off(model, layers):

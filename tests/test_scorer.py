@@ -166,10 +166,15 @@ def test_reference_view_disables_adapters_per_call(tiny_model, tokenizer):
                                                        init_lora_weights=False))
     scorer = Scorer(peft_model, tokenizer)
     assert scorer.is_peft
+    for n, p in peft_model.named_parameters():  # a frozen block's adapters (freeze after lora)
+        if ".layers.0." in n:
+            p.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in peft_model.named_parameters()}
     tuned_ll = scorer.loglikelihood(REQUESTS)
     with scorer.reference_view() as ref:
         ref_ll = ref.loglikelihood(REQUESTS)
         again = scorer.loglikelihood(REQUESTS)  # the view does not switch the tuned scorer off
+    assert {n: p.requires_grad for n, p in peft_model.named_parameters()} == flags  # nothing made trainable
     assert [a for a, _ in ref_ll] == pytest.approx([a for a, _ in base_ll], abs=1e-5)
     assert [a for a, _ in again] == pytest.approx([a for a, _ in tuned_ll], abs=1e-5)
     assert any(abs(a[0] - b[0]) > 1e-3 for a, b in zip(tuned_ll, base_ll))

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tether.config import RecipeError, load_recipe
+from tether.config import RecipeError, default_methods, load_recipe
 from tether.data.readers import DataError
 from tether.training.run import train
 
@@ -164,3 +164,24 @@ def test_guard_base_scores_reuse_identical_general_probes_and_score_the_rest():
     out = Session._guard_base(fake, [result("chat", 1.0), result("code", 2.0)], ref=None)
     assert scored == [["chat"]]
     assert [(r.name, r.score) for r in out] == [("code", 2.0), ("chat", 9.0)]
+
+
+def test_guard_checks_do_not_change_the_run(tmp_path, tiny_model_dir, tiny_task, tiny_suite):
+    """The default recipe (LoRA, replay, LwF, bottom half frozen) trains the same with and without guard
+    checks. Found: the drift probe's base view went through PEFT's ``disable_adapter()``, which made the
+    frozen blocks' adapters trainable again; from the first check on, backward ran through the frozen
+    blocks and their gradients entered the clipping norm (grad_norm 8.6 vs 4.7 on SmolLM2), so the
+    default recipe learned less in `tether train` than in a guard-less run."""
+    runs = {}
+    for guard in (True, False):
+        methods = default_methods()
+        methods["lora"]["r"] = 4
+        r = recipe(tmp_path / str(guard), tiny_model_dir, tiny_task, tiny_suite, methods=methods,
+                   training={"max_steps": 6}, guard={"enabled": guard, "every": 2})
+        assert r.method_configs()["freeze"].fraction == 0.5 and "lwf" in r.methods
+        result = train(r, keep_model=True)
+        logs = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        runs[guard] = [(x["loss"], x["grad_norm"]) for x in logs if "loss" in x]
+        trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
+        assert trainable and all(".layers.1." in n for n in trainable)  # block 0 and its adapters stay frozen
+    assert len(runs[True]) == 6 and runs[True] == runs[False]

@@ -13,11 +13,10 @@ adapters disabled (no second copy), otherwise a frozen copy.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -26,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from .. import prefix
 from ..data.collate import Collator
 from ..data.formats import IGNORE_INDEX
+from ..models import adapter_layers, adapters_off
 from ..registry import register_method
 from .base import Context, Method, eval_mode
 
@@ -249,44 +249,6 @@ def make_reference(model: torch.nn.Module, frozen_copy: torch.nn.Module | None =
             return run_logits(m, _forward_inputs(batch)).detach()
 
     return reference
-
-
-def adapter_layers(model: torch.nn.Module) -> list[torch.nn.Module] | None:
-    """PEFT's adapter layers whose ``disable_adapters`` flag their forward reads, or ``None`` where
-    ``adapters_off`` must use ``model.disable_adapter()`` (prompt learning, an unknown PEFT)."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        from peft.utils.other import AuxiliaryTrainingWrapper
-    except ImportError:
-        return None
-    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
-    if config is None or config.is_prompt_learning or getattr(config, "is_adaption_prompt", False):
-        return None
-    layers = [mod for mod in model.modules() if isinstance(mod, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
-    return layers if layers and all(hasattr(mod, "_disable_adapters") for mod in layers) else None
-
-
-@contextlib.contextmanager
-def adapters_off(model: torch.nn.Module, layers: list[torch.nn.Module] | None) -> Iterator[None]:
-    """The base model's view of a PEFT model for a block: what ``model.disable_adapter()`` gives.
-
-    Why not that: PEFT's context also toggles ``requires_grad`` on every adapter weight, re-activates
-    the adapter and checks the model's status each time, about 30 ms of Python per call on
-    Qwen2-0.5B under LoRA (the teacher runs every step). Here only the flag each layer's forward
-    reads is set, and put back as it was.
-    """
-    if layers is None:
-        with model.disable_adapter():
-            yield
-        return
-    was = [mod._disable_adapters for mod in layers]
-    for mod in layers:
-        mod._disable_adapters = True
-    try:
-        yield
-    finally:
-        for mod, off in zip(layers, was):
-            mod._disable_adapters = off
 
 
 def _logits(outputs) -> torch.Tensor | None:

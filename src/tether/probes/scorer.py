@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import prefix as prefixes
+from ..models import adapter_layers, adapters_off
 
 log = logging.getLogger("tether")
 
@@ -118,6 +119,8 @@ class Scorer:
 
         Disabling happens per forward pass, not for the whole block, so the view and the tuned
         scorer can be interleaved (drift zips their outputs) without a second copy of the model.
+        Only the flags the adapter layers read are switched (`models.adapters_off`), so a guard check
+        leaves every ``requires_grad`` as training set it.
         """
         if not self.is_peft:
             raise TypeError("reference_view() needs a PEFT-wrapped model; for a fully fine-tuned model "
@@ -125,6 +128,7 @@ class Scorer:
         view = Scorer.__new__(Scorer)
         view.__dict__.update(self.__dict__)
         view._adapters_off = True
+        view._adapter_layers = adapter_layers(self.model)  # once per view: the walk is the cost
         yield view
 
     @contextlib.contextmanager
@@ -163,15 +167,9 @@ class Scorer:
     def _adapters(self) -> Iterator[None]:
         if not self._adapters_off:
             yield
-        elif hasattr(self.model, "disable_adapter"):  # peft.PeftModel
-            with self.model.disable_adapter():
-                yield
-        else:  # transformers' PEFT integration
-            self.model.disable_adapters()
-            try:
-                yield
-            finally:
-                self.model.enable_adapters()
+            return
+        with adapters_off(self.model, self._adapter_layers):
+            yield
 
     @contextlib.contextmanager
     def _inference(self) -> Iterator[None]:

@@ -22,6 +22,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..io import append_jsonl
+from ..models import keep_requires_grad
 from ..report.compare import compare_results
 from .trainer import native_forward
 
@@ -84,7 +85,7 @@ class ForgettingGuard(TrainerCallback):
     # -- decisions -------------------------------------------------------------------------------
     def check(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
-        with native_forward(model):
+        with native_forward(model), keep_requires_grad(model):  # a check must not change what trains
             results, task_score = self.score(model)
         self.last = {"step": step, "results": results, "task_score": task_score, "stamp": weights_stamp(model)}
         comps = compare_results(self.base_results, results, threshold=self.threshold,
