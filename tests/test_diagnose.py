@@ -67,11 +67,14 @@ def test_peft_tuned_model_is_read_without_merging(base, tokenizer):
 
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
     tuned = get_peft_model(copy.deepcopy(base), cfg)
+    next(p for n, p in tuned.named_parameters() if "lora_A" in n).requires_grad_(False)  # a frozen adapter
     before = {n: p.detach().clone() for n, p in tuned.named_parameters()}
+    flags = {n: p.requires_grad for n, p in tuned.named_parameters()}
     d = diagnose(base, tuned, tokenizer, PROMPTS, batch_size=4)
     d_self = diagnose(None, tuned, tokenizer, PROMPTS, batch_size=4)  # adapter-disabled view as the base
     after = dict(tuned.named_parameters())
     assert all(torch.equal(before[n], after[n]) for n in before)
+    assert {n: p.requires_grad for n, p in after.items()} == flags  # never modified, flags included
     assert not any(getattr(m, "merged", False) for m in tuned.modules())
     merged = copy.deepcopy(tuned).merge_and_unload()
     ref = diagnose(base, merged, tokenizer, PROMPTS, batch_size=4)

@@ -26,7 +26,7 @@ import torch
 
 from ..io import atomic_path
 from ..methods.freeze import find_blocks
-from ..models import is_peft_model
+from ..models import adapter_layers, adapters_off, is_peft_model
 
 GROUPS = ("attn", "mlp", "norm", "other")
 
@@ -262,8 +262,9 @@ def _inference(*models):
             m.training = was
 
 
-def _run(model, ids, mask, keep_cka, adapters_off: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Block outputs at CKA positions (float32, CPU) and log-probs at non-pad positions."""
+def _run(model, ids, mask, keep_cka, base_view: bool, layers=None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Block outputs at CKA positions (float32, CPU) and log-probs at non-pad positions; ``base_view``:
+    with the adapters off (``layers``: `models.adapter_layers`, so no flag of the model changes)."""
     _, blocks = find_blocks(model)
     outs: list[torch.Tensor] = [torch.empty(0)] * len(blocks)
 
@@ -276,7 +277,7 @@ def _run(model, ids, mask, keep_cka, adapters_off: bool) -> tuple[list[torch.Ten
     handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
     dev = next(model.parameters()).device
     try:
-        with model.disable_adapter() if adapters_off else contextlib.nullcontext():
+        with adapters_off(model, layers) if base_view else contextlib.nullcontext():
             logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
     finally:
         for h in handles:
@@ -318,6 +319,7 @@ def diagnose(base_model, tuned_model, tokenizer, prompts: Sequence[str | list[di
     seqs = [encode_prompt(tokenizer, p, None)[:max_length] for p in prompts]
     feats: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [([], []) for _ in stats]
     kl_sum, n_tok = 0.0, 0
+    off_layers = adapter_layers(tuned_model) if base_model is None else None
     with _inference(base_view, tuned_model):
         for start in range(0, len(seqs), batch_size):
             batch = seqs[start:start + batch_size]
@@ -329,8 +331,8 @@ def diagnose(base_model, tuned_model, tokenizer, prompts: Sequence[str | list[di
             keep = mask.bool().clone()
             if skip_first_token and ids.shape[1] > 1:
                 keep[:, 0] = False
-            hb, lp_b = _run(base_view, ids, mask, keep, adapters_off=base_model is None)
-            ht, lp_t = _run(tuned_model, ids, mask, keep, adapters_off=False)
+            hb, lp_b = _run(base_view, ids, mask, keep, base_model is None, off_layers)
+            ht, lp_t = _run(tuned_model, ids, mask, keep, False)
             for (fb, ft), b, t in zip(feats, hb, ht):
                 fb.append(b)
                 ft.append(t)
