@@ -56,6 +56,7 @@ VARIANTS = {
     # the larger scale's task gain (alpha/r 16) with freezing to hold its drift (-5.1% unfrozen)
     "replay mode add, LoRA α256, freeze 50%": ["lora.alpha=256"],
     "replay mode add, LoRA α256, freeze 67%": ["lora.alpha=256", "freeze.fraction=0.67"],
+    "replay mode add, freeze 67%": ["freeze.fraction=0.67"],
     # A from the leading singular directions of each layer's inputs on the task data (PEFT's EVA)
     "LoRA EVA init": [*BEFORE_13, "lora.init=eva"],
     "naive full FT": ["lora=false", "replay=false", "lwf=false", "freeze=false", "full={}"],
