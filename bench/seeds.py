@@ -57,6 +57,7 @@ VARIANTS = {
     "replay mode add, LoRA α256, freeze 50%": ["lora.alpha=256"],
     "replay mode add, LoRA α256, freeze 67%": ["lora.alpha=256", "freeze.fraction=0.67"],
     "replay mode add, freeze 67%": ["freeze.fraction=0.67"],
+    "replay mode add, freeze 57%": ["freeze.fraction=0.57"],
     # A from the leading singular directions of each layer's inputs on the task data (PEFT's EVA)
     "LoRA EVA init": [*BEFORE_13, "lora.init=eva"],
     "naive full FT": ["lora=false", "replay=false", "lwf=false", "freeze=false", "full={}"],
