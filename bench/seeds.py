@@ -21,9 +21,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
 
 # label -> recipe overrides (`--set` strings) of the default recipe. Labels measured before session 13
-# were overrides of that day's default (replay mode replace, nothing frozen; "default" is that recipe):
-# BEFORE_13 keeps their meaning.
-BEFORE_13 = ["replay.mode=replace", "freeze=false"]
+# were overrides of that day's default (replay mode replace, nothing frozen, random LoRA A; "default" is
+# that recipe): BEFORE_13 keeps their meaning, BEFORE_15 that of sessions 13-14's labels.
+BEFORE_13 = ["replay.mode=replace", "freeze=false", "lora.init=default"]
+# labels measured in sessions 13-14: that default (PEFT's random LoRA A)
+BEFORE_15 = ["lora.init=default"]
 VARIANTS = {
     "default": BEFORE_13,
     "replay mode add": [*BEFORE_13, "replay.mode=add"],
@@ -49,15 +51,21 @@ VARIANTS = {
         *BEFORE_13, "replay.mode=add", "lora.trainable_tokens=answers", "lwf.on=general", "lwf.alpha=3",
         "lwf.general_batch_size=4"],
     # the bottom half of the blocks frozen (their adapters too): backward stops at the middle block, which
-    # pays for the replay rows on top (the default since session 13); the second without answer tokens,
+    # pays for the replay rows on top (the default of sessions 13-14); the second without answer tokens,
     # whose embedding rows would need gradients through every block
-    "replay mode add, freeze 50%": [],
-    "replay mode add, LoRA α256, LwF on inputs, freeze 50%": ["lora.alpha=256", "lwf.on=inputs"],
+    "replay mode add, freeze 50%": BEFORE_15,
+    "replay mode add, LoRA α256, LwF on inputs, freeze 50%": [*BEFORE_15, "lora.alpha=256", "lwf.on=inputs"],
     # the larger scale's task gain (alpha/r 16) with freezing to hold its drift (-5.1% unfrozen)
-    "replay mode add, LoRA α256, freeze 50%": ["lora.alpha=256"],
-    "replay mode add, LoRA α256, freeze 67%": ["lora.alpha=256", "freeze.fraction=0.67"],
-    "replay mode add, freeze 67%": ["freeze.fraction=0.67"],
-    "replay mode add, freeze 57%": ["freeze.fraction=0.57"],
+    "replay mode add, LoRA α256, freeze 50%": [*BEFORE_15, "lora.alpha=256"],
+    "replay mode add, LoRA α256, freeze 67%": [*BEFORE_15, "lora.alpha=256", "freeze.fraction=0.67"],
+    "replay mode add, freeze 67%": [*BEFORE_15, "freeze.fraction=0.67"],
+    "replay mode add, freeze 57%": [*BEFORE_15, "freeze.fraction=0.57"],
+    # each A from its layer's task-over-general input directions (lora.init contrast; the default since
+    # session 15); the second keeps A there (trains B only)
+    "LoRA contrast init": [],
+    "LoRA contrast init, A frozen": ["lora.freeze_a=true"],
+    # the task gain contrast buys, traded for drift by freezing 17 of 30 blocks
+    "LoRA contrast init, freeze 57%": ["freeze.fraction=0.57"],
     # A from the leading singular directions of each layer's inputs on the task data (PEFT's EVA)
     "LoRA EVA init": [*BEFORE_13, "lora.init=eva"],
     "naive full FT": ["lora=false", "replay=false", "lwf=false", "freeze=false", "full={}"],

@@ -70,10 +70,16 @@ CONFIGS = {
     "default recipe": (None, True),
     # the default of sessions 4-12 (replay in the batch's 8 slots, nothing frozen), and it with the replay
     # rows on top of the 8 task rows (8 + 2 per step), guard on as above
-    "default recipe of sessions 4-12": (["replay.mode=replace", "freeze=false"], True),
-    "default recipe, replay mode add": (["replay.mode=add", "freeze=false"], True),
+    "default recipe of sessions 4-12": (["replay.mode=replace", "freeze=false", "lora.init=default"], True),
+    "default recipe, replay mode add": (["replay.mode=add", "freeze=false", "lora.init=default"], True),
+    # the default of sessions 13-14: PEFT's random LoRA A
+    "default recipe of sessions 13-14": (["lora.init=default"], True),
     # a shipped recipe's methods, by name (src/tether/recipes/distil-inputs.yaml), guard on as the default's
     "distil-inputs recipe": ("distil-inputs", True),
+    # each trained A started at its layer's task-over-general input directions (lora.init contrast): the
+    # default since session 15 (the label its session-15 runs were made under); with 17 of 30 blocks frozen
+    "default recipe, LoRA contrast init": (["lora.init=contrast"], True),
+    "default recipe, LoRA contrast init, freeze 57%": (["freeze.fraction=0.57"], True),
 }
 
 

@@ -78,6 +78,7 @@ def test_every_shipped_recipe_and_suite_validates():
     default = load_recipe(resources.files("tether.recipes") / "default.yaml")
     assert default.methods == load_recipe().methods  # `tether train --task x` runs default.yaml's methods
     assert default.methods["replay"]["ratio"] == 0.2 and default.methods["lora"]["alpha"] == 128
+    assert default.methods["lora"]["init"] == "contrast"
     assert default.methods["lora"]["dropout"] == 0.0
     assert default.methods["lwf"]["on"] == "replay" and default.methods["lwf"]["alpha"] == 20.0
     assert default.methods["replay"]["answers"] == load_recipe().methods["replay"]["answers"] == "model"

@@ -129,6 +129,131 @@ def test_eva_init_starts_at_the_base_with_a_from_the_task_inputs_principal_direc
         LoRA({"r": 4, "init": "eva"}).prepare_model(make_tiny_llama(VOCAB, hidden=16), Context())
 
 
+def _rows(lo: int, hi: int, n: int, seed: int, length: int = 12):
+    from tether.data.formats import Example
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randint(lo, hi, (length,), generator=g).tolist()
+        out.append(Example(x, [-100] * (length - 2) + x[-2:], "", ""))
+    return out
+
+
+def _q_inputs(model, examples, layer: int = 1) -> torch.Tensor:
+    """Every position's input to block ``layer``'s q_proj, by a plain hook (no sharing, no cap)."""
+    seen = []
+    mod = model.get_base_model().model.layers[layer].self_attn.q_proj if hasattr(model, "get_base_model") \
+        else model.model.layers[layer].self_attn.q_proj
+    h = mod.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([e.input_ids for e in examples]))
+    h.remove()
+    return torch.cat(seen).reshape(-1, seen[0].shape[-1]).double()
+
+
+def test_input_moments_match_a_plain_hook_and_share_one_matrix_per_input():
+    from tether.data.collate import Collator
+    from tether.methods.lora import input_moments
+
+    examples = _rows(3, VOCAB, 24, seed=2)
+    model = LoRA({"r": 4}).prepare_model(make_tiny_llama(VOCAB, hidden=16), Context()).eval()
+    layers = {n: m for n, m in model.named_modules() if "default" in getattr(m, "lora_A", {})}
+    batches = [Collator.for_tokenizer(None)(examples[i:i + 8]) for i in range(0, 24, 8)]
+    moments, count = input_moments(model, layers, batches)
+    assert count == 24 * 12 and set(moments) == set(layers)
+    x = _q_inputs(model, examples)
+    q = "base_model.model.model.layers.1.self_attn."
+    torch.testing.assert_close(moments[q + "q_proj"], x.T @ x / len(x))
+    assert moments[q + "q_proj"] is moments[q + "k_proj"] is moments[q + "v_proj"]
+    assert moments[q + "o_proj"] is not moments[q + "q_proj"]
+    # the cap: reading stops once enough positions are in (whole batches)
+    assert input_moments(model, layers, batches, positions=100)[1] == 2 * 8 * 12
+    # a chunk of the first block's layers (each forward stops at its last one) gives the same matrices
+    first = {n: m for n, m in layers.items() if ".layers.0." in n}
+    part, _ = input_moments(model, first, batches)
+    assert all(torch.equal(part[n], moments[n]) for n in first)
+
+
+def test_moment_chunks_split_by_budget_and_keep_order():
+    from tether.methods.lora import moment_chunks
+
+    model = LoRA({"r": 4}).prepare_model(make_tiny_llama(VOCAB, hidden=16), Context())
+    layers = {n: m for n, m in model.named_modules() if "default" in getattr(m, "lora_A", {})}
+    assert moment_chunks(layers, "default") == [layers]
+    chunks = moment_chunks(layers, "default", budget=7 * 2 * 8 * 16**2)  # 7 layers of 16 inputs; down is 32
+    assert [n for c in chunks for n in c] == list(layers) and len(chunks) > 2
+    assert all(len(c) == 1 for c in moment_chunks(layers, "default", budget=1))
+
+
+def test_contrast_init_points_a_where_task_inputs_outweigh_general_ones():
+    """``init: contrast``: B = 0 (the model starts as the base), each trained A's rows are unit vectors
+    whose task-to-general energy ratio is the generalised eigenproblem's largest (checked against an
+    eigen-solve of ``(C_general + ridge)^-1 C_task``) and far above a random direction's; adapters
+    that do not train (frozen by a later method) keep PEFT's init; ``freeze_a`` trains B only."""
+    from tether.methods.lora import contrast_directions
+
+    task, general = _rows(3, 12, 32, seed=3), _rows(12, VOCAB, 64, seed=4)
+    probe = _rows(3, VOCAB, 4, seed=5)
+
+    def build(config):
+        method = LoRA({"r": 4, **config})
+        model = method.prepare_model(make_tiny_llama(VOCAB, hidden=16), Context()).eval()
+        return method, model
+
+    method, model = build({"init": "contrast"})
+    assert method.needs_general and not LoRA({"r": 4}).needs_general
+    with torch.no_grad():
+        before = model(input_ids=torch.tensor([e.input_ids for e in probe])).logits
+    layers = model.get_base_model().model.layers
+    for p in layers[0].parameters():  # block 0 frozen, as freeze: would after LoRA's prepare_model
+        p.requires_grad_(False)
+    a0 = layers[0].self_attn.q_proj.lora_A["default"].weight.detach().clone()
+    ctx = Context(task_examples=task, general_examples=general, batch_size=8, seed=0)
+    method.on_task_start(model, ctx)
+    method.on_task_start(model, ctx)  # once per run: a second task start changes nothing
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=torch.tensor([e.input_ids for e in probe])).logits, before)
+    assert torch.equal(layers[0].self_attn.q_proj.lora_A["default"].weight, a0)
+
+    a = layers[1].self_attn.q_proj.lora_A["default"].weight.detach().double()
+    torch.testing.assert_close(a.norm(dim=1), torch.ones(4, dtype=torch.float64))
+    xt, xg = _q_inputs(model, task), _q_inputs(model, general)
+    ct, cg = xt.T @ xt / len(xt), xg.T @ xg / len(xg)
+    reg = cg + 1e-2 * torch.trace(cg) / 16 * torch.eye(16, dtype=torch.float64)
+
+    def ratio(v):
+        return (v @ ct @ v) / (v @ reg @ v)
+
+    top = torch.linalg.eigvals(torch.linalg.solve(reg, ct)).real.sort(descending=True).values[:4]
+    torch.testing.assert_close(torch.stack([ratio(v) for v in a]), top, rtol=1e-3, atol=0)
+    torch.testing.assert_close(torch.stack([ratio(v) for v in contrast_directions(ct, cg, 4).double().T]), top,
+                               rtol=1e-3, atol=0)
+    rand = torch.randn(200, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    best_random = max(ratio(v) for v in rand)
+    assert ratio(a[0]) > 2 * best_random and min(ratio(v) for v in a) > best_random
+
+    # several passes over the batches (a budget too small for all the moments at once): the same A
+    import tether.methods.lora as lora_module
+
+    chunked, chunked_model = build({"init": "contrast"})
+    for p in chunked_model.get_base_model().model.layers[0].parameters():
+        p.requires_grad_(False)
+    budget, lora_module.MOMENT_BYTES = lora_module.MOMENT_BYTES, 2 * 8 * 16**2
+    try:
+        chunked.on_task_start(chunked_model, ctx)
+    finally:
+        lora_module.MOMENT_BYTES = budget
+    for (n, p), (n2, p2) in zip(model.named_parameters(), chunked_model.named_parameters()):
+        assert n == n2 and torch.equal(p, p2), n
+
+    method, model = build({"init": "contrast", "freeze_a": True})
+    train = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert train and all(".lora_B." in n for n in train)
+    with pytest.raises(ValueError, match="needs general data"):
+        method.on_task_start(model, Context(task_examples=task, batch_size=8))
+
+
 def test_answer_tokens_train_only_their_tied_rows_keep_the_base_view_and_reload(tmp_path):
     """lora.trainable_tokens 'answers': the answers' non-special tokens get trainable embedding rows
     (the output rows too, tied); nothing else of the embedding moves, the adapter-disabled teacher is

@@ -63,8 +63,8 @@ def test_score_a_probe_subset_on_smollm2(smollm2, tmp_path):
 
 @pytest.mark.slow
 def test_default_recipe_few_steps_on_smollm2(smollm2, tmp_path):
-    """The default recipe (LoRA + replay on top of the batch + LwF on the replay rows + the bottom half
-    frozen + guard) for a few steps on the embedded model and the demo task."""
+    """The default recipe (LoRA with contrast-initialised A + replay on top of the batch + LwF on the
+    replay rows + the bottom half frozen + guard) for a few steps on the embedded model and the demo task."""
     from tether.config import load_recipe
     from tether.data.tasks import ensure_task
     from tether.training.run import train
@@ -83,6 +83,11 @@ def test_default_recipe_few_steps_on_smollm2(smollm2, tmp_path):
     lora_b = {n: p for n, p in res.model.named_parameters() if "lora_B" in n}
     assert lora_b and all(not p.any() for n, p in lora_b.items() if ".layers.14." in n)  # B still 0
     assert any(p.any() for n, p in lora_b.items() if ".layers.15." in n)
+    # lora.init contrast set the trained blocks' A to unit rows (two small steps later still near 1);
+    # the frozen blocks' A kept PEFT's random init (rows of norm ~1/sqrt(3))
+    norms = {n: p.norm(dim=1) for n, p in res.model.named_parameters() if "lora_A" in n}
+    assert all((v - 1).abs().max() < 0.05 for n, v in norms.items() if ".layers.15." in n)
+    assert all((v - 1).abs().min() > 0.3 for n, v in norms.items() if ".layers.14." in n)
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(rec.get("lwf_replay", 0) > 0 for rec in logged), "LwF never saw a replay row"
     assert s["steps"] == 2 and s["guard"]["checks"] == 1

@@ -104,6 +104,29 @@ def test_lora_answer_tokens_in_a_run_save_and_reload(tmp_path, tiny_model_dir, t
                                   AutoModelForCausalLM.from_pretrained(tiny_model_dir).get_input_embeddings().weight)
 
 
+def test_lora_contrast_init_in_a_run_reads_the_general_split_and_trains_b_only(tmp_path, tiny_model_dir, tiny_task,
+                                                                            tiny_suite, caplog):
+    """lora.init 'contrast' with no replay/EWC/LwF still gets the general split (its moments need it);
+    with freeze_a the saved adapter's A is the contrast init and B learnt, and PEFT reloads it."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    r = recipe(tmp_path, tiny_model_dir, tiny_task, tiny_suite, guard={"enabled": False},
+               methods={"lora": {"r": 4, "init": "contrast", "freeze_a": True}})
+    with caplog.at_level("INFO"):
+        run = train(r).run_dir
+    assert "task-over-general input directions on 14 modules" in caplog.text
+    saved = load_file(run / "model" / "adapter_model.safetensors")
+    a = [v for k, v in saved.items() if "lora_A" in k]
+    assert a and all(torch.allclose(v.norm(dim=1), torch.ones(v.shape[0]), atol=1e-5) for v in a)
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run / "model")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, result_logits(run, tiny_model_dir, ids), atol=1e-5)
+
+
 def test_full_ft_with_freeze_ewc_lwf(tmp_path, tiny_model_dir, tiny_task, tiny_suite):
     from transformers import AutoModelForCausalLM
 

@@ -94,6 +94,8 @@ class Method:
     registered_name: ClassVar[str] = ""
     #: does this method need a reference (base) model view in ``ctx.reference``?
     needs_reference: ClassVar[bool] = False
+    #: does this method read ``ctx.general_examples`` (the replay split)? A property where a setting decides
+    needs_general: bool = False
 
     def __init__(self, config: Any = None):
         self.config = config

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import random
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Literal
@@ -20,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from ..data.formats import IGNORE_INDEX
 from ..models import is_peft_model
 from ..registry import register_method
-from .base import Context, Method
+from .base import Context, Method, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,22 @@ class LoraMethodConfig(BaseModel):
             vectors of its layer's inputs on the task data, so the first steps move the directions
             the task's activations vary in. Costs forward passes over at most ``init_batches`` task
             batches before training; every layer keeps rank ``r`` (EVA's ``rho`` 1).
-        init_batches (int): task batches EVA's incremental SVD may read.
+            ``contrast``: each ``A`` holds the directions in which its layer's inputs carry the most
+            energy on the task data *relative to* the general data: the top ``r`` solutions of
+            ``C_task v = lambda (C_general + eps I) v`` (``C``: uncentred second moments of the layer's
+            inputs over every non-padding position of ``init_batches`` batches of each). Why: the
+            update ``B A x`` is then small wherever ``x`` looks like general text, so what the
+            adapter learns reaches general inputs less (the drift probe's KL and agreement). The
+            same aim as CorDA's knowledge-preserved mode (Yang et al., https://arxiv.org/abs/2406.05223)
+            and LoRA-Null (https://arxiv.org/abs/2503.02659), which start ``A`` outside the general
+            data's principal subspace but rewrite the base weights (so the adapter-disabled view is no
+            longer the base model, which LwF and drift rely on); this keeps ``W`` and ``B = 0``. Needs
+            general data (the replay split).
+        init_batches (int): task batches EVA's incremental SVD may read; with ``contrast``, the task
+            and the general batches each read for their second moments.
+        freeze_a (bool): keep ``A`` at its initial value and train only ``B`` (LoRA-Null's v2, for
+            ``contrast``: ``A`` stays in the task-over-general directions instead of drifting toward
+            the gradient's, which general inputs share).
         trainable_tokens ("none" | "answers"): ``answers`` also trains the embedding rows of the
             tokens the task's answers are made of (special tokens excepted), through PEFT's
             ``trainable_token_indices``; with tied embeddings (SmolLM2, Qwen2, Llama 3.2) these are
@@ -69,8 +86,9 @@ class LoraMethodConfig(BaseModel):
     dropout: float = 0.05
     target_modules: list[str] | Literal["all-linear"] = DEFAULT_TARGETS.copy()
     lr_ratio: float = 1.0
-    init: Literal["default", "eva"] = "default"
+    init: Literal["default", "eva", "contrast"] = "default"
     init_batches: int = 16
+    freeze_a: bool = False
     trainable_tokens: Literal["none", "answers"] = "none"
     merge_on_save: bool = False
     adapter_name: str = "default"
@@ -139,6 +157,114 @@ def check_targets(model: torch.nn.Module, targets: list[str]) -> dict[str, int]:
     return counts
 
 
+#: bytes of second moments held at once by `lora.init: contrast` (two float64 ``d_in x d_in`` per layer);
+#: more layers than fit are done in several passes over the same batches
+MOMENT_BYTES = 2 * 2**30
+
+
+def moment_chunks(layers: dict[str, torch.nn.Module], adapter: str, budget: int | None = None
+                  ) -> list[dict[str, torch.nn.Module]]:
+    """Consecutive groups of ``layers`` whose task and general moments fit ``budget`` (one layer at least).
+
+    Counts every layer's own matrices, though q/k/v (and gate/up) share one: an 8B model's MLP input
+    alone is 14336 wide (1.6 GB per moment), so all of them at once would not fit anywhere.
+    """
+    budget = MOMENT_BYTES if budget is None else budget
+    chunks: list[dict[str, torch.nn.Module]] = [{}]
+    used = 0
+    for n, m in layers.items():
+        cost = 2 * 8 * m.lora_A[adapter].in_features ** 2
+        if chunks[-1] and used + cost > budget:
+            chunks.append({})
+            used = 0
+        chunks[-1][n] = m
+        used += cost
+    return [c for c in chunks if c]
+
+
+class _Enough(Exception):
+    """Raised by the last hooked layer's pre-hook: nothing after it is needed."""
+
+
+def input_moments(model: torch.nn.Module, layers: dict[str, torch.nn.Module], batches: list[dict],
+                  positions: int = 4096) -> tuple[dict[str, torch.Tensor], int]:
+    """Each layer's uncentred input second moment ``E[x x^T]`` (float64) over non-padding positions.
+
+    Reads batches until ``positions`` non-padding positions are in (every position of each batch
+    read): the forwards and the products cost ``positions * d^2`` per distinct input, and every
+    position of 16 batches of long general rows took minutes on a CPU. Layers fed the same tensor
+    (q/k/v, gate/up) share one product per batch and one result object, so callers can solve once
+    per distinct input. Runs the decoder body only when it can (no output head: a vocabulary-wide
+    product per position that no adapted layer reads), and stops each forward at the last hooked
+    layer's input (``layers`` in execution order).
+    """
+    device = next(model.parameters()).device
+    group: dict[str, int] = {}  # layer -> index of the input it reads (fixed by the first batch)
+    sums: dict[int, torch.Tensor] = {}
+    state: dict = {"rows": None, "seen": {}}
+    count = 0
+
+    def hook(name):
+        def pre(mod, args):
+            x = args[0]
+            # the tensor is kept alive for the whole forward, so its address names it uniquely
+            key = (x.data_ptr(), tuple(x.shape))
+            if key not in state["seen"]:
+                flat = x.reshape(-1, x.shape[-1])[state["rows"]].float()
+                state["seen"][key] = (x, (flat.T @ flat).double(), len(state["seen"]))
+            _, g, idx = state["seen"][key]
+            if group.setdefault(name, idx) != idx:
+                raise RuntimeError(f"lora: {name}'s input changed identity between batches")
+            if idx not in state["added"]:
+                sums[idx] = sums[idx] + g if idx in sums else g
+                state["added"].add(idx)
+            if name == last:
+                raise _Enough
+        return pre
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    run = body if isinstance(body, torch.nn.Module) and any(m is body for m in model.modules()) and not any(
+        n.startswith("lm_head") or ".lm_head" in n for n in layers) else model
+    last = next(reversed(layers))
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad(), eval_mode(list(model.modules())):
+            for b in batches:
+                if count >= positions:
+                    break
+                b = {k: v.to(device) for k, v in b.items()}
+                rows = b["attention_mask"].reshape(-1).nonzero().squeeze(1)
+                state.update(rows=rows, seen={}, added=set())
+                count += len(rows)
+                try:
+                    run(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+                except _Enough:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    means = {idx: g / max(count, 1) for idx, g in sums.items()}
+    return {n: means[idx] for n, idx in group.items()}, count
+
+
+def contrast_directions(c_task: torch.Tensor, c_general: torch.Tensor, r: int, eps: float = 1e-2) -> torch.Tensor:
+    """The ``r`` unit vectors (columns, ``[d, r]``) maximising ``v' C_task v / v' (C_general + eps m I) v``.
+
+    ``m`` is ``C_general``'s mean eigenvalue: the ridge keeps directions neither data set uses
+    (ratio 0/0, noise) from winning. Solved as a symmetric eigenproblem after whitening by the
+    Cholesky factor of the regularised general moment, in float64.
+    """
+    d = c_general.shape[0]
+    reg = c_general + eps * float(torch.trace(c_general)) / d * torch.eye(d, dtype=c_general.dtype,
+                                                                         device=c_general.device)
+    chol = torch.linalg.cholesky(reg)
+    inv = torch.linalg.solve_triangular(chol, torch.eye(d, dtype=reg.dtype, device=reg.device), upper=False)
+    _, vecs = torch.linalg.eigh(inv @ c_task @ inv.T)  # ascending eigenvalues
+    v = inv.T @ vecs[:, -r:].flip(-1)
+    return (v / v.norm(dim=0, keepdim=True)).to(torch.float32)
+
+
 def adapted_modules(model: torch.nn.Module) -> list[str]:
     """Names of the modules carrying a LoRA branch."""
     return [n for n, m in model.named_modules() if hasattr(m, "lora_A") and len(getattr(m, "lora_A", ())) > 0]
@@ -158,6 +284,7 @@ class LoRA(Method):
 
     def __init__(self, config: LoraMethodConfig | dict | None = None):
         super().__init__(LoraMethodConfig.model_validate(config or {}))
+        self._contrasted = False
 
     def peft_config(self, token_ids: list[int] | None = None):
         from peft import LoraConfig
@@ -208,8 +335,10 @@ class LoRA(Method):
         if c.init == "eva":
             self._eva(model, ctx)
         for name, p in model.named_parameters():
-            if f".lora_A.{c.adapter_name}." in name or f".lora_B.{c.adapter_name}." in name:
+            if f".lora_B.{c.adapter_name}." in name or (f".lora_A.{c.adapter_name}." in name and not c.freeze_a):
                 p.requires_grad_(True)
+            elif f".lora_A.{c.adapter_name}." in name:
+                p.requires_grad_(False)
         self._log_matches(model)
         return model
 
@@ -231,6 +360,51 @@ class LoRA(Method):
             initialize_lora_eva_weights(model, dataloader=batches, adapter_name=self.config.adapter_name,
                                         show_progress_bar=False)
         log.info("lora: EVA-initialised adapter %r from %d task batches", self.config.adapter_name, len(batches))
+
+    @property
+    def needs_general(self) -> bool:
+        return self.config.init == "contrast"
+
+    def on_task_start(self, model: torch.nn.Module, ctx: Context) -> None:
+        # here, not in prepare_model: methods after this one (freeze) have decided which adapters train,
+        # and only those are worth the second moments (half the blocks with the default recipe)
+        if self.config.init == "contrast" and not self._contrasted:
+            self._contrast(model, ctx)
+            self._contrasted = True
+
+    def _contrast(self, model: torch.nn.Module, ctx: Context) -> None:
+        """Set each trained ``A`` to its layer's task-over-general input directions (see ``init``)."""
+        from ..data.collate import Collator
+
+        name = self.config.adapter_name
+        for what, rows in (("task", ctx.task_examples), ("general", ctx.general_examples)):
+            if not rows:
+                raise ValueError(f"lora.init 'contrast' needs {what} data to initialise from; none was given"
+                                 + ("" if what == "task" else " (set general: with a replay split)"))
+        layers = {n: m for n, m in model.named_modules()
+                  if name in getattr(m, "lora_A", {}) and m.lora_B[name].weight.requires_grad}
+        collate = Collator.for_tokenizer(ctx.tokenizer)
+        size, n_batches, t0 = max(1, ctx.batch_size), self.config.init_batches, time.perf_counter()
+        batches = {}
+        for what, rows in (("task", ctx.task_examples), ("general", ctx.general_examples)):
+            picked = random.Random(ctx.seed).sample(rows, min(len(rows), size * n_batches))
+            batches[what] = [collate(picked[i:i + size]) for i in range(0, len(picked), size)]
+        read = {}
+        for chunk in moment_chunks(layers, name):
+            moments = {}
+            for what in ("task", "general"):
+                moments[what], read[what] = input_moments(model, chunk, batches[what])
+            solved: dict[tuple[int, int, int], torch.Tensor] = {}  # layers reading one input share the solve
+            with torch.no_grad():
+                for n, mod in chunk.items():
+                    a = mod.lora_A[name].weight
+                    key = (id(moments["task"][n]), id(moments["general"][n]), a.shape[0])
+                    if key not in solved:
+                        solved[key] = contrast_directions(moments["task"][n], moments["general"][n], a.shape[0])
+                    a.copy_(solved[key].T.to(a.dtype))
+        log.info("lora: adapter %r's A set to task-over-general input directions on %d modules (%d task, "
+                 "%d general positions, %.1f s)", name, len(layers), read["task"], read["general"],
+                 time.perf_counter() - t0)
 
     def lr_scale(self, name: str, param: torch.nn.Parameter) -> float:
         return self.config.lr_ratio if f".lora_B.{self.config.adapter_name}." in name else 1.0
