@@ -66,6 +66,8 @@ VARIANTS = {
     "LoRA contrast init, A frozen": ["lora.freeze_a=true"],
     # the task gain contrast buys, traded for drift by freezing 17 of 30 blocks
     "LoRA contrast init, freeze 57%": ["freeze.fraction=0.57"],
+    # distil-inputs' drift holder (LwF on every position the task loss does not train) on top
+    "LoRA contrast init, LwF on inputs": ["lwf.on=inputs"],
     # A from the leading singular directions of each layer's inputs on the task data (PEFT's EVA)
     "LoRA EVA init": [*BEFORE_13, "lora.init=eva"],
     "naive full FT": ["lora=false", "replay=false", "lwf=false", "freeze=false", "full={}"],
