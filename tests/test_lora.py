@@ -143,8 +143,7 @@ def _rows(lo: int, hi: int, n: int, seed: int, length: int = 12):
 def _q_inputs(model, examples, layer: int = 1) -> torch.Tensor:
     """Every position's input to block ``layer``'s q_proj, by a plain hook (no sharing, no cap)."""
     seen = []
-    mod = model.get_base_model().model.layers[layer].self_attn.q_proj if hasattr(model, "get_base_model") \
-        else model.model.layers[layer].self_attn.q_proj
+    mod = model.get_base_model().model.layers[layer].self_attn.q_proj
     h = mod.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
     with torch.no_grad():
         model(input_ids=torch.tensor([e.input_ids for e in examples]))

@@ -94,7 +94,8 @@ class Method:
     registered_name: ClassVar[str] = ""
     #: does this method need a reference (base) model view in ``ctx.reference``?
     needs_reference: ClassVar[bool] = False
-    #: does this method read ``ctx.general_examples`` (the replay split)? A property where a setting decides
+    #: does this method read ``ctx.general_examples`` (the replay split)? The session loads it only then;
+    #: a property where a setting decides (LoRA's ``init: contrast``)
     needs_general: bool = False
 
     def __init__(self, config: Any = None):

@@ -161,6 +161,7 @@ class EWC(Method):
     """
 
     config_class = EWCConfig
+    needs_general = True  # the Fisher is estimated on general data
 
     def __init__(self, config: EWCConfig | dict | None = None):
         super().__init__(EWCConfig.model_validate(config or {}))

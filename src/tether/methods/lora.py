@@ -54,7 +54,9 @@ class LoraMethodConfig(BaseModel):
             ``contrast``: each ``A`` holds the directions in which its layer's inputs carry the most
             energy on the task data *relative to* the general data: the top ``r`` solutions of
             ``C_task v = lambda (C_general + eps I) v`` (``C``: uncentred second moments of the layer's
-            inputs over every non-padding position of ``init_batches`` batches of each). Why: the
+            inputs over ~4k non-padding positions of each, from at most ``init_batches`` batches of
+            rows sampled with the run seed; ``eps``: 1% of ``C_general``'s mean eigenvalue). Only
+            adapters that train (after ``freeze``) are set, once per run, at task start. Why: the
             update ``B A x`` is then small wherever ``x`` looks like general text, so what the
             adapter learns reaches general inputs less (the drift probe's KL and agreement). The
             same aim as CorDA's knowledge-preserved mode (Yang et al., https://arxiv.org/abs/2406.05223)
@@ -62,8 +64,8 @@ class LoraMethodConfig(BaseModel):
             data's principal subspace but rewrite the base weights (so the adapter-disabled view is no
             longer the base model, which LwF and drift rely on); this keeps ``W`` and ``B = 0``. Needs
             general data (the replay split).
-        init_batches (int): task batches EVA's incremental SVD may read; with ``contrast``, the task
-            and the general batches each read for their second moments.
+        init_batches (int): task batches EVA's incremental SVD may read; with ``contrast``, the most
+            task and general batches each may read for their second moments.
         freeze_a (bool): keep ``A`` at its initial value and train only ``B`` (LoRA-Null's v2, for
             ``contrast``: ``A`` stays in the task-over-general directions instead of drifting toward
             the gradient's, which general inputs share).
@@ -224,7 +226,7 @@ def input_moments(model: torch.nn.Module, layers: dict[str, torch.nn.Module], ba
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = getattr(base, getattr(base, "base_model_prefix", ""), None)
-    run = body if isinstance(body, torch.nn.Module) and any(m is body for m in model.modules()) and not any(
+    run = body if isinstance(body, torch.nn.Module) and not any(
         n.startswith("lm_head") or ".lm_head" in n for n in layers) else model
     last = next(reversed(layers))
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]

@@ -269,6 +269,7 @@ class LwF(Method):
 
     config_class = LwFConfig
     needs_reference = True
+    needs_general = True  # replay rows or general prompts to distil on
 
     def __init__(self, config: LwFConfig | dict | None = None):
         super().__init__(LwFConfig.model_validate(config or {}))

@@ -278,6 +278,7 @@ class Replay(Method):
     """
 
     config_class = ReplayConfig
+    needs_general = True
 
     def __init__(self, config: ReplayConfig | dict | None = None):
         super().__init__(ReplayConfig.model_validate(config or {}))

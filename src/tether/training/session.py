@@ -174,8 +174,7 @@ class Session:
         from .trainer import JsonlMetrics, TetherTrainer, start_task, training_arguments
 
         r, t = self.recipe, self.recipe.training
-        needs_general = (any(n in methods for n in ("replay", "ewc", "lwf"))
-                         or any(m.needs_general for m in methods.values()))
+        needs_general = any(m.needs_general for m in methods.values())
         ctx = Context(
             tokenizer=self.tok, general_examples=self.replay_examples() if needs_general else [],
             task_examples=task_examples, output_dir=str(self.run_dir), device=str(self.model.device), seed=t.seed,
