@@ -21,11 +21,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
 
 # label -> recipe overrides (`--set` strings) of the default recipe. Labels measured before session 13
-# were overrides of that day's default (replay mode replace, nothing frozen, random LoRA A; "default" is
-# that recipe): BEFORE_13 keeps their meaning, BEFORE_15 that of sessions 13-14's labels.
-BEFORE_13 = ["replay.mode=replace", "freeze=false", "lora.init=default"]
+# were overrides of that day's default (replay mode replace, nothing frozen, random LoRA A, LwF on the
+# replay rows; "default" is that recipe): BEFORE_13 keeps their meaning, BEFORE_15 that
+# of sessions 13-14's labels, BEFORE_16 that of session 15's.
+BEFORE_16 = ["lwf.on=replay"]
+BEFORE_13 = ["replay.mode=replace", "freeze=false", "lora.init=default", *BEFORE_16]
 # labels measured in sessions 13-14: that default (PEFT's random LoRA A)
-BEFORE_15 = ["lora.init=default"]
+BEFORE_15 = ["lora.init=default", *BEFORE_16]
 VARIANTS = {
     "default": BEFORE_13,
     "replay mode add": [*BEFORE_13, "replay.mode=add"],
@@ -62,12 +64,17 @@ VARIANTS = {
     "replay mode add, freeze 57%": [*BEFORE_15, "freeze.fraction=0.57"],
     # each A from its layer's task-over-general input directions (lora.init contrast; the default since
     # session 15); the second keeps A there (trains B only)
-    "LoRA contrast init": [],
-    "LoRA contrast init, A frozen": ["lora.freeze_a=true"],
+    "LoRA contrast init": BEFORE_16,
+    "LoRA contrast init, A frozen": [*BEFORE_16, "lora.freeze_a=true"],
     # the task gain contrast buys, traded for drift by freezing 17 of 30 blocks
-    "LoRA contrast init, freeze 57%": ["freeze.fraction=0.57"],
-    # distil-inputs' drift holder (LwF on every position the task loss does not train) on top
-    "LoRA contrast init, LwF on inputs": ["lwf.on=inputs"],
+    "LoRA contrast init, freeze 57%": [*BEFORE_16, "freeze.fraction=0.57"],
+    # distil-inputs' drift holder (LwF on every position the task loss does not train): the default since
+    # session 16
+    "LoRA contrast init, LwF on inputs": [],
+    # a larger LoRA scale (alpha/r 12) to buy back the task gain LwF on inputs costs (it did not: session 16)
+    "LoRA contrast init, LwF on inputs, LoRA α192": ["lora.alpha=192"],
+    # half the pull on the prompts: does the task gain come back, and does drift stay within 1%?
+    "LoRA contrast init, LwF on inputs α10": ["lwf.alpha=10"],
     # A from the leading singular directions of each layer's inputs on the task data (PEFT's EVA)
     "LoRA EVA init": [*BEFORE_13, "lora.init=eva"],
     "naive full FT": ["lora=false", "replay=false", "lwf=false", "freeze=false", "full={}"],

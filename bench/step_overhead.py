@@ -242,10 +242,13 @@ def main() -> None:
 
     # the default recipe's methods as default.yaml has them, its self-answered replay included (longer
     # rows than the ChatterBot replies above), and the default of sessions 4-12 (replay mode replace,
-    # nothing frozen)
+    # nothing frozen, PEFT's random A, LwF on the replay rows)
     default = load_recipe(None).methods
-    before = load_recipe(None, overrides=["replay.mode=replace", "freeze=false"]).methods
+    before = load_recipe(None, overrides=["replay.mode=replace", "freeze=false", "lora.init=default",
+                                          "lwf.on=replay"]).methods
     configs = {**CONFIGS, "default recipe's methods": default,
+               # LwF on the replay rows only, as until session 15 (the default distils every untrained position)
+               "default recipe of session 15's methods": load_recipe(None, overrides=["lwf.on=replay"]).methods,
                "default recipe of sessions 4-12's methods": before,
                "distil-inputs recipe's methods": load_recipe("distil-inputs").methods}
     run("plain Trainer + PEFT LoRA", plain)

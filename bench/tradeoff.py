@@ -18,6 +18,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
+# where the default recipe's LwF distilled before session 16: labels measured before keep their meaning
+BEFORE_16 = ["lwf.on=replay"]
 
 
 def _self_replay(lora_alpha: float, dropout: float = 0.05, lr_ratio: float = 1.0, **lwf) -> dict:
@@ -70,16 +72,19 @@ CONFIGS = {
     "default recipe": (None, True),
     # the default of sessions 4-12 (replay in the batch's 8 slots, nothing frozen), and it with the replay
     # rows on top of the 8 task rows (8 + 2 per step), guard on as above
-    "default recipe of sessions 4-12": (["replay.mode=replace", "freeze=false", "lora.init=default"], True),
-    "default recipe, replay mode add": (["replay.mode=add", "freeze=false", "lora.init=default"], True),
+    "default recipe of sessions 4-12": (["replay.mode=replace", "freeze=false", "lora.init=default", *BEFORE_16], True),
+    "default recipe, replay mode add": (["replay.mode=add", "freeze=false", "lora.init=default", *BEFORE_16], True),
     # the default of sessions 13-14: PEFT's random LoRA A
-    "default recipe of sessions 13-14": (["lora.init=default"], True),
+    "default recipe of sessions 13-14": (["lora.init=default", *BEFORE_16], True),
     # a shipped recipe's methods, by name (src/tether/recipes/distil-inputs.yaml), guard on as the default's
     "distil-inputs recipe": ("distil-inputs", True),
     # each trained A started at its layer's task-over-general input directions (lora.init contrast): the
-    # default since session 15 (the label its session-15 runs were made under); with 17 of 30 blocks frozen
-    "default recipe, LoRA contrast init": (["lora.init=contrast"], True),
-    "default recipe, LoRA contrast init, freeze 57%": (["freeze.fraction=0.57"], True),
+    # default of session 15 (the label its session-15 runs were made under); with 17 of 30 blocks frozen
+    "default recipe, LoRA contrast init": (["lora.init=contrast", *BEFORE_16], True),
+    "default recipe, LoRA contrast init, freeze 57%": (["freeze.fraction=0.57", *BEFORE_16], True),
+    # LwF on every position the task loss does not train (the task rows' prompts too), not only the replay
+    # rows: the default since session 16 (the label its session-16 runs were made under)
+    "default recipe, LoRA contrast init, LwF on inputs": (["lwf.on=inputs"], True),
 }
 
 

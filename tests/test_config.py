@@ -9,7 +9,7 @@ from tether.config import RecipeError, load_recipe, parse_overrides
 
 def test_default_recipe_is_the_practical_one():
     r = load_recipe()
-    assert set(r.methods) == {"lora", "replay", "lwf", "freeze"} and r.methods["lwf"]["on"] == "replay"
+    assert set(r.methods) == {"lora", "replay", "lwf", "freeze"} and r.methods["lwf"]["on"] == "inputs"
     assert r.methods["replay"]["ratio"] == 0.2 and r.methods["replay"]["mode"] == "add"
     assert list(r.methods).index("freeze") > list(r.methods).index("lora")  # the bottom blocks' adapters too
     assert r.training.lr == 1e-4
@@ -80,7 +80,7 @@ def test_every_shipped_recipe_and_suite_validates():
     assert default.methods["replay"]["ratio"] == 0.2 and default.methods["lora"]["alpha"] == 128
     assert default.methods["lora"]["init"] == "contrast"
     assert default.methods["lora"]["dropout"] == 0.0
-    assert default.methods["lwf"]["on"] == "replay" and default.methods["lwf"]["alpha"] == 20.0
+    assert default.methods["lwf"]["on"] == "inputs" and default.methods["lwf"]["alpha"] == 20.0
     assert default.methods["replay"]["answers"] == load_recipe().methods["replay"]["answers"] == "model"
     assert default.training.lr == 1e-4 and default.guard.threshold == 0.05
     suites = sorted(p.name[:-5] for p in resources.files("tether.suites").iterdir() if p.name.endswith(".yaml"))
@@ -91,11 +91,13 @@ def test_every_shipped_recipe_and_suite_validates():
 
 def test_lwf_on_replay_needs_replay():
     with pytest.raises(RecipeError, match=r"methods.lwf.on: 'replay' .* replay is off"):
-        load_recipe(None, ["replay=false"])
+        load_recipe(None, ["replay=false", "lwf.on=replay"])
     with pytest.raises(RecipeError, match="replay is off"):
-        load_recipe(None, ["replay.ratio=0"])
+        load_recipe(None, ["replay.ratio=0", "lwf.on=replay"])
     assert "lwf" not in load_recipe(None, ["replay=false", "lwf=false"]).methods
     assert load_recipe(None, ["replay=false", "lwf.on=general"]).methods["lwf"]["on"] == "general"
+    # the default's LwF (on: inputs) distils the task rows' prompts, so it runs without replay
+    assert load_recipe(None, ["replay=false"]).methods["lwf"]["on"] == "inputs"
 
 
 def test_yaml_on_off_yes_no_are_strings_not_booleans(tmp_path):

@@ -63,8 +63,9 @@ def test_score_a_probe_subset_on_smollm2(smollm2, tmp_path):
 
 @pytest.mark.slow
 def test_default_recipe_few_steps_on_smollm2(smollm2, tmp_path):
-    """The default recipe (LoRA with contrast-initialised A + replay on top of the batch + LwF on the
-    replay rows + the bottom half frozen + guard) for a few steps on the embedded model and the demo task."""
+    """The default recipe (LoRA with contrast-initialised A + replay on top of the batch + LwF on every
+    position the task loss does not train + the bottom half frozen + guard) for a few steps on the
+    embedded model and the demo task."""
     from tether.config import load_recipe
     from tether.data.tasks import ensure_task
     from tether.training.run import train
@@ -89,7 +90,7 @@ def test_default_recipe_few_steps_on_smollm2(smollm2, tmp_path):
     assert all((v - 1).abs().max() < 0.05 for n, v in norms.items() if ".layers.15." in n)
     assert all((v - 1).abs().min() > 0.3 for n, v in norms.items() if ".layers.14." in n)
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert any(rec.get("lwf_replay", 0) > 0 for rec in logged), "LwF never saw a replay row"
+    assert any(rec.get("lwf_inputs", 0) > 0 for rec in logged), "LwF never distilled"
     assert s["steps"] == 2 and s["guard"]["checks"] == 1
     assert (tmp_path / "run" / "model" / "adapter_config.json").exists()
     assert {p["probe"] for p in s["probes"]} == {"knowledge_mc", "trivia_gen", "chat_loss", "drift_prompts"}
