@@ -127,6 +127,21 @@ def test_lora_contrast_init_in_a_run_reads_the_general_split_and_trains_b_only(t
         assert torch.allclose(reloaded(ids).logits, result_logits(run, tiny_model_dir, ids), atol=1e-5)
 
 
+def test_default_methods_without_replay_still_distil_the_task_prompts(tmp_path, tiny_model_dir, tiny_task, tiny_suite):
+    """`--set replay=false` on the default (since session 16 its LwF is `on: inputs`): the run trains,
+    mixes in no general rows, and distils the task rows' prompts (the KL is logged and grows from 0)."""
+    methods = {k: v for k, v in default_methods().items() if k != "replay"}
+    assert methods["lwf"]["on"] == "inputs"
+    methods["lora"] = {**methods["lora"], "r": 4}
+    r = recipe(tmp_path, tiny_model_dir, tiny_task, tiny_suite, guard={"enabled": False}, methods=methods)
+    run = train(r).run_dir
+    logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in logs if "loss" in x]
+    assert len(steps) == 4 and not any("replay_fraction" in x for x in steps)
+    kl = [x["lwf_inputs"] for x in steps]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 0  # B = 0 at step 1: student = teacher
+
+
 def test_full_ft_with_freeze_ewc_lwf(tmp_path, tiny_model_dir, tiny_task, tiny_suite):
     from transformers import AutoModelForCausalLM
 
