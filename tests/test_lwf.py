@@ -326,6 +326,9 @@ def test_inputs_distils_every_untrained_position_reusing_the_student_logits():
 
 def test_needs_reference_and_config_errors():
     assert LwF.needs_reference
+    # the session loads the replay split for LwF only when it distils a general mini-batch
+    assert LwF({"on": "general"}).needs_general and LwF({"on": "task+general"}).needs_general
+    assert not any(LwF({"on": on}).needs_general for on in ("task", "replay", "inputs"))
     model, _ = lora_model()
     with pytest.raises(RuntimeError, match="ctx.reference"):
         LwF().extra_loss(model, batch(), None, Context())

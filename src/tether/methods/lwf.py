@@ -269,11 +269,15 @@ class LwF(Method):
 
     config_class = LwFConfig
     needs_reference = True
-    needs_general = True  # replay rows or general prompts to distil on
-
     def __init__(self, config: LwFConfig | dict | None = None):
         super().__init__(LwFConfig.model_validate(config or {}))
         self.general_cursor_ = 0
+
+    @property
+    def needs_general(self) -> bool:
+        """Only a general mini-batch reads the replay split here; replay rows come from the replay method
+        (which loads it), task and inputs distil the batch itself."""
+        return self.config.on in ("general", "task+general")
 
     def general_batch(self, ctx: Context) -> dict | None:
         """The next general mini-batch, in a seeded order that does not depend on the task data."""

@@ -2,9 +2,9 @@
 
 The task routes quotes to one of 8 topic labels. A narrow output format is what makes a small
 instruct model forget: after naive fine-tuning it answers general questions with a label. The
-default recipe (LoRA with each trained A at the task-over-general input directions + 20% replay with
-LwF on its rows + the bottom half of the blocks frozen + lr
-1e-4 + guard) should learn the task and keep the rest.
+default recipe (LoRA with each trained A at the task-over-general input directions + 20% replay + LwF
+on every position the task loss does not train + the bottom half of the blocks frozen + lr 1e-4 +
+guard) should learn the task and keep the rest.
 """
 
 from __future__ import annotations
