@@ -142,6 +142,27 @@ def test_default_methods_without_replay_still_distil_the_task_prompts(tmp_path, 
     assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 0  # B = 0 at step 1: student = teacher
 
 
+def test_default_recipe_teacher_skips_the_frozen_half_and_trains_the_same(tmp_path, tiny_model_dir, tiny_task,
+                                                                           tiny_suite, monkeypatch):
+    """The default's LwF teacher starts at the first trained block (block 1 of 2, `tether.trunk`): logged,
+    and the run's losses are those of a run whose teacher runs every block."""
+    from tether import trunk
+
+    methods = default_methods()
+    methods["lora"] = {**methods["lora"], "r": 4}
+    runs = {}
+    for name in ("trunk", "whole"):
+        if name == "whole":
+            monkeypatch.setattr(trunk.Trunk, "build", classmethod(lambda cls, s, t: None))
+        r = recipe(tmp_path / name, tiny_model_dir, tiny_task, tiny_suite, guard={"enabled": False}, methods=methods)
+        result = train(r)
+        logs = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = ([x["loss"] for x in logs if "loss" in x], result.summary["method_metrics"]["lwf"])
+    assert runs["trunk"][1] == {"teacher_skips_blocks": 1.0} and runs["whole"][1] == {"teacher_skips_blocks": 0.0}
+    assert runs["trunk"][0] == pytest.approx(runs["whole"][0], rel=1e-4)
+    assert len(runs["trunk"][0]) == 4
+
+
 def test_full_ft_with_freeze_ewc_lwf(tmp_path, tiny_model_dir, tiny_task, tiny_suite):
     from transformers import AutoModelForCausalLM
 

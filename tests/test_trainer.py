@@ -101,7 +101,10 @@ def test_train_under_torchrun_two_processes(tmp_path, tiny_model_dir, tiny_task,
     s = json.loads((run / "summary.json").read_text())
     assert s["steps"] == 2 and (run / "model" / "adapter_config.json").exists()
     logs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len([x for x in logs if "loss" in x]) == 2, logs  # written once, by the main process
+    steps = [x for x in logs if "loss" in x]
+    assert len(steps) == 2, logs  # written once, by the main process
+    # DDP runs the teacher locally on each rank: it starts at the first trained block (block 1 of 2) there too
+    assert steps[-1]["lwf/teacher_skips_blocks"] == 1.0, steps[-1]
 
 
 def test_example_nll_matches_full_cross_entropy_value_and_gradient():

@@ -187,6 +187,25 @@ def _disabled(model: torch.nn.Module) -> Iterator[None]:
         model.enable_adapters()
 
 
+def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """The decoder's block list: the longest ``nn.ModuleList`` (ties: most parameters).
+
+    Works for any HF causal LM (``model.layers``, ``transformer.h``, ``gpt_neox.layers``) and for
+    PEFT-wrapped ones, whose names merely gain a prefix.
+    """
+    import torch
+
+    best: tuple[int, int, str, torch.nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0:
+            key = (len(mod), sum(p.numel() for p in mod.parameters()))
+            if best is None or key > best[:2]:
+                best = (*key, name, mod)
+    if best is None:
+        raise ValueError("the model has no nn.ModuleList of transformer blocks")
+    return best[2], best[3]
+
+
 def is_adapter_dir(path: Path | str) -> bool:
     return Path(path, "adapter_config.json").exists()
 

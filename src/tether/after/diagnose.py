@@ -25,8 +25,7 @@ from typing import Any
 import torch
 
 from ..io import atomic_path
-from ..methods.freeze import find_blocks
-from ..models import adapter_layers, adapters_off, is_peft_model
+from ..models import adapter_layers, adapters_off, find_blocks, is_peft_model
 
 GROUPS = ("attn", "mlp", "norm", "other")
 

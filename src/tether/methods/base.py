@@ -27,7 +27,9 @@ class Context:
         general_examples: tokenised general data (list of ``tether.data.Example``), e.g. the
             replay split; used for Fisher estimation, LwF prompts and replay.
         reference: callable ``(model, batch) -> logits`` of the base model's view of a batch
-            (adapter disabled for PEFT models, a frozen copy otherwise), or ``None``.
+            (adapter disabled for PEFT models, a frozen copy otherwise), or ``None``. The one
+            ``lwf.make_reference`` builds also takes ``student_ran=True`` (the student has just run this
+            very batch: the teacher may start from its activations at the first trained block).
         output_dir: run directory for artefacts a method saves (e.g. ``fisher.safetensors``).
         device: torch device of the model.
         seed: run seed.
@@ -41,7 +43,7 @@ class Context:
     step: int = 0
     tokenizer: Any = None
     general_examples: list = field(default_factory=list)
-    reference: Callable[[torch.nn.Module, dict], torch.Tensor] | None = None
+    reference: Callable[..., torch.Tensor] | None = None
     output_dir: str | None = None
     device: str = "cpu"
     seed: int = 0

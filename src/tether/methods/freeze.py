@@ -14,6 +14,7 @@ import re
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from ..models import find_blocks
 from ..registry import register_method
 from .base import Context, Method
 
@@ -54,23 +55,6 @@ class FreezeConfig(BaseModel):
             except re.error as e:
                 raise ValueError(f"freeze.patterns: {p!r} is not a regular expression ({e})") from None
         return v
-
-
-def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
-    """The decoder's block list: the longest ``nn.ModuleList`` (ties: most parameters).
-
-    Works for any HF causal LM (``model.layers``, ``transformer.h``, ``gpt_neox.layers``) and for
-    PEFT-wrapped ones, whose names merely gain a prefix.
-    """
-    best: tuple[int, int, str, torch.nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0:
-            key = (len(mod), sum(p.numel() for p in mod.parameters()))
-            if best is None or key > best[:2]:
-                best = (*key, name, mod)
-    if best is None:
-        raise ValueError("freeze: the model has no nn.ModuleList of transformer blocks")
-    return best[2], best[3]
 
 
 def select_frozen(model: torch.nn.Module, fraction: float, freeze_embeddings: bool,

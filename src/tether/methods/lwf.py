@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from .. import prefix
+from .. import prefix, trunk
 from ..data.collate import Collator
 from ..data.formats import IGNORE_INDEX
 from ..models import adapter_layers, adapters_off
@@ -31,7 +31,9 @@ from .base import Context, Method, eval_mode
 
 log = logging.getLogger(__name__)
 
-Reference = Callable[[torch.nn.Module, dict], torch.Tensor]
+# (model, batch) -> the base model's logits; ``student_ran=True`` says the student has just run exactly
+# this batch (its rows, its prefix groups) in training mode, so the teacher may start from its activations
+Reference = Callable[..., torch.Tensor]
 
 
 class LwFConfig(BaseModel):
@@ -212,8 +214,80 @@ def run_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return model(**{k: v for k, v in batch.items() if k != "prefix_groups"}).logits
 
 
-def make_reference(model: torch.nn.Module, frozen_copy: torch.nn.Module | None = None) -> Reference:
-    """Build ``ctx.reference``: ``(model, batch) -> logits`` of the base model's view of ``batch``.
+class TrunkState:
+    """Whether the teacher starts from the student's activations (`tether.trunk`), and from which block."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.trunk: trunk.Trunk | None = None
+        self.key: tuple | None = None
+        self.verified = False
+
+    @property
+    def depth(self) -> int:
+        """Blocks the teacher skips (0: it runs them all)."""
+        return self.trunk.k if self.enabled and self.trunk is not None and self.verified else 0
+
+    def off(self, why: str, warn: bool = False) -> None:
+        (log.warning if warn else log.info)("lwf: the teacher runs every block from now on (%s)", why)
+        self.enabled = False
+        if self.trunk is not None:
+            self.trunk.close()
+            self.trunk = None
+
+
+def _unwrapped(m: torch.nn.Module) -> torch.nn.Module:
+    while isinstance(m, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        m = m.module  # disable_adapter lives on the PeftModel inside
+    return m
+
+
+def _distributed_unsafe(m: torch.nn.Module) -> bool:
+    """Sharded models (FSDP, DeepSpeed) gather weights per block in step on every rank: a rank that
+    skipped blocks another ran would hang them. Plain DDP (or one process) runs the teacher locally."""
+    if isinstance(m, torch.nn.parallel.DistributedDataParallel):
+        return False
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _teacher(run: Callable[[], torch.Tensor], student: torch.nn.Module, teacher: torch.nn.Module, batch: dict,
+             state: TrunkState) -> torch.Tensor:
+    """``run()`` (the teacher's logits on ``batch``), started at the first block the student trains
+    where that is exact; the first such run is checked against a whole one."""
+    key = (id(student), id(teacher), sum(p.requires_grad for p in student.parameters()))
+    if state.key != key:  # a new model, or another task's adapters: look again
+        if state.trunk is not None:
+            state.trunk.close()
+        state.key, state.verified = key, False
+        state.trunk = trunk.Trunk.build(student, teacher)
+        return run()  # the student's forward ran before the hook existed
+    if state.trunk is None:
+        return run()
+    try:
+        records = state.trunk.take(trunk.calls(batch.get("prefix_groups")))
+        with state.trunk.replaying(records):
+            logits = run()
+    except trunk.Mismatch as e:
+        state.off(str(e))
+        return run()
+    if not state.verified:
+        whole = run()
+        mask = batch.get("attention_mask")
+        mask = torch.ones(whole.shape[:2], dtype=torch.bool, device=whole.device) if mask is None else mask.bool()
+        err = prefix.relative_error(whole[mask], logits[mask])
+        if err > prefix.RTOL:
+            state.off(f"starting at block {state.trunk.k} changed its logits by {err:.3g} of their spread", warn=True)
+            return whole
+        state.verified = True
+        log.info("lwf: the teacher starts at block %d; blocks 0-%d compute what the student's did (frozen, "
+                 "adapters at zero)", state.trunk.k, state.trunk.k - 1)
+    return logits
+
+
+def make_reference(model: torch.nn.Module, frozen_copy: torch.nn.Module | None = None,
+                   share_trunk: bool = True) -> Reference:
+    """Build ``ctx.reference``: ``(model, batch, student_ran=False) -> logits`` of the base model's view of ``batch``.
 
     Contract: returns detached ``[B, L, V]`` logits for ``batch["input_ids"]`` (and its
     ``attention_mask``), computed under ``no_grad`` in ``eval()`` mode; leaves weights, ``.grad``
@@ -223,31 +297,52 @@ def make_reference(model: torch.nn.Module, frozen_copy: torch.nn.Module | None =
     - PEFT model (has ``disable_adapter``): the same model runs inside ``disable_adapter()``, so
       the teacher costs no memory.
     - otherwise: a frozen deep copy of ``model`` is made now (one more model in memory).
+
+    ``share_trunk``: with ``student_ran=True``, skip the leading blocks whose activations the teacher
+    shares with the student (`tether.trunk`); the same logits to float rounding. ``reference.trunk``
+    says how many blocks it skips.
     """
     if frozen_copy is None and not hasattr(model, "disable_adapter"):
         frozen_copy = copy.deepcopy(model)
         mb = sum(p.numel() * p.element_size() for p in frozen_copy.parameters()) / 2**20
         log.info("lwf: teacher is a frozen copy of the model (%.1f MB)", mb)
+    shared = TrunkState(share_trunk)
     if frozen_copy is not None:
         frozen_copy.eval()
         frozen_copy.requires_grad_(False)
 
-        def reference(_model: torch.nn.Module, batch: dict) -> torch.Tensor:
-            with torch.no_grad():
-                return run_logits(frozen_copy, _forward_inputs(batch)).detach()
+        def reference(m: torch.nn.Module, batch: dict, student_ran: bool = False) -> torch.Tensor:
+            inputs = _forward_inputs(batch)
 
+            def run() -> torch.Tensor:
+                with torch.no_grad():
+                    return run_logits(frozen_copy, inputs).detach()
+
+            if not (student_ran and shared.enabled) or _distributed_unsafe(m):
+                return run()
+            return _teacher(run, _unwrapped(m), frozen_copy, inputs, shared)
+
+        reference.trunk = shared
         return reference
 
     state: dict = {}
 
-    def reference(m: torch.nn.Module, batch: dict) -> torch.Tensor:
-        while isinstance(m, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            m = m.module  # disable_adapter lives on the PeftModel inside
+    def reference(m: torch.nn.Module, batch: dict, student_ran: bool = False) -> torch.Tensor:
+        unsafe = student_ran and shared.enabled and _distributed_unsafe(m)
+        m = _unwrapped(m)
         if state.get("model") is not m:  # once per model: the walks below are most of the cost
             state.update(model=m, modules=list(m.modules()), layers=adapter_layers(m))
-        with torch.no_grad(), eval_mode(state["modules"]), adapters_off(m, state["layers"]):
-            return run_logits(m, _forward_inputs(batch)).detach()
+        inputs = _forward_inputs(batch)
 
+        def run() -> torch.Tensor:
+            with torch.no_grad(), eval_mode(state["modules"]), adapters_off(m, state["layers"]):
+                return run_logits(m, inputs).detach()
+
+        if not (student_ran and shared.enabled) or unsafe:
+            return run()
+        return _teacher(run, m, m, inputs, shared)
+
+    reference.trunk = shared
     return reference
 
 
@@ -314,12 +409,17 @@ class LwF(Method):
         return terms
 
     def _distil(self, model, inputs: dict, student: torch.Tensor | None, ctx: Context,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, same: bool = True) -> torch.Tensor:
         """``α · lwf_kl`` of the student's logits (the ones given, else a forward of ``inputs``)
-        against the teacher's on ``inputs``, over ``mask`` (default: the non-padding positions)."""
+        against the teacher's on ``inputs``, over ``mask`` (default: the non-padding positions).
+        ``same``: the student's forward ran exactly ``inputs`` (not a subset of its rows)."""
         if student is None:
             student = run_logits(model, inputs)
-        teacher = ctx.reference(model, inputs)
+        ref = self.reference_ = ctx.reference
+        if hasattr(ref, "trunk"):  # make_reference's: it may start from the student's activations
+            teacher = ref(model, inputs, student_ran=same and model.training)
+        else:  # any (model, batch) -> logits callable
+            teacher = ref(model, inputs)
         if mask is None:
             mask = inputs.get("attention_mask")
         return self.config.alpha * lwf_kl(student, teacher, mask, self.config.temperature)
@@ -335,7 +435,11 @@ class LwF(Method):
         student = _logits(outputs)
         picked = {k: v[rows] for k, v in _forward_inputs(batch).items() if k != "prefix_groups"}
         return self._distil(model, _regrouped(picked, "prefix_groups" in batch),
-                            None if student is None else student[rows], ctx)
+                            None if student is None else student[rows], ctx, same=student is None)
+
+    def metrics(self) -> dict[str, float]:
+        shared = getattr(getattr(self, "reference_", None), "trunk", None)
+        return {} if shared is None else {"teacher_skips_blocks": float(shared.depth)}
 
     def state_dict(self) -> dict:
         return {"general_cursor": self.general_cursor_}
