@@ -23,8 +23,9 @@ HERE = Path(__file__).resolve().parent
 # label -> recipe overrides (`--set` strings) of the default recipe. Labels measured before session 13
 # were overrides of that day's default (replay mode replace, nothing frozen, random LoRA A, LwF on the
 # replay rows; "default" is that recipe): BEFORE_13 keeps their meaning, BEFORE_15 that
-# of sessions 13-14's labels, BEFORE_16 that of session 15's.
-BEFORE_16 = ["lwf.on=replay"]
+# of sessions 13-14's labels, BEFORE_16 that of session 15's, BEFORE_17 that of session 16's (LoRA r 16).
+BEFORE_17 = ["lora.r=16", "lora.alpha=128"]
+BEFORE_16 = ["lwf.on=replay", *BEFORE_17]
 BEFORE_13 = ["replay.mode=replace", "freeze=false", "lora.init=default", *BEFORE_16]
 # labels measured in sessions 13-14: that default (PEFT's random LoRA A)
 BEFORE_15 = ["lora.init=default", *BEFORE_16]
@@ -68,13 +69,17 @@ VARIANTS = {
     "LoRA contrast init, A frozen": [*BEFORE_16, "lora.freeze_a=true"],
     # the task gain contrast buys, traded for drift by freezing 17 of 30 blocks
     "LoRA contrast init, freeze 57%": [*BEFORE_16, "freeze.fraction=0.57"],
-    # distil-inputs' drift holder (LwF on every position the task loss does not train): the default since
+    # distil-inputs' drift holder (LwF on every position the task loss does not train): the default of
     # session 16
-    "LoRA contrast init, LwF on inputs": [],
+    "LoRA contrast init, LwF on inputs": BEFORE_17,
     # a larger LoRA scale (alpha/r 12) to buy back the task gain LwF on inputs costs (it did not: session 16)
-    "LoRA contrast init, LwF on inputs, LoRA α192": ["lora.alpha=192"],
+    "LoRA contrast init, LwF on inputs, LoRA α192": [*BEFORE_17, "lora.alpha=192"],
     # half the pull on the prompts: does the task gain come back, and does drift stay within 1%?
-    "LoRA contrast init, LwF on inputs α10": ["lwf.alpha=10"],
+    "LoRA contrast init, LwF on inputs α10": [*BEFORE_17, "lwf.alpha=10"],
+    # more of the model trained (blocks 10-29), LwF on inputs to hold the drift freezing held before
+    "LoRA contrast init, LwF on inputs, freeze 33%": [*BEFORE_17, "freeze.fraction=0.33"],
+    # twice the contrast directions at the same alpha/r (8): the default since session 17
+    "LoRA contrast init, LwF on inputs, LoRA r32 α256": [],
     # A from the leading singular directions of each layer's inputs on the task data (PEFT's EVA)
     "LoRA EVA init": [*BEFORE_13, "lora.init=eva"],
     "naive full FT": ["lora=false", "replay=false", "lwf=false", "freeze=false", "full={}"],

@@ -53,6 +53,10 @@ CONFIGS = {
 UNSHARED = ("tether LoRA, dropout 0", "tether full fine-tuning", "default recipe's methods",
             "distil-inputs recipe's methods")
 
+# these again with LwF's teacher running every block (tether.trunk off): what starting it at the first
+# trained block saves
+WHOLE_TEACHER = ("default recipe's methods", "default recipe of session 16's methods")
+
 
 # Qwen2-0.5B's shapes (its config.json), for timing on a machine that holds no weights: randomly
 # initialised, fed SmolLM2's token ids (all below 49152, so any of Qwen2's 151936 rows is valid)
@@ -216,7 +220,7 @@ def main() -> None:
         return Trainer(model=model, args=training_arguments(spec, "/tmp/tether-bench-plain-full"),
                        train_dataset=as_dataset(examples), data_collator=Collator(tok.pad_token_id))
 
-    def tethered(methods_cfg, share_prefix: bool | None = None):
+    def tethered(methods_cfg, share_prefix: bool | None = None, share_trunk: bool = True):
         def make(model, tok):
             examples = task_examples(tok)
             general = encode_records(read_records(pack / "replay.jsonl", limit=400), tok, max_length=256)[0]
@@ -228,7 +232,7 @@ def main() -> None:
             if any(m.needs_reference for m in methods.values()):
                 import dataclasses
 
-                ctx = dataclasses.replace(ctx, reference=make_reference(model))
+                ctx = dataclasses.replace(ctx, reference=make_reference(model, share_trunk=share_trunk))
             model.train()
             for m in methods.values():
                 m.on_task_start(model, ctx)
@@ -244,11 +248,13 @@ def main() -> None:
     # rows than the ChatterBot replies above), and the default of sessions 4-12 (replay mode replace,
     # nothing frozen, PEFT's random A, LwF on the replay rows)
     default = load_recipe(None).methods
+    r16 = ["lora.r=16", "lora.alpha=128"]  # the default's LoRA until session 16 (r 32, alpha 256 since)
     before = load_recipe(None, overrides=["replay.mode=replace", "freeze=false", "lora.init=default",
-                                          "lwf.on=replay"]).methods
+                                          "lwf.on=replay", *r16]).methods
     configs = {**CONFIGS, "default recipe's methods": default,
+               "default recipe of session 16's methods": load_recipe(None, overrides=r16).methods,
                # LwF on the replay rows only, as until session 15 (the default distils every untrained position)
-               "default recipe of session 15's methods": load_recipe(None, overrides=["lwf.on=replay"]).methods,
+               "default recipe of session 15's methods": load_recipe(None, overrides=["lwf.on=replay", *r16]).methods,
                "default recipe of sessions 4-12's methods": before,
                "distil-inputs recipe's methods": load_recipe("distil-inputs").methods}
     run("plain Trainer + PEFT LoRA", plain)
@@ -261,6 +267,10 @@ def main() -> None:
         unshared = f"{label}, prefix sharing off"
         if label in UNSHARED and (not args.only or unshared in args.only):
             run(unshared, tethered(cfg, share_prefix=False))
+        # the LwF teacher runs every block (before session 17) instead of starting at the first trained one
+        whole = f"{label}, teacher runs every block"
+        if label in WHOLE_TEACHER and (not args.only or whole in args.only):
+            run(whole, tethered(cfg, share_trunk=False))
     # again, last: the first run of a process also pays for warming up (on a GPU: clocks, allocator)
     run("plain Trainer + PEFT LoRA, again", plain)
     ref = results["plain Trainer + PEFT LoRA, again"]["median_s"]

@@ -18,8 +18,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
-# where the default recipe's LwF distilled before session 16: labels measured before keep their meaning
-BEFORE_16 = ["lwf.on=replay"]
+# the default's LoRA rank and scale before session 17, and where its LwF distilled before session 16:
+# labels measured before keep their meaning
+BEFORE_17 = ["lora.r=16", "lora.alpha=128"]
+BEFORE_16 = ["lwf.on=replay", *BEFORE_17]
 
 
 def _self_replay(lora_alpha: float, dropout: float = 0.05, lr_ratio: float = 1.0, **lwf) -> dict:
@@ -84,7 +86,9 @@ CONFIGS = {
     "default recipe, LoRA contrast init, freeze 57%": (["freeze.fraction=0.57", *BEFORE_16], True),
     # LwF on every position the task loss does not train (the task rows' prompts too), not only the replay
     # rows: the default since session 16 (the label its session-16 runs were made under)
-    "default recipe, LoRA contrast init, LwF on inputs": (["lwf.on=inputs"], True),
+    "default recipe, LoRA contrast init, LwF on inputs": (["lwf.on=inputs", *BEFORE_17], True),
+    # twice the rank at the same alpha/r (8): 32 contrast directions per layer; the default since session 17
+    "default recipe, LoRA contrast init, LwF on inputs, LoRA r32 α256": ([], True),
 }
 
 

@@ -77,7 +77,8 @@ def test_every_shipped_recipe_and_suite_validates():
         load_recipe("distil-input")
     default = load_recipe(resources.files("tether.recipes") / "default.yaml")
     assert default.methods == load_recipe().methods  # `tether train --task x` runs default.yaml's methods
-    assert default.methods["replay"]["ratio"] == 0.2 and default.methods["lora"]["alpha"] == 128
+    assert default.methods["replay"]["ratio"] == 0.2
+    assert default.methods["lora"]["r"] == 32 and default.methods["lora"]["alpha"] == 256
     assert default.methods["lora"]["init"] == "contrast"
     assert default.methods["lora"]["dropout"] == 0.0
     assert default.methods["lwf"]["on"] == "inputs" and default.methods["lwf"]["alpha"] == 20.0
