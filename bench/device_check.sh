@@ -74,10 +74,11 @@ timeout 180 python3 bench/step_overhead.py --random-config qwen2-0.5b --bf16 --s
   "+ replay 25% + LwF on a general batch" "+ replay 25% + LwF on inputs" \
   --out "$OUT/step_overhead_gpu.json" 2>&1 | grep -v "it/s\]" | tail -20
 
-# shared prompt prefixes (session 12): the same configurations with training.share_prefix off
-timeout 120 python3 bench/step_overhead.py --random-config qwen2-0.5b --bf16 --steps 10 --warmup 3 \
+# shared prompt prefixes (session 12): the same configurations with training.share_prefix off; and the
+# default with LwF's teacher running every block instead of from the first trained one (session 17)
+timeout 150 python3 bench/step_overhead.py --random-config qwen2-0.5b --bf16 --steps 10 --warmup 3 \
   --only "tether LoRA, dropout 0" "tether LoRA, dropout 0, prefix sharing off" "default recipe's methods" \
-  "default recipe's methods, prefix sharing off" \
+  "default recipe's methods, prefix sharing off" "default recipe's methods, teacher runs every block" \
   --out "$OUT/step_overhead_gpu_prefix.json" 2>&1 | grep -v "it/s\]" | tail -10
 
 # batch 32: how much of batch 8's per-step launch overhead is amortised (session 8 measured batch 8 only)

@@ -89,6 +89,9 @@ CONFIGS = {
     "default recipe, LoRA contrast init, LwF on inputs": (["lwf.on=inputs", *BEFORE_17], True),
     # twice the rank at the same alpha/r (8): 32 contrast directions per layer; the default since session 17
     "default recipe, LoRA contrast init, LwF on inputs, LoRA r32 α256": ([], True),
+    # the teacher's own distribution (temperature 1) weighs its argmax, which greedy answers follow, more than
+    # T 2 does: does trivia keep its fragile items (session 6, LwF on replay rows: trivia +7.5% at T 1)?
+    "default recipe, LwF T 1": (["lwf.temperature=1"], True),
 }
 
 
