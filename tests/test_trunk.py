@@ -211,3 +211,17 @@ def test_each_architecture_with_a_shared_prefix(arch):
         _, teacher = student_then_teacher(model, ref, batch)
         assert torch.allclose(teacher[mask.bool()], expected[mask.bool()], atol=1e-5)
     assert ref.trunk.depth == 1
+
+
+def test_exact_under_bf16_autocast():
+    """Mixed precision (Accelerate's autocast): the student's frozen blocks with zero adapters round
+    exactly as the teacher's would, so the trunk stays on and its logits are the whole teacher's."""
+    model, _ = frozen_half()
+    ref, whole = make_reference(model), make_reference(model, share_trunk=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for shared in (False, True):
+            batch = inputs(shared)
+            for _ in range(3):
+                _, teacher = student_then_teacher(model, ref, batch)
+            assert torch.equal(teacher, whole(model, batch))
+    assert ref.trunk.depth == 2
