@@ -54,7 +54,7 @@ UNSHARED = ("tether LoRA, dropout 0", "tether full fine-tuning", "default recipe
             "distil-inputs recipe's methods")
 
 # these again with LwF's teacher running every block (tether.trunk off): what starting it at the first
-# trained block saves
+# trained block saves; and with LoRA's zero adapters left on the frozen blocks (as until session 17)
 WHOLE_TEACHER = ("default recipe's methods", "default recipe of session 16's methods")
 
 
@@ -220,11 +220,13 @@ def main() -> None:
         return Trainer(model=model, args=training_arguments(spec, "/tmp/tether-bench-plain-full"),
                        train_dataset=as_dataset(examples), data_collator=Collator(tok.pad_token_id))
 
-    def tethered(methods_cfg, share_prefix: bool | None = None, share_trunk: bool = True):
+    def tethered(methods_cfg, share_prefix: bool | None = None, share_trunk: bool = True, keep_dead: bool = False):
         def make(model, tok):
             examples = task_examples(tok)
             general = encode_records(read_records(pack / "replay.jsonl", limit=400), tok, max_length=256)[0]
             methods = {n: METHODS.get(n)(c) for n, c in methods_cfg.items()}
+            if keep_dead and "lora" in methods:  # as until session 17: zero adapters stay on the frozen blocks
+                methods["lora"]._drop_dead = lambda model: None
             ctx = Context(tokenizer=tok, general_examples=general, task_examples=examples, batch_size=args.batch_size,
                           num_batches=total)
             for m in methods.values():
@@ -271,6 +273,9 @@ def main() -> None:
         whole = f"{label}, teacher runs every block"
         if label in WHOLE_TEACHER and (not args.only or whole in args.only):
             run(whole, tethered(cfg, share_trunk=False))
+        kept = f"{label}, zero adapters kept on the frozen blocks"
+        if label in WHOLE_TEACHER and (not args.only or kept in args.only):
+            run(kept, tethered(cfg, keep_dead=True))
     # again, last: the first run of a process also pays for warming up (on a GPU: clocks, allocator)
     run("plain Trainer + PEFT LoRA, again", plain)
     ref = results["plain Trainer + PEFT LoRA, again"]["median_s"]

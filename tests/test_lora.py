@@ -65,6 +65,41 @@ def test_save_adapter_loads_with_peft(tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids()).logits, model(input_ids=ids()).logits)
 
 
+def test_adapters_nothing_trains_are_dropped_and_the_adapter_reloads_without_them(tmp_path, recwarn):
+    """freeze after LoRA (the default recipe): block 0's adapters are frozen with B = 0. on_task_start takes
+    them off (the forward no longer runs them, the saved adapter leaves them out), the model's outputs are
+    unchanged, and PEFT reloads the adapter onto exactly the modules that kept it, with nothing missing."""
+    from peft import PeftModel
+
+    from tether.methods.freeze import Freeze
+
+    method = LoRA({"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]})
+    model = method.prepare_model(make_tiny_llama(VOCAB, hidden=16, layers=4), Context())
+    model = Freeze({"fraction": 0.5}).prepare_model(model, Context())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n and p.requires_grad:
+                p.normal_(0, 0.5)
+        before = model.eval()(input_ids=ids()).logits
+    method.on_task_start(model, Context())
+    kept = sorted(n for n, m in model.get_base_model().named_modules() if hasattr(m, "lora_A"))
+    assert kept == [f"model.layers.{i}.{m}" for i in (2, 3) for m in ("mlp.down_proj", "self_attn.q_proj",
+                                                                      "self_attn.v_proj")]
+    assert sorted(model.peft_config["default"].exclude_modules) == [
+        f"model.layers.{i}.{m}" for i in (0, 1) for m in ("mlp.down_proj", "self_attn.q_proj", "self_attn.v_proj")]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids()).logits, before)
+    out = method.save_model(model, tmp_path / "adapter")
+    from safetensors.torch import load_file
+
+    assert not any(".layers.0." in k or ".layers.1." in k for k in load_file(out / "adapter_model.safetensors"))
+    loaded = PeftModel.from_pretrained(make_tiny_llama(VOCAB, hidden=16, layers=4), out).eval()
+    assert sorted(n for n, m in loaded.get_base_model().named_modules() if hasattr(m, "lora_A")) == kept
+    assert not [w for w in recwarn if "missing" in str(w.message).lower()]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids()).logits, before)
+
+
 def test_save_merged_loads_with_transformers_and_keeps_the_adapter(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -189,7 +224,7 @@ def test_contrast_init_points_a_where_task_inputs_outweigh_general_ones():
     """``init: contrast``: B = 0 (the model starts as the base), each trained A's rows are unit vectors
     whose task-to-general energy ratio is the generalised eigenproblem's largest (checked against an
     eigen-solve of ``(C_general + ridge)^-1 C_task``) and far above a random direction's; adapters
-    that do not train (frozen by a later method) keep PEFT's init; ``freeze_a`` trains B only."""
+    that do not train (frozen by a later method) are taken off their modules; ``freeze_a`` trains B only."""
     from tether.methods.lora import contrast_directions
 
     task, general = _rows(3, 12, 32, seed=3), _rows(12, VOCAB, 64, seed=4)
@@ -207,13 +242,13 @@ def test_contrast_init_points_a_where_task_inputs_outweigh_general_ones():
     layers = model.get_base_model().model.layers
     for p in layers[0].parameters():  # block 0 frozen, as freeze: would after LoRA's prepare_model
         p.requires_grad_(False)
-    a0 = layers[0].self_attn.q_proj.lora_A["default"].weight.detach().clone()
     ctx = Context(task_examples=task, general_examples=general, batch_size=8, seed=0)
     method.on_task_start(model, ctx)
     method.on_task_start(model, ctx)  # once per run: a second task start changes nothing
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=torch.tensor([e.input_ids for e in probe])).logits, before)
-    assert torch.equal(layers[0].self_attn.q_proj.lora_A["default"].weight, a0)
+    assert not hasattr(layers[0].self_attn.q_proj, "lora_A")  # frozen with B = 0: dropped
+    assert "model.layers.0.self_attn.q_proj" in model.peft_config["default"].exclude_modules
 
     a = layers[1].self_attn.q_proj.lora_A["default"].weight.detach().double()
     torch.testing.assert_close(a.norm(dim=1), torch.ones(4, dtype=torch.float64))

@@ -373,6 +373,39 @@ class LoRA(Method):
         if self.config.init == "contrast" and not self._contrasted:
             self._contrast(model, ctx)
             self._contrasted = True
+        self._drop_dead(model)
+
+    def _drop_dead(self, model: torch.nn.Module) -> None:
+        """Take this adapter off the modules where it can change nothing: ``A`` and ``B`` frozen by a
+        later method (freeze's lower blocks) and ``B`` zero. They cost a forward matmul each and half the
+        saved adapter under the default recipe; ``exclude_modules`` in the PEFT config records them, so the
+        saved adapter reloads with ``PeftModel.from_pretrained`` onto the same modules. A module holding
+        another adapter too keeps its wrapper."""
+        from peft.tuners.lora import LoraLayer
+        from peft.utils import _get_submodules
+
+        name = self.config.adapter_name
+        config = model.peft_config[name]
+        if isinstance(config.exclude_modules, str):  # a user's regex: leave the module set as PEFT built it
+            return
+        inner = model.get_base_model()
+        dead = []
+        for key, mod in inner.named_modules():
+            if not isinstance(mod, LoraLayer) or name not in mod.lora_A or set(mod.lora_A) != {name}:
+                continue
+            a, b = mod.lora_A[name].weight, mod.lora_B[name].weight
+            if a.requires_grad or b.requires_grad or bool(b.detach().any()) or getattr(mod, "merged", False):
+                continue
+            if getattr(mod, "lora_magnitude_vector", None) and name in mod.lora_magnitude_vector:
+                continue  # DoRA: not this method's adapter type, leave it
+            dead.append(key)
+        for key in dead:
+            parent, target, target_name = _get_submodules(inner, key)
+            setattr(parent, target_name, target.get_base_layer())
+        if dead:
+            config.exclude_modules = sorted(set(config.exclude_modules or ()) | set(dead))
+            log.info("lora: adapter %r taken off %d modules nothing trains (frozen, B = 0); %d keep it", name,
+                     len(dead), len(adapted_modules(model)))
 
     def _contrast(self, model: torch.nn.Module, ctx: Context) -> None:
         """Set each trained ``A`` to its layer's task-over-general input directions (see ``init``)."""
