@@ -187,6 +187,15 @@ def _disabled(model: torch.nn.Module) -> Iterator[None]:
         model.enable_adapters()
 
 
+def unwrap_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under DDP / DataParallel wrappers (where parameter names and PEFT's switches live)."""
+    import torch
+
+    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        model = model.module
+    return model
+
+
 def find_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     """The decoder's block list: the longest ``nn.ModuleList`` (ties: most parameters).
 

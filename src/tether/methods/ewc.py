@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..models import unwrap_parallel  # parameter names as the Fisher's
 from ..registry import register_method
 from .base import Context, Method, eval_mode
 
@@ -100,13 +101,6 @@ def _flat(t: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([x.reshape(-1) for x in t]) if isinstance(t, (list, tuple)) else t
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module under DDP / DataParallel, so parameter names match the Fisher's."""
-    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        model = model.module
-    return model
-
-
 def empirical_fisher(model: torch.nn.Module, examples: list,
                      max_length: int = 512) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher ``mean_n g_n²`` of the trainable parameters, one backward per example.
@@ -175,7 +169,7 @@ class EWC(Method):
         return empirical_fisher(model, sample, self.config.max_length)
 
     def on_task_start(self, model: torch.nn.Module, ctx: Context) -> None:
-        model = _unwrap(model)
+        model = unwrap_parallel(model)
         if self.fisher_:
             return
         if not ctx.general_examples:
@@ -189,7 +183,7 @@ class EWC(Method):
                  self.metrics()["ewc_memory_mb"])
 
     def on_task_end(self, model: torch.nn.Module, ctx: Context) -> None:
-        model = _unwrap(model)
+        model = unwrap_parallel(model)
         self._packed = None  # holds the parameters: let them go with the task
         if not ctx.task_examples:
             log.warning("ewc: no task examples at task end; nothing consolidated")
@@ -211,7 +205,7 @@ class EWC(Method):
         if not self.fisher_:
             return {}
         total = None
-        for params, anchor, fisher in self._pack(_unwrap(model)):
+        for params, anchor, fisher in self._pack(unwrap_parallel(model)):
             pen = ewc_penalty(params, anchor, fisher, self.config.lambda_)
             total = pen if total is None else total + pen.to(total.device)
         return {"ewc": total}

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from .. import prefix, trunk
 from ..data.collate import Collator
 from ..data.formats import IGNORE_INDEX
-from ..models import adapter_layers, adapters_off
+from ..models import adapter_layers, adapters_off, unwrap_parallel
 from ..registry import register_method
 from .base import Context, Method, eval_mode
 
@@ -236,12 +236,6 @@ class TrunkState:
             self.trunk = None
 
 
-def _unwrapped(m: torch.nn.Module) -> torch.nn.Module:
-    while isinstance(m, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        m = m.module  # disable_adapter lives on the PeftModel inside
-    return m
-
-
 def _distributed_unsafe(m: torch.nn.Module) -> bool:
     """Sharded models (FSDP, DeepSpeed) gather weights per block in step on every rank: a rank that
     skipped blocks another ran would hang them. Plain DDP (or one process) runs the teacher locally."""
@@ -251,10 +245,15 @@ def _distributed_unsafe(m: torch.nn.Module) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _teacher(run: Callable[[], torch.Tensor], student: torch.nn.Module, teacher: torch.nn.Module, batch: dict,
-             state: TrunkState) -> torch.Tensor:
-    """``run()`` (the teacher's logits on ``batch``), started at the first block the student trains
-    where that is exact; the first such run is checked against a whole one."""
+def _teacher(run: Callable[[], torch.Tensor], model: torch.nn.Module, teacher: torch.nn.Module | None, batch: dict,
+             state: TrunkState, student_ran: bool) -> torch.Tensor:
+    """``run()`` (the teacher's logits on ``batch``), started at the first block the student (``model``, as
+    the trainer holds it) trains where that is exact; the first such run is checked against a whole one.
+    ``teacher``: a frozen copy, or ``None`` for the student itself with its adapters off."""
+    if not (student_ran and state.enabled) or _distributed_unsafe(model):
+        return run()
+    student = unwrap_parallel(model)
+    teacher = student if teacher is None else teacher
     key = (id(student), id(teacher), sum(p.requires_grad for p in student.parameters()))
     if state.key != key:  # a new model, or another task's adapters: look again
         if state.trunk is not None:
@@ -318,18 +317,15 @@ def make_reference(model: torch.nn.Module, frozen_copy: torch.nn.Module | None =
                 with torch.no_grad():
                     return run_logits(frozen_copy, inputs).detach()
 
-            if not (student_ran and shared.enabled) or _distributed_unsafe(m):
-                return run()
-            return _teacher(run, _unwrapped(m), frozen_copy, inputs, shared)
+            return _teacher(run, m, frozen_copy, inputs, shared, student_ran)
 
         reference.trunk = shared
         return reference
 
     state: dict = {}
 
-    def reference(m: torch.nn.Module, batch: dict, student_ran: bool = False) -> torch.Tensor:
-        unsafe = student_ran and shared.enabled and _distributed_unsafe(m)
-        m = _unwrapped(m)
+    def reference(model: torch.nn.Module, batch: dict, student_ran: bool = False) -> torch.Tensor:
+        m = unwrap_parallel(model)  # disable_adapter lives on the PeftModel inside
         if state.get("model") is not m:  # once per model: the walks below are most of the cost
             state.update(model=m, modules=list(m.modules()), layers=adapter_layers(m))
         inputs = _forward_inputs(batch)
@@ -338,9 +334,7 @@ def make_reference(model: torch.nn.Module, frozen_copy: torch.nn.Module | None =
             with torch.no_grad(), eval_mode(state["modules"]), adapters_off(m, state["layers"]):
                 return run_logits(m, inputs).detach()
 
-        if not (student_ran and shared.enabled) or unsafe:
-            return run()
-        return _teacher(run, m, m, inputs, shared)
+        return _teacher(run, model, None, inputs, shared, student_ran)
 
     reference.trunk = shared
     return reference
