@@ -53,9 +53,10 @@ CONFIGS = {
 UNSHARED = ("tether LoRA, dropout 0", "tether full fine-tuning", "default recipe's methods",
             "distil-inputs recipe's methods")
 
-# these again with LwF's teacher running every block (tether.trunk off): what starting it at the first
-# trained block saves; and with LoRA's zero adapters left on the frozen blocks (as until session 17)
-WHOLE_TEACHER = ("default recipe's methods", "default recipe of session 16's methods")
+# the recipes with a frozen lower half, again with LwF's teacher running every block (tether.trunk off):
+# what starting it at the first trained block saves; and with LoRA's zero adapters left on the frozen
+# blocks (as until session 17)
+FROZEN_HALF = ("default recipe's methods", "default recipe of session 16's methods")
 
 
 # Qwen2-0.5B's shapes (its config.json), for timing on a machine that holds no weights: randomly
@@ -271,10 +272,10 @@ def main() -> None:
             run(unshared, tethered(cfg, share_prefix=False))
         # the LwF teacher runs every block (before session 17) instead of starting at the first trained one
         whole = f"{label}, teacher runs every block"
-        if label in WHOLE_TEACHER and (not args.only or whole in args.only):
+        if label in FROZEN_HALF and (not args.only or whole in args.only):
             run(whole, tethered(cfg, share_trunk=False))
         kept = f"{label}, zero adapters kept on the frozen blocks"
-        if label in WHOLE_TEACHER and (not args.only or kept in args.only):
+        if label in FROZEN_HALF and (not args.only or kept in args.only):
             run(kept, tethered(cfg, keep_dead=True))
     # again, last: the first run of a process also pays for warming up (on a GPU: clocks, allocator)
     run("plain Trainer + PEFT LoRA, again", plain)
