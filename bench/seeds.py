@@ -80,10 +80,19 @@ VARIANTS = {
     "LoRA contrast init, LwF on inputs, freeze 33%": [*BEFORE_17, "freeze.fraction=0.33"],
     # twice the contrast directions at the same alpha/r (8): the default since session 17
     "LoRA contrast init, LwF on inputs, LoRA r32 α256": [],
+    # session 18, for trivia's lost items (bench/trivia_flips.py): the replay pool without the pack's Python-docs
+    # prose (REPLAY_SOURCES), whose next-token loss pulls toward text the model did not write; a third more
+    # replay rows; PEFT's random A instead of the contrast init (trivia held better before session 15)
+    "LoRA contrast init, LwF on inputs, LoRA r32 α256, chats-only replay": [],
+    "LoRA contrast init, LwF on inputs, LoRA r32 α256, replay 33%": ["replay.ratio=0.33"],
+    "LoRA contrast init, LwF on inputs, LoRA r32 α256, random A": ["lora.init=default"],
     # A from the leading singular directions of each layer's inputs on the task data (PEFT's EVA)
     "LoRA EVA init": [*BEFORE_13, "lora.init=eva"],
     "naive full FT": ["lora=false", "replay=false", "lwf=false", "freeze=false", "full={}"],
 }
+
+# variants whose replay pool keeps only these sources of the pack's replay.jsonl (the default: all of them)
+REPLAY_SOURCES = {"LoRA contrast init, LwF on inputs, LoRA r32 α256, chats-only replay": ["chatterbot"]}
 
 SCREEN_SUITE = """name: seeds-screen
 probes:
@@ -94,9 +103,29 @@ probes:
     limit: 24
     options: {chat: true}
 replay:
-  data: pack://general-v1/replay.jsonl
-  sources: [chatterbot, python-docs]
+  data: {replay}
+  sources: [{sources}]
 """
+
+
+def screen_suite(runs: Path, sources: list[str] | None) -> Path:
+    """The screen suite's file; with ``sources``, its replay is the pack's records of those sources only."""
+    import json
+
+    from tether.data.pack import REPLAY_SOURCES as ALL
+    from tether.data.pack import ensure_pack
+
+    replay = "pack://general-v1/replay.jsonl"
+    name = "seeds-screen.yaml"
+    if sources:
+        lines = (ensure_pack("general-v1") / "replay.jsonl").read_text(encoding="utf-8").splitlines()
+        kept = [ln for ln in lines if json.loads(ln)["source"] in sources]
+        replay = (runs / f"replay-{'-'.join(sources)}.jsonl").resolve()  # relative paths read from the suite's folder
+        replay.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+        name = f"seeds-screen-{'-'.join(sources)}.yaml"
+    path = runs / name
+    path.write_text(SCREEN_SUITE.replace("{replay}", str(replay)).replace("{sources}", ", ".join(sources or ALL)))
+    return path
 
 
 def main() -> None:
@@ -122,9 +151,7 @@ def main() -> None:
 
     ensure_pack("general-v1")
     task = ensure_task("fortune-topics")
-    suite = Path(args.runs) / "seeds-screen.yaml"
-    suite.parent.mkdir(parents=True, exist_ok=True)
-    suite.write_text(SCREEN_SUITE)
+    Path(args.runs).mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     results = json.loads(out.read_text())["results"] if out.exists() else {}
     base = None
@@ -135,6 +162,7 @@ def main() -> None:
             key = f"{label} (seed {seed})"
             if key in results:
                 continue
+            suite = screen_suite(Path(args.runs), REPLAY_SOURCES.get(label))
             recipe = load_recipe(
                 None, overrides=overrides, general=str(suite),
                 task={"train": str(task / "train.jsonl"), "eval": str(task / "eval.jsonl"),
