@@ -86,6 +86,15 @@ VARIANTS = {
     "LoRA contrast init, LwF on inputs, LoRA r32 α256, chats-only replay": [],
     "LoRA contrast init, LwF on inputs, LoRA r32 α256, replay 33%": ["replay.ratio=0.33"],
     "LoRA contrast init, LwF on inputs, LoRA r32 α256, random A": ["lora.init=default"],
+    # the adapter on the attention projections only, or on the MLP only: which carries the task's answer style?
+    "LoRA contrast init, LwF on inputs, LoRA r32 α256, attention only": [
+        "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"],
+    "LoRA contrast init, LwF on inputs, LoRA r32 α256, MLP only": ["lora.target_modules=[gate_proj,up_proj,down_proj]"],
+    # LwF on the inputs and on a general mini-batch of 4 (the replay split as it is), at α 20 or 5: more general
+    # positions held each step than the batch's two replay rows
+    "LoRA contrast init, LwF on inputs + general batch, LoRA r32 α256": ["lwf.on=inputs+general"],
+    "LoRA contrast init, LwF on inputs + general batch α5, LoRA r32 α256": ["lwf.on=inputs+general",
+                                                                             "lwf.general_alpha=5"],
     # A from the leading singular directions of each layer's inputs on the task data (PEFT's EVA)
     "LoRA EVA init": [*BEFORE_13, "lora.init=eva"],
     "naive full FT": ["lora=false", "replay=false", "lwf=false", "freeze=false", "full={}"],

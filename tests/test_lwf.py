@@ -324,6 +324,37 @@ def test_inputs_distils_every_untrained_position_reusing_the_student_logits():
     assert plain["lwf_inputs"].item() > 0
 
 
+def test_inputs_plus_general_sums_the_inputs_term_and_a_general_term_at_its_own_alpha():
+    """``on: inputs+general``: the ``inputs`` term over the batch (student logits reused) plus the general
+    mini-batch's term, which equals ``on: general``'s scaled by ``general_alpha`` over ``alpha``."""
+    model, _ = lora_model()
+    model.eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    b = batch()
+    b["labels"][:, :4] = -100
+    general = [Example(list(range(3 + i, 9 + i)), list(range(3 + i, 9 + i)), "", "") for i in range(5)]
+    outputs = model(**{k: v for k, v in b.items() if k != "labels"})
+    cfg = {"alpha": 0.5, "general_batch_size": 2}
+    both = LwF({**cfg, "on": "inputs+general", "general_alpha": 2.0}).extra_loss(
+        model, b, outputs, _ctx(model, general, seed=1))
+    inputs = LwF({**cfg, "on": "inputs"}).extra_loss(model, b, outputs, _ctx(model, general, seed=1))
+    gen = LwF({**cfg, "on": "general"}).extra_loss(model, b, None, _ctx(model, general, seed=1))
+    assert set(both) == {"lwf_inputs", "lwf_general"}
+    assert both["lwf_inputs"].item() == pytest.approx(inputs["lwf_inputs"].item(), rel=1e-6)
+    assert both["lwf_general"].item() == pytest.approx(gen["lwf_general"].item() * 4.0, rel=1e-5)
+    assert gen["lwf_general"].item() > 0
+    unset = LwF({**cfg, "on": "inputs+general"}).extra_loss(model, b, outputs, _ctx(model, general, seed=1))
+    assert unset["lwf_general"].item() == pytest.approx(gen["lwf_general"].item(), rel=1e-5)  # default: alpha
+    assert LwF({"on": "inputs+general"}).needs_general
+    with pytest.raises(ValueError, match="no general data"):
+        LwF({"on": "inputs+general"}).extra_loss(model, b, outputs, _ctx(model))
+    with pytest.raises(ValidationError, match="lwf.general_alpha must be >= 0"):
+        LwFConfig(general_alpha=-1)
+
+
 def test_needs_reference_and_config_errors():
     assert LwF.needs_reference
     # the session loads the replay split for LwF only when it distils a general mini-batch

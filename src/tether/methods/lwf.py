@@ -54,21 +54,25 @@ class LwFConfig(BaseModel):
             does not train: the task rows' system prompt, chat template and user text (their answer
             positions stay free to learn the task) plus every position of replay rows. The student's
             logits are reused; the extra work is one teacher forward over the whole batch.
+            ``inputs+general``: both ``inputs`` and a general mini-batch (more general positions held
+            each step than the batch's few replay rows, at one more student and teacher forward).
         general_batch_size (int): examples per general mini-batch.
+        general_alpha (float | None): ``α`` of the general mini-batch's term (default: ``alpha``).
     """
 
     model_config = ConfigDict(extra="forbid")
 
     alpha: float = 1.0
     temperature: float = 2.0
-    on: Literal["task", "general", "task+general", "replay", "inputs"] = "task"
+    on: Literal["task", "general", "task+general", "replay", "inputs", "inputs+general"] = "task"
     general_batch_size: int = 4
+    general_alpha: float | None = None
 
-    @field_validator("alpha")
+    @field_validator("alpha", "general_alpha")
     @classmethod
-    def _alpha(cls, v: float) -> float:
-        if v < 0:
-            raise ValueError("lwf.alpha must be >= 0")
+    def _alpha(cls, v: float | None, info) -> float | None:
+        if v is not None and v < 0:
+            raise ValueError(f"lwf.{info.field_name} must be >= 0")
         return v
 
     @field_validator("temperature")
@@ -366,7 +370,7 @@ class LwF(Method):
     def needs_general(self) -> bool:
         """Only a general mini-batch reads the replay split here; replay rows come from the replay method
         (which loads it), task and inputs distil the batch itself."""
-        return self.config.on in ("general", "task+general")
+        return self.config.on in ("general", "task+general", "inputs+general")
 
     def general_batch(self, ctx: Context) -> dict | None:
         """The next general mini-batch, in a seeded order that does not depend on the task data."""
@@ -391,19 +395,20 @@ class LwF(Method):
             terms["lwf"] = self._distil(model, _forward_inputs(batch), _logits(outputs), ctx)
         if c.on == "replay":
             terms["lwf_replay"] = self._replay_term(model, batch, outputs, ctx)
-        if c.on == "inputs":
+        if c.on in ("inputs", "inputs+general"):
             terms["lwf_inputs"] = self._distil(model, _forward_inputs(batch), _logits(outputs), ctx,
                                                mask=untrained_positions(batch))
-        if c.on in ("general", "task+general"):
+        if c.on in ("general", "task+general", "inputs+general"):
             gb = self.general_batch(ctx)
             if gb is None:
                 raise ValueError(f"lwf.on is {c.on!r} but there is no general data")
             gb = {k: v.to(device) for k, v in _forward_inputs(gb).items()}
-            terms["lwf_general"] = self._distil(model, _regrouped(gb, "prefix_groups" in batch), None, ctx)
+            terms["lwf_general"] = self._distil(model, _regrouped(gb, "prefix_groups" in batch), None, ctx,
+                                                alpha=c.general_alpha)
         return terms
 
     def _distil(self, model, inputs: dict, student: torch.Tensor | None, ctx: Context,
-                mask: torch.Tensor | None = None, same: bool = True) -> torch.Tensor:
+                mask: torch.Tensor | None = None, same: bool = True, alpha: float | None = None) -> torch.Tensor:
         """``α · lwf_kl`` of the student's logits (the ones given, else a forward of ``inputs``)
         against the teacher's on ``inputs``, over ``mask`` (default: the non-padding positions).
         ``same``: the student's forward ran exactly ``inputs`` (not a subset of its rows)."""
@@ -416,7 +421,7 @@ class LwF(Method):
             teacher = ref(model, inputs)
         if mask is None:
             mask = inputs.get("attention_mask")
-        return self.config.alpha * lwf_kl(student, teacher, mask, self.config.temperature)
+        return (self.config.alpha if alpha is None else alpha) * lwf_kl(student, teacher, mask, self.config.temperature)
 
     def _replay_term(self, model, batch: dict, outputs, ctx: Context) -> torch.Tensor:
         flags = batch.get("is_replay")
