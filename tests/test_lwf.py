@@ -27,11 +27,16 @@ def lora_model(seed: int = 0):
     cfg = LoraConfig(r=2, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"],
                      task_type="CAUSAL_LM")
     model = get_peft_model(base, cfg)
-    with torch.no_grad():  # B starts at 0; give the adapter something to say
+    set_b(model)  # B starts at 0; give the adapter something to say
+    return model.train(), snapshot
+
+
+def set_b(model, std: float = 0.5) -> None:
+    """Draw every LoRA B from N(0, std) (std 0: zeros, the adapter says nothing)."""
+    with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
-                p.normal_(0, 0.5)
-    return model.train(), snapshot
+                p.normal_(0, std) if std else p.zero_()
 
 
 def batch(b: int = 2, length: int = 7, seed: int = 0) -> dict:
@@ -182,18 +187,12 @@ def _ctx(model, general=(), **kw):
 
 def test_extra_loss_student_equals_teacher_then_learns():
     model, _ = lora_model()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.zero_()
+    set_b(model, 0.0)
     lwf = LwF({"alpha": 0.5})
     b = batch()
     ctx = _ctx(model)
     assert lwf.extra_loss(model, b, model(**b), ctx)["lwf"].item() == pytest.approx(0.0, abs=1e-7)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
+    set_b(model)
     term = lwf.extra_loss(model, b, None, ctx)["lwf"]  # no outputs: the method runs the forward itself
     assert term.item() > 0
     term.backward()
@@ -226,10 +225,7 @@ def test_general_only_skips_the_task_batch_and_matches_task_plus_general():
     teacher (the task's answers are learnt freely), and its term equals task+general's general term."""
     model, _ = lora_model()
     model.eval()  # no dropout: the two calls below must see the same student
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
+    set_b(model)
     general = [Example(list(range(3 + i, 9 + i)), list(range(3 + i, 9 + i)), "", "") for i in range(5)]
     seen = []
     ref = make_reference(model)
@@ -252,10 +248,7 @@ def test_replay_distils_only_the_batch_replay_rows_reusing_the_student_logits():
     forward (no second student pass), and the term equals ``on: task`` applied to those rows alone."""
     model, _ = lora_model()
     model.eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
+    set_b(model)
     b = batch()
     n = b["input_ids"].shape[0]
     flags = torch.zeros(n, dtype=torch.bool)
@@ -329,10 +322,7 @@ def test_inputs_plus_general_sums_the_inputs_term_and_a_general_term_at_its_own_
     mini-batch's term, which equals ``on: general``'s scaled by ``general_alpha`` over ``alpha``."""
     model, _ = lora_model()
     model.eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
+    set_b(model)
     b = batch()
     b["labels"][:, :4] = -100
     general = [Example(list(range(3 + i, 9 + i)), list(range(3 + i, 9 + i)), "", "") for i in range(5)]
