@@ -342,7 +342,9 @@ def test_inputs_plus_general_sums_the_inputs_term_and_a_general_term_at_its_own_
     with pytest.raises(ValueError, match="no general data"):
         LwF({"on": "inputs+general"}).extra_loss(model, b, outputs, _ctx(model))
     with pytest.raises(ValidationError, match="lwf.general_alpha must be >= 0"):
-        LwFConfig(general_alpha=-1)
+        LwFConfig(on="inputs+general", general_alpha=-1)
+    with pytest.raises(ValidationError, match="lwf.general_alpha weighs the general mini-batch"):
+        LwFConfig(on="inputs", general_alpha=2.0)
 
 
 def test_needs_reference_and_config_errors():

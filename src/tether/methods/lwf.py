@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from .. import prefix, trunk
 from ..data.collate import Collator
@@ -74,6 +74,13 @@ class LwFConfig(BaseModel):
         if v is not None and v < 0:
             raise ValueError(f"lwf.{info.field_name} must be >= 0")
         return v
+
+    @model_validator(mode="after")
+    def _general_alpha_needs_a_general_batch(self) -> "LwFConfig":
+        if self.general_alpha is not None and "general" not in self.on:
+            raise ValueError(f"lwf.general_alpha weighs the general mini-batch, which lwf.on {self.on!r} does not "
+                             "distil; use on: general, task+general or inputs+general, or drop general_alpha")
+        return self
 
     @field_validator("temperature")
     @classmethod
