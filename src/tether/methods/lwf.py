@@ -75,9 +75,14 @@ class LwFConfig(BaseModel):
             raise ValueError(f"lwf.{info.field_name} must be >= 0")
         return v
 
+    @property
+    def parts(self) -> frozenset[str]:
+        """What ``on`` distils: ``"inputs+general"`` is ``{"inputs", "general"}``."""
+        return frozenset(self.on.split("+"))
+
     @model_validator(mode="after")
     def _general_alpha_needs_a_general_batch(self) -> "LwFConfig":
-        if self.general_alpha is not None and "general" not in self.on:
+        if self.general_alpha is not None and "general" not in self.parts:
             raise ValueError(f"lwf.general_alpha weighs the general mini-batch, which lwf.on {self.on!r} does not "
                              "distil; use on: general, task+general or inputs+general, or drop general_alpha")
         return self
@@ -377,7 +382,7 @@ class LwF(Method):
     def needs_general(self) -> bool:
         """Only a general mini-batch reads the replay split here; replay rows come from the replay method
         (which loads it), task and inputs distil the batch itself."""
-        return self.config.on in ("general", "task+general", "inputs+general")
+        return "general" in self.config.parts
 
     def general_batch(self, ctx: Context) -> dict | None:
         """The next general mini-batch, in a seeded order that does not depend on the task data."""
@@ -396,16 +401,17 @@ class LwF(Method):
             raise RuntimeError("lwf needs ctx.reference (the base model's logits); build it with "
                                "tether.methods.lwf.make_reference(model)")
         c = self.config
+        on = c.parts
         terms = {}
         device = next(model.parameters()).device
-        if c.on in ("task", "task+general"):
+        if "task" in on:
             terms["lwf"] = self._distil(model, _forward_inputs(batch), _logits(outputs), ctx)
-        if c.on == "replay":
+        if "replay" in on:
             terms["lwf_replay"] = self._replay_term(model, batch, outputs, ctx)
-        if c.on in ("inputs", "inputs+general"):
+        if "inputs" in on:
             terms["lwf_inputs"] = self._distil(model, _forward_inputs(batch), _logits(outputs), ctx,
                                                mask=untrained_positions(batch))
-        if c.on in ("general", "task+general", "inputs+general"):
+        if "general" in on:
             gb = self.general_batch(ctx)
             if gb is None:
                 raise ValueError(f"lwf.on is {c.on!r} but there is no general data")
