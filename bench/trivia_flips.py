@@ -87,20 +87,16 @@ def _greedy(scorer, probe) -> tuple[list[list[int]], list[float]]:
 
     o = probe.opts
     ids = scorer.generate_ids(probe._ids(scorer.tokenizer), max_new_tokens=o["max_new_tokens"], stop=o["stop"])
-    eos = scorer._generation_config(o["max_new_tokens"], o["stop"])[1]
-    texts = [scorer.tokenizer.decode(a[:-1] if a and a[-1] in eos else a, skip_special_tokens=True) for a in ids]
+    texts = scorer.answer_texts(ids, stop=o["stop"])  # as the probe reads them
     return ids, [float(is_correct(t, it["answers"], o["metric"])) for t, it in zip(texts, probe.items)]
 
 
-def _margin(base, tuned, prompt: list[int], a: list[int], b: list[int]) -> dict | None:
+def _margin(base, tuned, prompt: list[int], a: list[int], b: list[int]) -> dict:
     """First token where greedy replies ``a`` (base) and ``b`` (tuned) part, and each model's margin there."""
     import torch
 
-    k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
-    if k is None:  # one reply is a prefix of the other (one stopped earlier)
-        k = min(len(a), len(b))
-        if k >= max(len(a), len(b)):
-            return None
+    # where they part, or where the shorter stopped when one reply is a prefix of the other
+    k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     ctx = torch.tensor([prompt + a[:k]])
     with torch.no_grad():
         lb = base(ctx).logits[0, -1].float().log_softmax(-1)
@@ -135,6 +131,12 @@ def _fragility(base, tok, probe, prompts, ids, right) -> list[dict]:
         k = min(range(len(gaps)), key=gaps.__getitem__)
         out.append({"item": i, "min_margin": gaps[k], "at": k, "answer_done_at": end})
     return out
+
+
+def _means(views: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    import statistics
+
+    return {v: {k: statistics.mean(x) for k, x in d.items()} for v, d in views.items()}
 
 
 def table_of(results: dict):
@@ -186,8 +188,6 @@ def main() -> None:
     if len(labels) != len(args.models):
         ap.error(f"--labels: {len(labels)} names for {len(args.models)} models")
 
-    import statistics
-
     from tether import models
     from tether.io import write_json
     from tether.probes.scorer import Scorer
@@ -196,11 +196,12 @@ def main() -> None:
     probe = next(p for p in validate_suite(load_suite(args.suite)) if p.name == "trivia_gen")
     choices = _choices(probe.items)
     base, tok = models.load(args.base, device="cpu")
-    base_ids, base_right = _greedy(Scorer(base, tok), probe)
-    base_choice = _choice_scores(Scorer(base, tok), probe, choices)
+    scorer = Scorer(base, tok)
+    base_ids, base_right = _greedy(scorer, probe)
+    base_choice = _choice_scores(scorer, probe, choices)
     results = {"suite": args.suite, "items": len(probe.items), "near_tie_nats": NEAR_TIE,
                "base": {"model": args.base, "right": sum(base_right),
-                        "choices": {v: {k: statistics.mean(x) for k, x in d.items()} for v, d in base_choice.items()}},
+                        "choices": _means(base_choice)},
                "models": {}}
     prompts = probe._ids(tok)
     fragile = _fragility(base, tok, probe, prompts, base_ids, base_right)
@@ -208,21 +209,22 @@ def main() -> None:
     results["base"]["right_on_a_near_tie"] = sum(f["min_margin"] < NEAR_TIE for f in fragile)
     for label, path in zip(labels, args.models):
         tuned = models.load(path, base=args.base, device="cpu", with_tokenizer=False)
-        ids, right = _greedy(Scorer(tuned, tok), probe)
+        scorer = Scorer(tuned, tok)
+        ids, right = _greedy(scorer, probe)
         flips = []
         for i, (r0, r1) in enumerate(zip(base_right, right)):
             if r0 != r1:
-                m = _margin(base, tuned, prompts[i], base_ids[i], ids[i]) or {}
+                m = _margin(base, tuned, prompts[i], base_ids[i], ids[i])
                 flips.append({"item": i, "id": probe.items[i]["id"], "lost": r0 > r1,
                               "question": probe.items[i]["prompt"][-1]["content"],
                               "base_reply": tok.decode(base_ids[i], skip_special_tokens=True),
                               "tuned_reply": tok.decode(ids[i], skip_special_tokens=True), **m})
-        ch = _choice_scores(Scorer(tuned, tok), probe, choices)
+        ch = _choice_scores(scorer, probe, choices)
         results["models"][label] = {
             "model": path, "right": sum(right), "rel_change": (sum(right) - sum(base_right)) / sum(base_right),
             "flips": flips,
-            "choices": {v: {k: statistics.mean(x) for k, x in d.items()} for v, d in ch.items()}}
-        del tuned
+            "choices": _means(ch)}
+        del tuned, scorer
         write_json(args.out, results)
 
     Console().print(table_of(results))

@@ -401,9 +401,13 @@ class Scorer:
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
                  stop: Sequence[str] | None = None) -> list[str]:
         """Greedy continuations, batched with left padding, cut at the first stop string or EOS."""
-        eos = self._generation_config(max_new_tokens, stop)[1]
+        return self.answer_texts(self.generate_ids(prompts, max_new_tokens=max_new_tokens, stop=stop), stop=stop)
+
+    def answer_texts(self, answers: Sequence[Sequence[int]], *, stop: Sequence[str] | None = None) -> list[str]:
+        """The text of each ``generate_ids`` answer: its EOS dropped, cut at the first stop string."""
+        eos = self._eos_ids()
         out = []
-        for new in self.generate_ids(prompts, max_new_tokens=max_new_tokens, stop=stop):
+        for new in answers:
             text = self.tokenizer.decode(new[:-1] if new and new[-1] in eos else new, skip_special_tokens=True)
             for s in stop or ():
                 text = text.split(s, 1)[0]
@@ -459,8 +463,16 @@ class Scorer:
         cfg = copy.deepcopy(self.model.generation_config)
         cfg.update(do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
                    max_new_tokens=max_new_tokens, pad_token_id=self.pad_id)
+        eos = self._eos_ids()
         if cfg.eos_token_id is None:
             cfg.eos_token_id = self.tokenizer.eos_token_id
         if stop:
             cfg.stop_strings = list(stop)
-        return cfg, set(cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id])
+        return cfg, eos
+
+    def _eos_ids(self) -> set[int]:
+        """The ids that end a greedy answer: the model's generation config's, else the tokenizer's EOS."""
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return set(eos if isinstance(eos, list) else [eos])
