@@ -24,7 +24,8 @@ HERE = Path(__file__).resolve().parent
 # were overrides of that day's default (replay mode replace, nothing frozen, random LoRA A, LwF on the
 # replay rows; "default" is that recipe): BEFORE_13 keeps their meaning, BEFORE_15 that
 # of sessions 13-14's labels, BEFORE_16 that of session 15's, BEFORE_17 that of session 16's (LoRA r 16).
-BEFORE_17 = ["lora.r=16", "lora.alpha=128"]
+BEFORE_19 = ["lwf.nontarget_alpha=0"]  # session 19's default adds LwF's non-target term; labels before, without it
+BEFORE_17 = [*BEFORE_19, "lora.r=16", "lora.alpha=128"]
 BEFORE_16 = ["lwf.on=replay", *BEFORE_17]
 BEFORE_13 = ["replay.mode=replace", "freeze=false", "lora.init=default", *BEFORE_16]
 # labels measured in sessions 13-14: that default (PEFT's random LoRA A)
@@ -79,22 +80,30 @@ VARIANTS = {
     # more of the model trained (blocks 10-29), LwF on inputs to hold the drift freezing held before
     "LoRA contrast init, LwF on inputs, freeze 33%": [*BEFORE_17, "freeze.fraction=0.33"],
     # twice the contrast directions at the same alpha/r (8): the default since session 17
-    "LoRA contrast init, LwF on inputs, LoRA r32 α256": [],
+    "LoRA contrast init, LwF on inputs, LoRA r32 α256": BEFORE_19,
     # session 18, for trivia's lost items (bench/trivia_flips.py): the replay pool without the pack's Python-docs
     # prose (REPLAY_SOURCES), whose next-token loss pulls toward text the model did not write; a third more
     # replay rows; PEFT's random A instead of the contrast init (trivia held better before session 15)
-    "LoRA contrast init, LwF on inputs, LoRA r32 α256, chats-only replay": [],
-    "LoRA contrast init, LwF on inputs, LoRA r32 α256, replay 33%": ["replay.ratio=0.33"],
-    "LoRA contrast init, LwF on inputs, LoRA r32 α256, random A": ["lora.init=default"],
+    "LoRA contrast init, LwF on inputs, LoRA r32 α256, chats-only replay": BEFORE_19,
+    "LoRA contrast init, LwF on inputs, LoRA r32 α256, replay 33%": ["replay.ratio=0.33", *BEFORE_19],
+    "LoRA contrast init, LwF on inputs, LoRA r32 α256, random A": ["lora.init=default", *BEFORE_19],
     # the adapter on the attention projections only, or on the MLP only: which carries the task's answer style?
     "LoRA contrast init, LwF on inputs, LoRA r32 α256, attention only": [
-        "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"],
-    "LoRA contrast init, LwF on inputs, LoRA r32 α256, MLP only": ["lora.target_modules=[gate_proj,up_proj,down_proj]"],
+        "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]", *BEFORE_19],
+    "LoRA contrast init, LwF on inputs, LoRA r32 α256, MLP only": ["lora.target_modules=[gate_proj,up_proj,down_proj]",
+                                                                             *BEFORE_19],
     # LwF on the inputs and on a general mini-batch of 4 (the replay split as it is), at α 20 or 5: more general
     # positions held each step than the batch's two replay rows
-    "LoRA contrast init, LwF on inputs + general batch, LoRA r32 α256": ["lwf.on=inputs+general"],
+    "LoRA contrast init, LwF on inputs + general batch, LoRA r32 α256": ["lwf.on=inputs+general", *BEFORE_19],
     "LoRA contrast init, LwF on inputs + general batch α5, LoRA r32 α256": ["lwf.on=inputs+general",
-                                                                             "lwf.general_alpha=5"],
+                                                                             "lwf.general_alpha=5", *BEFORE_19],
+    # session 19: the base's ranking of the tokens no task answer uses, at the task's answer positions (decoupled
+    # KD's non-target term, lwf.nontarget_alpha): learning the labels need not reorder what the model would say
+    # instead
+    "LoRA contrast init, LwF on inputs, LoRA r32 α256, non-target α1": ["lwf.nontarget_alpha=1"],
+    "LoRA contrast init, LwF on inputs, LoRA r32 α256, non-target α4": ["lwf.nontarget_alpha=4"],
+    "LoRA contrast init, LwF on inputs, LoRA r32 α256, non-target α0.25": ["lwf.nontarget_alpha=0.25"],
+    "LoRA contrast init, LwF on inputs, LoRA r32 α256, non-target α0.5": ["lwf.nontarget_alpha=0.5"],
     # A from the leading singular directions of each layer's inputs on the task data (PEFT's EVA)
     "LoRA EVA init": [*BEFORE_13, "lora.init=eva"],
     "naive full FT": ["lora=false", "replay=false", "lwf=false", "freeze=false", "full={}"],

@@ -18,9 +18,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
-# the default's LoRA rank and scale before session 17, and where its LwF distilled before session 16:
-# labels measured before keep their meaning
-BEFORE_17 = ["lora.r=16", "lora.alpha=128"]
+# the default's LoRA rank and scale before session 17, and where its LwF distilled before session 16, and
+# its non-target LwF term (none before session 19): labels measured before keep their meaning
+BEFORE_19 = ["lwf.nontarget_alpha=0"]
+BEFORE_17 = [*BEFORE_19, "lora.r=16", "lora.alpha=128"]
 BEFORE_16 = ["lwf.on=replay", *BEFORE_17]
 
 
@@ -88,10 +89,13 @@ CONFIGS = {
     # rows: the default since session 16 (the label its session-16 runs were made under)
     "default recipe, LoRA contrast init, LwF on inputs": (["lwf.on=inputs", *BEFORE_17], True),
     # twice the rank at the same alpha/r (8): 32 contrast directions per layer; the default since session 17
-    "default recipe, LoRA contrast init, LwF on inputs, LoRA r32 α256": ([], True),
+    "default recipe, LoRA contrast init, LwF on inputs, LoRA r32 α256": (BEFORE_19, True),
     # the teacher's own distribution (temperature 1) weighs its argmax, which greedy answers follow, more than
     # T 2 does: does trivia keep its fragile items (session 6, LwF on replay rows: trivia +7.5% at T 1)?
-    "default recipe, LwF T 1": (["lwf.temperature=1"], True),
+    "default recipe, LwF T 1": (["lwf.temperature=1", *BEFORE_19], True),
+    # the base's ranking of the tokens no task answer uses, held at the task's answer positions (decoupled KD's
+    # non-target term): the default since session 19
+    "default recipe, LwF non-target α0.25": ([], True),
 }
 
 

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from tether.data.formats import Example
 from tether.methods.base import Context, eval_mode
-from tether.methods.lwf import LwF, LwFConfig, lwf_kl, make_reference, untrained_positions
+from tether.methods.lwf import LwF, LwFConfig, lwf_kl, make_reference, nontarget_kl, untrained_positions
 from tether.models import adapter_layers, adapters_off
 
 VOCAB = 80
@@ -345,6 +345,87 @@ def test_inputs_plus_general_sums_the_inputs_term_and_a_general_term_at_its_own_
         LwFConfig(on="inputs+general", general_alpha=-1)
     with pytest.raises(ValidationError, match="lwf.general_alpha weighs the general mini-batch"):
         LwFConfig(on="inputs", general_alpha=2.0)
+
+
+def test_nontarget_kl_ignores_the_target_logit_and_sees_the_ranking_of_the_rest():
+    """The decoupled-KD non-target term: 0 for equal logits; blind to the target logit (its value and
+    gradient), so it never resists learning the answer; > 0 once the other tokens are reordered;
+    equal to a hand-written KL over the renormalised non-target tokens; only target-predicting
+    positions of the given rows count."""
+    g = torch.Generator().manual_seed(6)
+    t = torch.randn(2, 5, 9, generator=g) * 2
+    labels = torch.full((2, 5), -100)
+    labels[0, 3:5] = torch.tensor([4, 7])  # row 0's answer: positions 2, 3 predict it
+    labels[1, 4] = 2  # row 1's: position 3
+    assert nontarget_kl(t.clone(), t, labels, None, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    s = t.clone()
+    s[0, 2, 4] += 9.0  # the model is far surer of the answer, nothing else changed
+    s[0, 3, 7] -= 3.0
+    s[1, 3, 2] += 5.0
+    s[0, 0] = torch.randn(9, generator=g)  # a prompt position: not this term's business
+    s.requires_grad_(True)
+    value = nontarget_kl(s, t, labels, None, 2.0)
+    value.backward()
+    assert value.item() == pytest.approx(0.0, abs=1e-6)
+    assert s.grad[0, 2, 4] == 0 and s.grad[0, 3, 7] == 0 and s.grad[1, 3, 2] == 0
+    s = t.clone()
+    s[0, 2, 0], s[1, 3, 5] = s[0, 2, 0] + 4.0, s[1, 3, 5] - 2.0  # other tokens reordered
+    got = nontarget_kl(s, t, labels, None, 2.0)
+    expect = []
+    for row, pos, y in ((0, 2, 4), (0, 3, 7), (1, 3, 2)):
+        keep = [v for v in range(9) if v != y]
+        p_hat = torch.softmax(t[row, pos, keep] / 2.0, -1)
+        q_hat = torch.softmax(s[row, pos, keep] / 2.0, -1)
+        expect.append((p_hat * (p_hat.log() - q_hat.log())).sum())
+    assert got.item() == pytest.approx(4.0 * torch.stack(expect).mean().item(), rel=1e-5) and got.item() > 0
+    only0 = nontarget_kl(s, t, labels, torch.tensor([True, False]), 2.0)
+    assert only0.item() == pytest.approx(4.0 * torch.stack(expect[:2]).mean().item(), rel=1e-5)
+    assert nontarget_kl(s, t, torch.full((2, 5), -100), None, 2.0).item() == 0.0
+    # the answer vocabulary left out too: token 0 (moved above) no longer counts at row 0
+    exclude = torch.tensor([0, 4, 7, 2])
+    got = nontarget_kl(s, t, labels, None, 2.0, exclude)
+    keep = [v for v in range(9) if v not in (0, 4, 7, 2)]
+    expect = []
+    for row, pos in ((0, 2), (0, 3), (1, 3)):
+        p_hat = torch.softmax(t[row, pos, keep] / 2.0, -1)
+        q_hat = torch.softmax(s[row, pos, keep] / 2.0, -1)
+        expect.append((p_hat * (p_hat.log() - q_hat.log())).sum())
+    assert got.item() == pytest.approx(4.0 * torch.stack(expect).mean().item(), rel=1e-5, abs=1e-7)
+    s[:, :, 0] += 7.0  # an answer-vocabulary token moved everywhere: unseen
+    assert nontarget_kl(s, t, labels, None, 2.0, exclude).item() == pytest.approx(got.item(), rel=1e-5, abs=1e-7)
+
+
+def test_nontarget_alpha_adds_a_term_on_the_task_answers_beside_inputs():
+    model, _ = lora_model()
+    model.eval()
+    b = batch()
+    b["labels"][:, :4] = -100
+    flags = torch.tensor([False, True])
+    outputs = model(**{k: v for k, v in b.items() if k != "labels"})
+    ref = make_reference(model)
+    lwf = LwF({"on": "inputs", "alpha": 0.5, "nontarget_alpha": 3.0})
+    task = [Example([5, 6, 7, 8], [-100, -100, 7, 9], "", ""), Example([5, 6, 11], [-100, -100, 11], "", "")]
+    lwf.on_task_start(model, _ctx(model, task_examples=task))
+    assert lwf.answer_vocab_.tolist() == [7, 9, 11] and lwf.metrics()["nontarget_answer_vocab"] == 3.0
+    got = lwf.extra_loss(model, {**b, "is_replay": flags}, outputs, _ctx(model))
+    plain = LwF({"on": "inputs", "alpha": 0.5}).extra_loss(model, {**b, "is_replay": flags}, outputs, _ctx(model))
+    assert set(got) == {"lwf_inputs", "lwf_nontarget"} and set(plain) == {"lwf_inputs"}
+    assert got["lwf_inputs"].item() == pytest.approx(plain["lwf_inputs"].item(), rel=1e-6)
+    expect = 3.0 * nontarget_kl(outputs.logits, ref(model, b), b["labels"], ~flags, 2.0, torch.tensor([7, 9, 11]))
+    assert got["lwf_nontarget"].item() == pytest.approx(expect.item(), rel=1e-5) and expect.item() > 0
+    off = LwF({"on": "inputs"})
+    off.on_task_start(model, _ctx(model, task_examples=task))
+    assert off.answer_vocab_ is None and "nontarget_answer_vocab" not in off.metrics()
+    # with another `on` the term costs its own teacher forward over the batch, and is the same
+    seen = []
+    counting = Context(reference=lambda m, bb: seen.append(1) or ref(m, bb))
+    replay = LwF({"on": "replay", "alpha": 0.5, "nontarget_alpha": 3.0})
+    replay.on_task_start(model, _ctx(model, task_examples=task))
+    other = replay.extra_loss(model, {**b, "is_replay": flags}, outputs, counting)
+    assert set(other) == {"lwf_replay", "lwf_nontarget"} and len(seen) == 2
+    assert other["lwf_nontarget"].item() == pytest.approx(expect.item(), rel=1e-5)
+    with pytest.raises(ValidationError, match="lwf.nontarget_alpha must be >= 0"):
+        LwFConfig(on="inputs", nontarget_alpha=-1.0)
 
 
 def test_needs_reference_and_config_errors():

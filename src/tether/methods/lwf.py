@@ -58,6 +58,17 @@ class LwFConfig(BaseModel):
             each step than the batch's few replay rows, at one more student and teacher forward).
         general_batch_size (int): examples per general mini-batch.
         general_alpha (float | None): ``α`` of the general mini-batch's term (default: ``alpha``).
+        nontarget_alpha (float): weight of a further term at the task rows' *answer* positions: the
+            KL between the base's and the model's distributions over the tokens no task answer uses,
+            each renormalised (the non-target part of decoupled knowledge distillation, Zhao et al.,
+            https://arxiv.org/abs/2203.08679, with "target" widened to the task's answer vocabulary:
+            every token of its training answers, EOS included). Those tokens are left to the task
+            loss, so the term does not resist learning the answers or telling them apart; it resists
+            what learning them does to the ranking of everything else (after a one-word-label task:
+            content words over the "The ..." / "a ..." openings the base gives other questions). A
+            task whose answers are free text uses much of the vocabulary, and the term then sees
+            little. With ``on: inputs`` or ``task`` it reuses their teacher forward over the batch;
+            with the others it costs one. 0 (the default): off.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -67,8 +78,9 @@ class LwFConfig(BaseModel):
     on: Literal["task", "general", "task+general", "replay", "inputs", "inputs+general"] = "task"
     general_batch_size: int = 4
     general_alpha: float | None = None
+    nontarget_alpha: float = 0.0
 
-    @field_validator("alpha", "general_alpha")
+    @field_validator("alpha", "general_alpha", "nontarget_alpha")
     @classmethod
     def _alpha(cls, v: float | None, info) -> float | None:
         if v is not None and v < 0:
@@ -184,6 +196,38 @@ def lwf_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: tor
         weights = mask.reshape(-1).to(student.device, torch.float32)
         count = weights.sum().clamp_min(1.0)
     return _DistilKL.apply(student, teacher, rows, weights, float(temperature), chunk) / count
+
+
+def nontarget_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                 rows: torch.Tensor | None, temperature: float, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """``T² · mean`` over the positions predicting a target token of ``rows`` (every row when ``None``)
+    of ``KL(p̂ || q̂)``, where ``p̂``, ``q̂`` are ``softmax(teacher/T)``, ``softmax(student/T)`` with the
+    target token and the ``exclude`` ids removed and the rest renormalised. Those logits get no
+    gradient: the term is blind to how sure the model is of the answer and sees only how it ranks
+    the alternatives."""
+    vocab = student_logits.shape[-1]
+    predicts = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    if rows is not None:
+        predicts &= rows.to(labels.device, torch.bool)[:, None]
+    idx = predicts.reshape(-1).nonzero().squeeze(-1)
+    if idx.numel() == 0:
+        return student_logits.sum() * 0.0
+    target = torch.zeros_like(labels)
+    target[:, :-1] = labels[:, 1:]
+    target = target.reshape(-1)[idx].to(student_logits.device)[:, None]
+    idx = idx.to(student_logits.device)
+    s = student_logits.reshape(-1, vocab).index_select(0, idx).float() / temperature
+    t = teacher_logits.detach().reshape(-1, vocab).index_select(0, idx).float() / temperature
+    # a finite floor, not -inf: the target's probability underflows to exactly 0 and 0 * finite stays 0
+    s = s.scatter(1, target, -1e9)
+    t = t.scatter(1, target, -1e9)
+    if exclude is not None and exclude.numel():
+        cols = exclude.to(s.device)
+        s, t = s.index_fill(1, cols, -1e9), t.index_fill(1, cols, -1e9)
+    logp, logq = t.log_softmax(-1), s.log_softmax(-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    return kl.mean() * (temperature * temperature)
 
 
 def untrained_positions(batch: dict) -> torch.Tensor:
@@ -377,6 +421,15 @@ class LwF(Method):
     def __init__(self, config: LwFConfig | dict | None = None):
         super().__init__(LwFConfig.model_validate(config or {}))
         self.general_cursor_ = 0
+        self.answer_vocab_: torch.Tensor | None = None
+
+    def on_task_start(self, model, ctx: Context) -> None:
+        """With ``nontarget_alpha``: the task's answer vocabulary, which the non-target term leaves alone."""
+        if not self.config.nontarget_alpha:
+            return
+        ids = sorted({t for e in ctx.task_examples for t in e.labels if t != IGNORE_INDEX})
+        self.answer_vocab_ = torch.tensor(ids, dtype=torch.long)
+        log.info("lwf: the non-target term leaves the %d token ids the task's answers use to the task loss", len(ids))
 
     @property
     def needs_general(self) -> bool:
@@ -404,13 +457,22 @@ class LwF(Method):
         on = c.parts
         terms = {}
         device = next(model.parameters()).device
+        inputs, student, teacher = _forward_inputs(batch), _logits(outputs), None
+        if "task" in on or "inputs" in on or c.nontarget_alpha:
+            student = run_logits(model, inputs) if student is None else student
+            teacher = self._reference(model, inputs, student, ctx)
         if "task" in on:
-            terms["lwf"] = self._distil(model, _forward_inputs(batch), _logits(outputs), ctx)
+            terms["lwf"] = self._distil(model, inputs, student, ctx, teacher=teacher)
         if "replay" in on:
             terms["lwf_replay"] = self._replay_term(model, batch, outputs, ctx)
         if "inputs" in on:
-            terms["lwf_inputs"] = self._distil(model, _forward_inputs(batch), _logits(outputs), ctx,
-                                               mask=untrained_positions(batch))
+            terms["lwf_inputs"] = self._distil(model, inputs, student, ctx, mask=untrained_positions(batch),
+                                               teacher=teacher)
+        if c.nontarget_alpha and batch.get("labels") is not None:
+            flags = batch.get("is_replay")
+            task_rows = None if flags is None else ~flags.bool()
+            terms["lwf_nontarget"] = c.nontarget_alpha * nontarget_kl(student, teacher, batch["labels"], task_rows,
+                                                                      c.temperature, self.answer_vocab_)
         if "general" in on:
             gb = self.general_batch(ctx)
             if gb is None:
@@ -420,21 +482,31 @@ class LwF(Method):
                                                 alpha=c.general_alpha)
         return terms
 
-    def _distil(self, model, inputs: dict, student: torch.Tensor | None, ctx: Context,
-                mask: torch.Tensor | None = None, same: bool = True, alpha: float | None = None) -> torch.Tensor:
-        """``α · lwf_kl`` of the student's logits (the ones given, else a forward of ``inputs``)
-        against the teacher's on ``inputs``, over ``mask`` (default: the non-padding positions).
-        ``same``: the student's forward ran exactly ``inputs`` (not a subset of its rows)."""
-        if student is None:
-            student = run_logits(model, inputs)
+    def _reference(self, model, inputs: dict, student: torch.Tensor | None, ctx: Context,
+                   same: bool = True) -> torch.Tensor:
+        """The teacher's logits on ``inputs``; ``same``: the student's forward ran exactly ``inputs``
+        (given as ``student``), so a trunk-sharing reference may start from its activations."""
         ref = self.reference_ = ctx.reference
         if hasattr(ref, "trunk"):  # make_reference's: it may start from the student's activations
-            teacher = ref(model, inputs, student_ran=same and model.training)
-        else:  # any (model, batch) -> logits callable
-            teacher = ref(model, inputs)
+            return ref(model, inputs, student_ran=same and student is not None and model.training)
+        return ref(model, inputs)  # any (model, batch) -> logits callable
+
+    def _distil(self, model, inputs: dict, student: torch.Tensor | None, ctx: Context,
+                mask: torch.Tensor | None = None, same: bool = True, alpha: float | None = None,
+                teacher: torch.Tensor | None = None) -> torch.Tensor:
+        """``α · lwf_kl`` of the student's logits (the ones given, else a forward of ``inputs``)
+        against the teacher's on ``inputs`` (``teacher``, else computed), over ``mask`` (default: the
+        non-padding positions).
+        ``same``: the student's forward ran exactly ``inputs`` (not a subset of its rows)."""
+        ran = student is not None
+        if student is None:
+            student = run_logits(model, inputs)
+        if teacher is None:
+            teacher = self._reference(model, inputs, student, ctx, same=same or not ran)
         if mask is None:
             mask = inputs.get("attention_mask")
-        return (self.config.alpha if alpha is None else alpha) * lwf_kl(student, teacher, mask, self.config.temperature)
+        alpha = self.config.alpha if alpha is None else alpha
+        return alpha * lwf_kl(student, teacher, mask, self.config.temperature)
 
     def _replay_term(self, model, batch: dict, outputs, ctx: Context) -> torch.Tensor:
         flags = batch.get("is_replay")
@@ -451,7 +523,10 @@ class LwF(Method):
 
     def metrics(self) -> dict[str, float]:
         shared = getattr(getattr(self, "reference_", None), "trunk", None)
-        return {} if shared is None else {"teacher_skips_blocks": float(shared.depth)}
+        out = {} if shared is None else {"teacher_skips_blocks": float(shared.depth)}
+        if self.answer_vocab_ is not None:
+            out["nontarget_answer_vocab"] = float(self.answer_vocab_.numel())
+        return out
 
     def state_dict(self) -> dict:
         return {"general_cursor": self.general_cursor_}
