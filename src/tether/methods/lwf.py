@@ -458,7 +458,8 @@ class LwF(Method):
         terms = {}
         device = next(model.parameters()).device
         inputs, student, teacher = _forward_inputs(batch), _logits(outputs), None
-        if "task" in on or "inputs" in on or c.nontarget_alpha:
+        nontarget = bool(c.nontarget_alpha) and batch.get("labels") is not None
+        if "task" in on or "inputs" in on or nontarget:
             student = run_logits(model, inputs) if student is None else student
             teacher = self._reference(model, inputs, student, ctx)
         if "task" in on:
@@ -468,7 +469,7 @@ class LwF(Method):
         if "inputs" in on:
             terms["lwf_inputs"] = self._distil(model, inputs, student, ctx, mask=untrained_positions(batch),
                                                teacher=teacher)
-        if c.nontarget_alpha and batch.get("labels") is not None:
+        if nontarget:
             flags = batch.get("is_replay")
             task_rows = None if flags is None else ~flags.bool()
             terms["lwf_nontarget"] = c.nontarget_alpha * nontarget_kl(student, teacher, batch["labels"], task_rows,
