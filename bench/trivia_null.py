@@ -70,12 +70,10 @@ def drift(model, tok, probe, reference) -> tuple[float, float]:
 
 
 def greedy_right(model, tok, probe) -> list[bool]:
-    from tether.probes.generation import is_correct
+    """Per item, whether ``model`` answers it right: the generation probe's own run."""
     from tether.probes.scorer import Scorer
 
-    preds = Scorer(model, tok).generate(probe._ids(tok), max_new_tokens=probe.opts["max_new_tokens"],
-                                        stop=probe.opts["stop"])
-    return [is_correct(p, it["answers"], probe.opts["metric"]) for p, it in zip(preds, probe.items)]
+    return [v > 0 for v in probe.run(Scorer(model, tok)).item_values]
 
 
 def match_scale(model, tok, probe, reference, base_state, deltas, target_kl: float, tol: float = 0.05,

@@ -198,6 +198,14 @@ def lwf_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: tor
     return _DistilKL.apply(student, teacher, rows, weights, float(temperature), chunk) / count
 
 
+def next_labels(labels: torch.Tensor) -> torch.Tensor:
+    """``[B, L]``: at position ``t`` the label of token ``t + 1``, the one its logits predict (``IGNORE_INDEX``
+    at the last position)."""
+    out = torch.full_like(labels, IGNORE_INDEX)
+    out[:, :-1] = labels[:, 1:]
+    return out
+
+
 def nontarget_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                  rows: torch.Tensor | None, temperature: float, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """``T² · mean`` over the positions predicting a target token of ``rows`` (every row when ``None``)
@@ -206,15 +214,13 @@ def nontarget_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     gradient: the term is blind to how sure the model is of the answer and sees only how it ranks
     the alternatives."""
     vocab = student_logits.shape[-1]
-    predicts = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
-    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    target = next_labels(labels)
+    predicts = target != IGNORE_INDEX
     if rows is not None:
         predicts &= rows.to(labels.device, torch.bool)[:, None]
     idx = predicts.reshape(-1).nonzero().squeeze(-1)
     if idx.numel() == 0:
         return student_logits.sum() * 0.0
-    target = torch.zeros_like(labels)
-    target[:, :-1] = labels[:, 1:]
     target = target.reshape(-1)[idx].to(student_logits.device)[:, None]
     idx = idx.to(student_logits.device)
     s = student_logits.reshape(-1, vocab).index_select(0, idx).float() / temperature
@@ -243,8 +249,7 @@ def untrained_positions(batch: dict) -> torch.Tensor:
     labels = batch.get("labels")
     if labels is None:
         return keep
-    predicts_target = torch.zeros_like(keep)
-    predicts_target[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    predicts_target = next_labels(labels) != IGNORE_INDEX
     flags = batch.get("is_replay")
     if flags is not None:
         predicts_target &= ~flags.to(ids.device)[:, None]
@@ -461,7 +466,7 @@ class LwF(Method):
         nontarget = bool(c.nontarget_alpha) and batch.get("labels") is not None
         if "task" in on or "inputs" in on or nontarget:
             student = run_logits(model, inputs) if student is None else student
-            teacher = self._reference(model, inputs, student, ctx)
+            teacher = self._reference(model, inputs, ctx)
         if "task" in on:
             terms["lwf"] = self._distil(model, inputs, student, ctx, teacher=teacher)
         if "replay" in on:
@@ -483,13 +488,12 @@ class LwF(Method):
                                                 alpha=c.general_alpha)
         return terms
 
-    def _reference(self, model, inputs: dict, student: torch.Tensor | None, ctx: Context,
-                   same: bool = True) -> torch.Tensor:
-        """The teacher's logits on ``inputs``; ``same``: the student's forward ran exactly ``inputs``
-        (given as ``student``), so a trunk-sharing reference may start from its activations."""
+    def _reference(self, model, inputs: dict, ctx: Context, same: bool = True) -> torch.Tensor:
+        """The teacher's logits on ``inputs``, called right after the student's forward; ``same``: that
+        forward ran exactly ``inputs``, so a trunk-sharing reference may start from its activations."""
         ref = self.reference_ = ctx.reference
         if hasattr(ref, "trunk"):  # make_reference's: it may start from the student's activations
-            return ref(model, inputs, student_ran=same and student is not None and model.training)
+            return ref(model, inputs, student_ran=same and model.training)
         return ref(model, inputs)  # any (model, batch) -> logits callable
 
     def _distil(self, model, inputs: dict, student: torch.Tensor | None, ctx: Context,
@@ -503,7 +507,7 @@ class LwF(Method):
         if student is None:
             student = run_logits(model, inputs)
         if teacher is None:
-            teacher = self._reference(model, inputs, student, ctx, same=same or not ran)
+            teacher = self._reference(model, inputs, ctx, same=same or not ran)
         if mask is None:
             mask = inputs.get("attention_mask")
         alpha = self.config.alpha if alpha is None else alpha
