@@ -56,8 +56,11 @@ def test_eval_one_model_and_compare(tmp_path, tiny_model_dir, perturbed_dir, tin
     r = invoke("eval", "--base", tiny_model_dir, "--tuned", perturbed_dir, "--suite", tiny_suite, "-o", worse)
     assert r.exit_code == 0, r.output
     rep = json.loads(worse.read_text())
-    drift = {p["probe"]: p for p in rep["probes"]}["drift"]
+    probes = {p["probe"]: p for p in rep["probes"]}
+    drift, gen = probes["drift"], probes["sums_gen"]
     assert drift["verdict"] == "forgot" and rep["summary"]["forgetting"] and "FORGETTING" in r.output
+    assert [len(gen["flipped"][k]) for k in ("lost", "gained")] == [gen["flips"]["lost"], gen["flips"]["gained"]]
+    assert all({"id", "base", "tuned"} <= set(it) for it in gen["flipped"]["lost"] + gen["flipped"]["gained"])
     r = invoke("report", worse)
     assert r.exit_code == 0 and (tmp_path / "worse.html").exists()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tether.probes.base import ProbeResult
-from tether.report.compare import compare_results, comparison_json, render_comparison, verdict_for
+from tether.report.compare import compare_results, comparison_json, render_comparison, render_flipped, verdict_for
 
 
 def res(values, weights=None, hib=True, name="p"):
@@ -45,6 +45,41 @@ def test_clear_drop_flagged_for_both_directions():
     c = compare_results([res(lb, w, hib=False)], [res(lt, w, hib=False)])[0]
     assert c.verdict == "forgot" and c.drop == pytest.approx(0.3) and c.rel_change == pytest.approx(0.3)
     assert c.flips is None  # a loss has no right/wrong items
+
+
+def test_flipped_items_are_named_with_both_answers():
+    base, tuned = res([1.0, 0.0, 1.0, 0.0, 1.0]), res([0.0, 1.0, 1.0, 0.0, 0.0])
+    for r in (base, tuned):
+        r.item_ids = ["a", "b", "c", "d", "e"]
+    c = compare_results([base], [tuned])[0]
+    assert c.flips == {"lost": 2, "gained": 1}
+    assert c.flipped == {"lost": [{"id": "a"}, {"id": "e"}], "gained": [{"id": "b"}]}
+    assert render_flipped([c]) is None  # nothing generated: ids only, in the JSON
+    base.item_outputs = ["Paris", "no", "4", "x", "Rome " * 40]
+    tuned.item_outputs = ["positive", "blue", "4", "y", "negative"]
+    c = compare_results([base], [tuned])[0]
+    assert c.flipped["lost"] == [{"id": "a", "base": "Paris", "tuned": "positive"},
+                                 {"id": "e", "base": "Rome " * 40, "tuned": "negative"}]
+    assert c.flipped["gained"] == [{"id": "b", "base": "no", "tuned": "blue"}]
+    assert comparison_json([c], 0.05, {})["probes"][0]["flipped"] == c.flipped
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(render_flipped([c], limit=1))
+    text = console.export_text()
+    assert "Paris" in text and "positive" in text and "negative" not in text  # one per probe
+    # items named differently (or not at all, e.g. results written before ids) are counted, not listed
+    tuned.item_ids = ["a", "b", "c", "d", "z"]
+    c = compare_results([base], [tuned])[0]
+    assert c.flips == {"lost": 2, "gained": 1} and c.flipped is None
+    old = base.to_dict()
+    for key in ("item_ids", "item_outputs"):
+        old.pop(key)
+    assert ProbeResult.from_dict(old).item_ids == []
+    # weighted or graded probes have no right/wrong items to name
+    loss = res([2.0, 2.5], [1.0, 1.0], hib=False)
+    loss.item_ids = ["a", "b"]
+    assert compare_results([loss], [loss])[0].flipped is None
 
 
 def test_mismatched_items_rejected_and_json_table():

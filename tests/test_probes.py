@@ -96,6 +96,7 @@ def test_multiple_choice_matches_manual_loglikelihoods(tiny_model, tokenizer):
     assert result.extra["acc"] == pytest.approx(sum(acc) / len(acc))
     result_acc = MultipleChoiceProbe("mc", MC_ITEMS, primary="acc").run(scorer)
     assert result_acc.item_values == acc and result_acc.metric == "acc"
+    assert result.item_ids == [str(i + 1) for i in range(len(MC_ITEMS))] and result.item_outputs == []
 
 
 class FakeScorer:
@@ -172,6 +173,12 @@ def test_generation_scores_fake_predictions(tokenizer):
     contains = GenerationProbe("gen", GEN_ITEMS, metric="contains").run(fake)
     assert contains.item_values == [1.0, 1.0, 0.0] and contains.metric == "contains"
     assert contains.samples[1]["prediction"] == "The answer is four"
+    # every item's answer is kept (samples hold only the first few) and items are named: their
+    # "id" field where they have one, else their 1-based position
+    assert contains.item_outputs == preds and contains.item_ids == ["1", "2", "3"]
+    named = GenerationProbe("gen", [dict(it, id=f"q{i}") for i, it in enumerate(GEN_ITEMS)]).run(fake)
+    assert named.item_ids == ["q0", "q1", "q2"]
+    assert "item_outputs" not in named.to_dict(with_items=False)
 
 
 def test_generation_uses_chat_template_for_messages(tiny_model, tokenizer):

@@ -30,7 +30,9 @@ EXPECT = {  # fixture -> (kinds, plot files, text the page must show)
                       ["No summary.json", "1 unreadable JSONL line", "v-adapt", "adapt every 20",
                        "lr_factor 0.5, replay_ratio 0.3"]),
     "eval": (["eval"], ["eval_probes"], ["HuggingFaceTB/SmolLM2-135M-Instruct", "v-forgot", "raw probe scores",
-                                      "<td>3 / 2</td>", "<td>prob</td>", "<td>-0.6%</td>"]),
+                                      "<td>3 / 2</td>", "<td>prob</td>", "<td>-0.6%</td>",
+                                      "arc_easy: 3 items lost, 2 gained", "<td>ARC-Easy/17</td>",
+                                      "trivia: 1 items lost, 0 gained", "<th>base answer</th>", "<td>positive</td>"]),
     "continual": (["continual"], ["continual_matrix", "continual_general"], ["backward transfer", "-0.045"]),
     "interpolate": (["interpolate"], ["interpolation"], ["chosen alpha", '<tr class="hl"><td>0.7</td>']),
     "diagnose": (["diagnose"], ["layer_drift"], ["0.0421", "Freeze blocks 0-17", "q_proj"]),
@@ -134,6 +136,7 @@ def test_all_run_text_is_escaped(tmp_path):
     report["meta"]["tuned"] = evil
     report["probes"][0]["probe"] = evil
     report["probes"][0]["verdict"] = '"><script>x</script>'
+    report["probes"][-1]["flipped"]["lost"][0]["tuned"] = evil
     (tmp_path / "report.json").write_text(json.dumps(report))
     page = write_report(tmp_path).read_text(encoding="utf-8")
     assert "<script" not in page and "<img" not in page

@@ -48,7 +48,7 @@ def eval_cmd(
 ) -> None:
     """Score a model on general probes, or compare a tuned model with its base (`--base M0 --tuned M1`)."""
     from . import api
-    from .report.compare import render_comparison, render_results
+    from .report.compare import render_comparison, render_flipped, render_results
 
     if (model is None) == (base is None and tuned is None) or (base is None) != (tuned is None):
         _fail(ValueError("give either --model, or both --base and --tuned"))
@@ -61,6 +61,9 @@ def eval_cmd(
                                  batch_size=batch_size, output=output, drift_threshold=drift_threshold)
             _console().print(render_comparison(report["comparisons"], threshold,
                                                title=f"Forgetting report: {tuned} vs {base}"))
+            lost = render_flipped(report["comparisons"])
+            if lost is not None:
+                _console().print(lost)
             s = report["summary"]
             verdict = f"FORGETTING on {', '.join(s['forgot_probes'])}" if s["forgetting"] else "no forgetting detected"
             _console().print(f"[bold]{verdict}[/] (threshold {threshold:.0%} relative)")
@@ -83,7 +86,7 @@ def train_cmd(
 ) -> None:
     """Fine-tune on a task while the guard watches the general probes."""
     from . import api
-    from .report.compare import render_comparison
+    from .report.compare import render_comparison, render_flipped
 
     fields: dict = {}
     if task:
@@ -106,6 +109,9 @@ def train_cmd(
     comps = [ProbeComparison(**p) for p in s["probes"]]
     title = f"General probes after {s['steps']} steps"
     _console().print(render_comparison(comps, s["general"]["threshold"], title=title))
+    lost = render_flipped(comps)
+    if lost is not None:
+        _console().print(lost)
     task_s = s["task"]
     if task_s["base"] is not None:
         _console().print(f"task score: {task_s['base']:.3f} -> {task_s['final']:.3f}")

@@ -38,11 +38,15 @@ class ProbeResult:
     samples: list[dict] = field(default_factory=list)  # a few model outputs to show in reports
     # per-item values of secondary metrics (same items, weights 1): compared with a paired CI too
     item_extra: dict[str, list[float]] = field(default_factory=dict)
+    # what names each item in a report of lost/gained items: the item's "id" field, else its
+    # 1-based position in the probe; and for generation probes the model's answer to each item
+    item_ids: list[str] = field(default_factory=list)
+    item_outputs: list[str] = field(default_factory=list)
 
     def to_dict(self, with_items: bool = True) -> dict[str, Any]:
         d = asdict(self)
         if not with_items:
-            for key in ("item_values", "item_weights", "item_extra"):
+            for key in ("item_values", "item_weights", "item_extra", "item_ids", "item_outputs"):
                 d.pop(key)
         return d
 

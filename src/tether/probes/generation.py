@@ -113,6 +113,7 @@ class GenerationProbe(Probe):
         values = [float(is_correct(p, it["answers"], metric)) for p, it in zip(preds, self.items)]
         samples = [{"prompt": it["prompt"], "prediction": p, "answers": it["answers"], "correct": bool(v)}
                    for it, p, v in list(zip(self.items, preds, values))[: self.opts["n_samples"]]]
-        result = probe_result(self, values, metric=metric, samples=samples, n_boot=self.opts["n_boot"])
+        result = probe_result(self, values, metric=metric, samples=samples, n_boot=self.opts["n_boot"],
+                              item_outputs=preds)
         result.seconds = time.perf_counter() - t0
         return result

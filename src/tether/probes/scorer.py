@@ -464,8 +464,8 @@ class Scorer:
         cfg.update(do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
                    max_new_tokens=max_new_tokens, pad_token_id=self.pad_id)
         eos = self._eos_ids()
-        if cfg.eos_token_id is None:
-            cfg.eos_token_id = self.tokenizer.eos_token_id
+        if cfg.eos_token_id is None and eos:  # the tokenizer's EOS, the fallback `_eos_ids` took
+            cfg.eos_token_id = sorted(eos)
         if stop:
             cfg.stop_strings = list(stop)
         return cfg, eos
@@ -475,4 +475,4 @@ class Scorer:
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id
-        return set(eos if isinstance(eos, list) else [eos])
+        return {e for e in (eos if isinstance(eos, list) else [eos]) if e is not None}

@@ -127,10 +127,12 @@ def paired_relative_change(base_vals: Sequence[float], base_w: Sequence[float] |
 def probe_result(probe, values: Sequence[float], weights: Sequence[float] | None = None, *,
                  metric: str | None = None, extra: dict[str, float] | None = None,
                  samples: list[dict] | None = None, seconds: float = 0.0, n_boot: int = 1000,
-                 item_extra: dict[str, Sequence[float]] | None = None):
+                 item_extra: dict[str, Sequence[float]] | None = None,
+                 item_outputs: Sequence[str] | None = None):
     """Reduce a probe's per-item values to a `ProbeResult` (score + bootstrap CI, items kept).
 
     ``item_extra`` holds per-item values of secondary metrics; their means join ``extra``.
+    ``item_outputs``: the model's answer per item, where it wrote one (generation).
     """
     from .base import ProbeResult
 
@@ -144,8 +146,17 @@ def probe_result(probe, values: Sequence[float], weights: Sequence[float] | None
                                    for k, v in (item_extra or {}).items()}},
         item_extra={k: [float(x) for x in v] for k, v in (item_extra or {}).items()},
         sources=list(probe.sources), shares_source_with_replay=probe.shares_source_with_replay,
-        seconds=seconds, samples=list(samples or []),
+        seconds=seconds, samples=list(samples or []), item_ids=item_ids(probe.items, len(values)),
+        item_outputs=list(item_outputs or []),
     )
+
+
+def item_ids(items: Sequence[dict], n: int) -> list[str]:
+    """Each item's ``id`` field, else its 1-based position; none when items and values do not pair."""
+    if len(items) != n:
+        return []
+    return [str(it["id"]) if isinstance(it, dict) and it.get("id") is not None else str(i + 1)
+            for i, it in enumerate(items)]
 
 
 def check_options(probe, defaults: dict) -> dict:

@@ -47,6 +47,9 @@ class ProbeComparison:
     # right/wrong probes: items the base got right and the tuned model wrong, and the reverse. On
     # a few hundred items a model that moved at all flips some either way; the net is the change
     flips: dict[str, int] | None = None
+    # which items flipped, to read rather than count: {"lost": [...], "gained": [...]}, each item its
+    # id and, for generation probes, the base's and the tuned model's answers
+    flipped: dict[str, list[dict[str, str]]] | None = None
 
 
 def verdict_for(drop: float, drop_ci: tuple[float, float], threshold: float) -> str:
@@ -87,7 +90,7 @@ def compare_results(base: list[ProbeResult], tuned: list[ProbeResult], *, thresh
             drop=ch["drop"], verdict=verdict_for(ch["drop"], drop_ci, bound),
             shares_source_with_replay=t.shares_source_with_replay,
             extra={"base": b.extra, "tuned": t.extra}, threshold=bound, kind=t.kind,
-            secondary=_secondary(b, t, n_boot=n_boot, seed=seed), flips=_flips(b, t),
+            secondary=_secondary(b, t, n_boot=n_boot, seed=seed), flips=_flips(b, t), flipped=_flipped(b, t),
         ))
     return out
 
@@ -98,6 +101,21 @@ def _flips(b: ProbeResult, t: ProbeResult) -> dict[str, int] | None:
     pairs = list(zip(b.item_values, t.item_values))
     return {"lost": sum(x == 1.0 and y == 0.0 for x, y in pairs),
             "gained": sum(x == 0.0 and y == 1.0 for x, y in pairs)}
+
+
+def _flipped(b: ProbeResult, t: ProbeResult) -> dict[str, list[dict[str, str]]] | None:
+    """The lost and gained items by name (ids only when both runs named the same items)."""
+    if _flips(b, t) is None or not b.item_ids or b.item_ids != t.item_ids:
+        return None
+    answers = len(b.item_outputs) == len(t.item_outputs) == len(b.item_ids)
+    out: dict[str, list[dict[str, str]]] = {"lost": [], "gained": []}
+    for i, (x, y) in enumerate(zip(b.item_values, t.item_values)):
+        if x != y:
+            item = {"id": b.item_ids[i]}
+            if answers:
+                item.update(base=b.item_outputs[i], tuned=t.item_outputs[i])
+            out["lost" if x > y else "gained"].append(item)
+    return out
 
 
 def _secondary(b: ProbeResult, t: ProbeResult, *, n_boot: int, seed: int) -> dict[str, dict[str, float]]:
@@ -155,6 +173,28 @@ def render_comparison(comparisons: list[ProbeComparison], threshold: float, titl
             table.add_row("", "prob", str(c.n), f"{p['base']:.4g}", f"{p['tuned']:.4g}", f"{p['rel_change']:+.1%}",
                           f"[{p['ci_low']:+.1%}, {p['ci_high']:+.1%}]", "", "")
     return table
+
+
+def render_flipped(comparisons: list[ProbeComparison], limit: int = 5):
+    """The first ``limit`` lost items of each generation probe, base answer beside tuned: a collapse
+    into the task's format shows in the answers themselves. None when no probe lost a generated item."""
+    from rich.table import Table
+
+    rows = [(c.probe, it) for c in comparisons if c.flipped
+            for it in c.flipped["lost"][:limit] if "base" in it]
+    if not rows:
+        return None
+    table = Table(title=f"Lost items (first {limit} per generation probe; all in the JSON report)")
+    for col in ("probe", "item", "base answer", "tuned answer"):
+        table.add_column(col, overflow="fold")
+    for probe, it in rows:
+        table.add_row(probe, it["id"], _one_line(it["base"]), _one_line(it["tuned"]))
+    return table
+
+
+def _one_line(text: str, n: int = 80) -> str:
+    t = " ".join(text.split())
+    return t if len(t) <= n else t[: n - 1] + "…"
 
 
 def render_results(results: list[ProbeResult], title: str = "General probes"):

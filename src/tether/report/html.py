@@ -197,6 +197,28 @@ def _flips(flips: dict | None) -> str:
     return f"{flips['lost']} / {flips['gained']}" if flips else ""
 
 
+def _flipped_items(rows: list[dict]) -> str:
+    """Per right/wrong probe, a folded list of the items lost and gained, with both answers where
+    the probe generated them: whether the losses share a cause is read here, not in a count."""
+    out = []
+    for r in rows:
+        f = r.get("flipped") or {}
+        if not (f.get("lost") or f.get("gained")):
+            continue
+        answers = any("base" in it for it in f.get("lost", []) + f.get("gained", []))
+        head = ["", "item"] + (["base answer", "tuned answer"] if answers else [])
+        body = [[way, escape(it["id"])] + ([_short(it.get("base")), _short(it.get("tuned"))] if answers else [])
+                for way in ("lost", "gained") for it in f.get(way, [])]
+        out.append(f"<details><summary>{escape(str(r.get('probe')))}: {len(f.get('lost', []))} items lost, "
+                   f"{len(f.get('gained', []))} gained</summary>{_table(head, body)}</details>")
+    return "".join(out)
+
+
+def _short(text: Any, n: int = 160) -> str:
+    t = " ".join(str(text or "").split())
+    return escape(t if len(t) <= n else t[: n - 1] + "…")
+
+
 def _results_table(results: list[dict]) -> str:
     return _table(["probe", "kind", "metric", "n", "score", "95% CI", "seconds"], [
         [_probe_name(r, "name"), escape(str(r.get("kind"))), escape(str(r.get("metric"))), _fmt(r.get("n")),
@@ -261,7 +283,7 @@ def _train(t: dict, recipe: dict, pd: Path) -> str:
     out.append(_figure(pd, "train_loss", plots.training_curves(t["metrics"]),
                        "Loss, learning rate and gradient norm per logged step"))
     if s.get("probes"):
-        out += ["<h3>General probes: base vs tuned</h3>", _comparison_table(s["probes"]),
+        out += ["<h3>General probes: base vs tuned</h3>", _comparison_table(s["probes"]), _flipped_items(s["probes"]),
                 _figure(pd, "train_probes", plots.probe_changes(s["probes"], thr), "Relative drop per probe, 95% CI")]
     elif (t.get("base") or {}).get("general"):
         out.append("<h3>Base model probe scores</h3>" + _results_table(t["base"]["general"]))
@@ -276,7 +298,7 @@ def _eval(r: dict, pd: Path) -> str:
     cards = [(k, escape(str(meta.get(k, "—")))) for k in ("base", "tuned", "suite")]
     out = ['<section id="eval"><h2>Forgetting report</h2>', _cards(cards + [
         ("threshold", _fmt(thr, ".0%")), ("seconds", _fmt(meta.get("seconds"), ".0f"))] + _forgetting_cards(summ)),
-        _comparison_table(rows), _figure(pd, "eval_probes", plots.probe_changes(rows, thr),
+        _comparison_table(rows), _flipped_items(rows), _figure(pd, "eval_probes", plots.probe_changes(rows, thr),
                                          "Relative drop per probe, 95% CI (paired bootstrap)")]
     for key, title in (("base_results", "Base model"), ("tuned_results", "Tuned model")):
         if r.get(key):
