@@ -255,6 +255,8 @@ def main() -> None:
     before = load_recipe(None, overrides=["replay.mode=replace", "freeze=false", "lora.init=default",
                                           "lwf.on=replay", *r16]).methods
     configs = {**CONFIGS, "default recipe's methods": default,
+               # without LwF's non-target term at the task's answers (added in session 19)
+               "default recipe of session 17's methods": load_recipe(None, overrides=["lwf.nontarget_alpha=0"]).methods,
                "default recipe of session 16's methods": load_recipe(None, overrides=r16).methods,
                # LwF on the replay rows only, as until session 15 (the default distils every untrained position)
                "default recipe of session 15's methods": load_recipe(None, overrides=["lwf.on=replay", *r16]).methods,

@@ -171,6 +171,26 @@ def test_sharing_stays_off_where_it_would_not_be_exact(tmp_path, tiny_model_dir,
     assert not any("prefix_saved" in x for x in logs)
 
 
+def test_with_dropout_only_the_teachers_forward_shares(tmp_path, tiny_model_dir, tiny_task, tiny_suite, caplog):
+    """LoRA dropout keeps the student's rows whole; LwF's teacher runs in eval mode (no dropout), so
+    its forward still runs each shared prefix once, and the run trains exactly as one without."""
+    methods = {"lora": {"r": 4, "dropout": 0.1}, "lwf": {"on": "task"}}
+    with caplog.at_level(logging.INFO, logger="tether"):
+        on, logs_on = _train(tmp_path, tiny_model_dir, tiny_task, tiny_suite, True, methods, "on")
+    assert "shared prefix: off (dropout is on" in caplog.text
+    assert "shared prefix: on for the reference model's forwards only" in caplog.text
+    off, logs_off = _train(tmp_path, tiny_model_dir, tiny_task, tiny_suite, False, methods, "off")
+    assert all(x["teacher_prefix_saved"] > 0.2 for x in logs_on) and not any("prefix_saved" in x for x in logs_on)
+    assert not any("teacher_prefix_saved" in x for x in logs_off)
+    for a, b in zip(logs_on, logs_off, strict=True):  # dropout draws the same masks: the teacher uses no RNG
+        for k in ("loss", "lwf"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+    p_on, p_off = dict(on.model.named_parameters()), dict(off.model.named_parameters())
+    for n, p in p_off.items():
+        if p.requires_grad:
+            assert torch.allclose(p_on[n], p, atol=1e-5), n
+
+
 class RefusesCache(IgnoresCache):
     """A model whose forward raises when handed a cache (another cache class, say)."""
 

@@ -466,7 +466,7 @@ class LwF(Method):
         nontarget = bool(c.nontarget_alpha) and batch.get("labels") is not None
         if "task" in on or "inputs" in on or nontarget:
             student = run_logits(model, inputs) if student is None else student
-            teacher = self._reference(model, inputs, ctx)
+            teacher = self._batch_teacher(model, inputs, batch, ctx)
         if "task" in on:
             terms["lwf"] = self._distil(model, inputs, student, ctx, teacher=teacher)
         if "replay" in on:
@@ -487,6 +487,15 @@ class LwF(Method):
             terms["lwf_general"] = self._distil(model, _regrouped(gb, "prefix_groups" in batch), None, ctx,
                                                 alpha=c.general_alpha)
         return terms
+
+    def _batch_teacher(self, model, inputs: dict, batch: dict, ctx: Context) -> torch.Tensor:
+        """The teacher's logits on the whole batch. Where the student ran its rows whole only because of
+        dropout, the teacher (eval mode) runs each shared prefix once (the trainer's
+        ``teacher_prefix_groups``); it then cannot start from the student's activations."""
+        groups = batch.get("teacher_prefix_groups")
+        if groups and "prefix_groups" not in inputs:
+            return self._reference(model, {**inputs, "prefix_groups": groups}, ctx, same=False)
+        return self._reference(model, inputs, ctx)
 
     def _reference(self, model, inputs: dict, ctx: Context, same: bool = True) -> torch.Tensor:
         """The teacher's logits on ``inputs``, called right after the student's forward; ``same``: that

@@ -19,7 +19,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import prefix
-from ..methods.base import Context, Method, example_nll
+from ..methods.base import Context, Method, eval_mode, example_nll
 
 log = logging.getLogger("tether")
 
@@ -34,7 +34,9 @@ class TetherTrainer(Trainer):
             once per batch (`tether.prefix`), where that is exact: no dropout, no gradient
             checkpointing, one process. ``None``: only on a CPU, where it was measured (on a GPU a
             small model's step is bound by kernel launches, which the extra forward calls add to).
-            Methods see the grouping as ``batch["prefix_groups"]``.
+            Methods see the grouping as ``batch["prefix_groups"]``. Where only dropout keeps the
+            student's rows whole, a reference model's forward (eval mode: no dropout) may still share:
+            methods with a reference see that grouping as ``batch["teacher_prefix_groups"]``.
     """
 
     def __init__(self, *args: Any, methods: dict[str, Method], context: Context, share_prefix: bool | None = None,
@@ -109,6 +111,10 @@ class TetherTrainer(Trainer):
         seen = inputs if is_replay is None else {**inputs, "is_replay": is_replay, "replay_index": replay_index}
         weights = self._example_weights(seen, ctx)
         groups = self._prefix_groups(model, inputs, is_replay)
+        if groups is None and ctx.reference is not None:
+            teacher_groups = self._teacher_prefix_groups(model, inputs, is_replay)
+            if teacher_groups is not None:
+                seen = {**seen, "teacher_prefix_groups": teacher_groups}
         nll = None  # per-example (NLL sum, target count), when the loss is computed here
         scaled = self._loss_already_scaled(num_items_in_batch)
         if weights is None and groups is None:
@@ -149,7 +155,8 @@ class TetherTrainer(Trainer):
         state = self._prefix
         if state.get("model") is not model:
             state.clear()
-            state.update(model=model, keyword=prefix.cache_keyword(model), why=self._why_not_share(model))
+            state.update(model=model, keyword=prefix.cache_keyword(model), why=self._why_not_share(model),
+                         teacher_why=self._why_not_share(model, dropout=False))
             if state["why"]:
                 log.info("shared prefix: off (%s)", state["why"])
         if state["why"]:
@@ -173,7 +180,7 @@ class TetherTrainer(Trainer):
                 why = f"its cached forward failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
                 agrees = False
             if not agrees:
-                state["why"] = why
+                state["why"] = state["teacher_why"] = why
                 log.info("shared prefix: off (%s)", why)
                 return None
             log.info("shared prefix: on; first batch: %s", ", ".join(
@@ -181,8 +188,37 @@ class TetherTrainer(Trainer):
         self._add("prefix_saved", torch.tensor(1.0 - prefix.positions(groups) / ids.numel()))
         return groups
 
-    def _why_not_share(self, model) -> str | None:
-        """Why sharing a prefix would not be exact (or not possible) for this model in this run, or None."""
+    def _teacher_prefix_groups(self, model, inputs: dict, is_replay) -> list[prefix.Group] | None:
+        """Where only dropout keeps the student's rows whole: this batch's `prefix.plan` for forwards of
+        the model in eval mode (LwF's teacher), which dropout does not touch; else None."""
+        state = self._prefix
+        if self.share_prefix is False or not state.get("why") or state.get("teacher_why"):
+            return None  # the student shares (its groups serve the teacher too), or neither may
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        groups = prefix.plan(ids, mask, is_replay)
+        if not prefix.saves(groups, ids.shape[1]):
+            return None
+        if not state.get("teacher_checked"):  # once per model, in eval mode: no dropout, as the teacher runs
+            state["teacher_checked"] = True
+            try:
+                with eval_mode(list(model.modules())), native_forward(model), \
+                        torch.autocast(ids.device.type, enabled=False):
+                    agrees = prefix.agrees(model, ids, mask, groups, state["keyword"])
+                why = "its cached forward differs from the plain one"
+            except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError) as e:
+                agrees, why = False, f"its cached forward failed: {type(e).__name__}"
+            if not agrees:
+                state["teacher_why"] = why
+                log.info("shared prefix: off for the reference model's forwards too (%s)", why)
+                return None
+            log.info("shared prefix: on for the reference model's forwards only (the student's rows run whole: %s)",
+                     state["why"])
+        self._add("teacher_prefix_saved", torch.tensor(1.0 - prefix.positions(groups) / ids.numel()))
+        return groups
+
+    def _why_not_share(self, model, dropout: bool = True) -> str | None:
+        """Why sharing a prefix would not be exact (or not possible) for this model in this run, or None.
+        ``dropout=False``: for forwards in eval mode, which dropout does not touch."""
         a = self.args
         device = next(model.parameters()).device
         if self.share_prefix is None and device.type != "cpu":
@@ -196,6 +232,8 @@ class TetherTrainer(Trainer):
             return "a distributed run: every process runs its rows whole"
         if self.label_smoother is not None or self.compute_loss_func is not None:
             return "a custom loss"
+        if not dropout:
+            return None
         if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
             return "dropout is on: one mask would serve every row's prefix"
         config = getattr(model, "config", None)
