@@ -200,27 +200,37 @@ class RefusesCache(IgnoresCache):
         return self.inner(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
 
-@pytest.mark.parametrize("wrapper,reason", [(IgnoresCache, "shared prefix: off (its cached forward"),
-                                            (RefusesCache, "shared prefix: off (its cached forward failed: "
-                                                           "NotImplementedError: no prefix cache")])
-def test_trainer_trains_plainly_a_model_whose_cached_forward_is_wrong_or_fails(tmp_path, caplog, wrapper, reason):
+@pytest.mark.parametrize("wrapper,reason,dropout", [
+    (IgnoresCache, "shared prefix: off (its cached forward", False),
+    (RefusesCache, "shared prefix: off (its cached forward failed: NotImplementedError: no prefix cache", False),
+    # dropout keeps the student's rows whole; the reference's forwards (eval mode) are checked on their own
+    (IgnoresCache, "shared prefix: off for the reference model's forwards too (its cached forward", True),
+    (RefusesCache, "shared prefix: off for the reference model's forwards too (its cached forward failed: "
+                   "NotImplementedError", True),
+])
+def test_trainer_trains_plainly_a_model_whose_cached_forward_is_wrong_or_fails(tmp_path, caplog, wrapper, reason,
+                                                                                dropout):
     from tether.config import TrainingSpec
     from tether.data.collate import Collator
     from tether.methods.base import Context
     from tether.training.trainer import TetherTrainer, training_arguments
 
     model = wrapper(make_tiny_llama(128)).train()
+    if dropout:
+        model.drop = torch.nn.Dropout(0.1)  # counted by the trainer, never run
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": (ids := PRE + torch.randint(3, 128, (n,), generator=g).tolist()), "labels": ids}
             for n in (3, 5, 2, 7)]
     spec = TrainingSpec(max_steps=2, batch_size=4, lr=1e-3, logging_steps=1)
     trainer = TetherTrainer(model=model, args=training_arguments(spec, str(tmp_path / "o")), train_dataset=data,
-                            data_collator=Collator(0), methods={}, context=Context())
+                            data_collator=Collator(0), methods={},
+                            context=Context(reference=(lambda m, batch: None) if dropout else None))
     with caplog.at_level(logging.INFO, logger="tether"):
         trainer.train()
     assert reason in caplog.text
-    assert trainer._prefix["why"].startswith("its cached forward")
-    assert not any("prefix_saved" in x for x in trainer.state.log_history)
+    assert trainer._prefix["why"].startswith("dropout is on" if dropout else "its cached forward")
+    assert trainer._prefix["teacher_why"].startswith("its cached forward")
+    assert not any("prefix_saved" in k for x in trainer.state.log_history for k in x)
 
 
 @pytest.mark.parametrize("setting,off", [(None, True), (True, False)])

@@ -169,17 +169,8 @@ class TetherTrainer(Trainer):
             return None
         if not state.get("checked"):  # once per model: the cached forward must give the plain logits
             state["checked"] = True
-            why = "its cached forward differs from the plain one"
-            try:
-                # an architecture property: checked in the weights' own precision, not under mixed
-                # precision's autocast (bf16 rounding alone moves SmolLM2's logits ~9% of their spread)
-                with native_forward(model), torch.autocast(ids.device.type, enabled=False):
-                    agrees = prefix.agrees(model, ids, mask, groups, state["keyword"])
-            except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError) as e:
-                # a model whose forward refuses a prefix cache here (another cache class, say): train it plainly
-                why = f"its cached forward failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-                agrees = False
-            if not agrees:
+            why = self._cached_forward_fails(model, ids, mask, groups)
+            if why:
                 state["why"] = state["teacher_why"] = why
                 log.info("shared prefix: off (%s)", why)
                 return None
@@ -200,14 +191,9 @@ class TetherTrainer(Trainer):
             return None
         if not state.get("teacher_checked"):  # once per model, in eval mode: no dropout, as the teacher runs
             state["teacher_checked"] = True
-            try:
-                with eval_mode(list(model.modules())), native_forward(model), \
-                        torch.autocast(ids.device.type, enabled=False):
-                    agrees = prefix.agrees(model, ids, mask, groups, state["keyword"])
-                why = "its cached forward differs from the plain one"
-            except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError) as e:
-                agrees, why = False, f"its cached forward failed: {type(e).__name__}"
-            if not agrees:
+            with eval_mode(list(model.modules())):
+                why = self._cached_forward_fails(model, ids, mask, groups)
+            if why:
                 state["teacher_why"] = why
                 log.info("shared prefix: off for the reference model's forwards too (%s)", why)
                 return None
@@ -215,6 +201,18 @@ class TetherTrainer(Trainer):
                      state["why"])
         self._add("teacher_prefix_saved", torch.tensor(1.0 - prefix.positions(groups) / ids.numel()))
         return groups
+
+    def _cached_forward_fails(self, model, ids, mask, groups) -> str | None:
+        """Why the grouped forward does not give this model's plain logits on this batch, or None."""
+        try:
+            # an architecture property: checked in the weights' own precision, not under mixed
+            # precision's autocast (bf16 rounding alone moves SmolLM2's logits ~9% of their spread)
+            with native_forward(model), torch.autocast(ids.device.type, enabled=False):
+                agrees = prefix.agrees(model, ids, mask, groups, self._prefix["keyword"])
+        except (TypeError, ValueError, RuntimeError, AttributeError, NotImplementedError) as e:
+            # a model whose forward refuses a prefix cache here (another cache class, say): train it plainly
+            return f"its cached forward failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        return None if agrees else "its cached forward differs from the plain one"
 
     def _why_not_share(self, model, dropout: bool = True) -> str | None:
         """Why sharing a prefix would not be exact (or not possible) for this model in this run, or None.
