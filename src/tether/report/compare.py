@@ -188,12 +188,13 @@ def render_flipped(comparisons: list[ProbeComparison], limit: int = 5):
     for col in ("probe", "item", "base answer", "tuned answer"):
         table.add_column(col, overflow="fold")
     for probe, it in rows:
-        table.add_row(probe, it["id"], _one_line(it["base"]), _one_line(it["tuned"]))
+        table.add_row(probe, it["id"], one_line(it["base"]), one_line(it["tuned"]))
     return table
 
 
-def _one_line(text: str, n: int = 80) -> str:
-    t = " ".join(text.split())
+def one_line(text: str, n: int = 80) -> str:
+    """``text`` on one line (whitespace collapsed), cut to ``n`` characters with an ellipsis."""
+    t = " ".join(str(text or "").split())
     return t if len(t) <= n else t[: n - 1] + "…"
 
 

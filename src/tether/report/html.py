@@ -17,6 +17,7 @@ from typing import Any
 
 from ..io import write_text
 from . import plots
+from .compare import one_line
 
 KINDS = ("train", "eval", "continual", "interpolate", "diagnose")
 TRAIN_FILES = ("summary.json", "metrics.jsonl", "guard.jsonl", "probes_base.json", "probes_final.json")
@@ -207,16 +208,12 @@ def _flipped_items(rows: list[dict]) -> str:
             continue
         answers = any("base" in it for it in f.get("lost", []) + f.get("gained", []))
         head = ["", "item"] + (["base answer", "tuned answer"] if answers else [])
-        body = [[way, escape(it["id"])] + ([_short(it.get("base")), _short(it.get("tuned"))] if answers else [])
+        texts = ("base", "tuned") if answers else ()
+        body = [[way, escape(it["id"]), *(escape(one_line(it.get(k), 160)) for k in texts)]
                 for way in ("lost", "gained") for it in f.get(way, [])]
         out.append(f"<details><summary>{escape(str(r.get('probe')))}: {len(f.get('lost', []))} items lost, "
                    f"{len(f.get('gained', []))} gained</summary>{_table(head, body)}</details>")
     return "".join(out)
-
-
-def _short(text: Any, n: int = 160) -> str:
-    t = " ".join(str(text or "").split())
-    return escape(t if len(t) <= n else t[: n - 1] + "…")
 
 
 def _results_table(results: list[dict]) -> str:
