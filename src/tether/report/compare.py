@@ -95,8 +95,13 @@ def compare_results(base: list[ProbeResult], tuned: list[ProbeResult], *, thresh
     return out
 
 
+def _right_wrong(b: ProbeResult, t: ProbeResult) -> bool:
+    """Whether every item of both runs is right (1) or wrong (0), unweighted: items can flip."""
+    return b.item_weights is None and {*b.item_values, *t.item_values} <= {0.0, 1.0}
+
+
 def _flips(b: ProbeResult, t: ProbeResult) -> dict[str, int] | None:
-    if b.item_weights is not None or not {*b.item_values, *t.item_values} <= {0.0, 1.0}:
+    if not _right_wrong(b, t):
         return None
     pairs = list(zip(b.item_values, t.item_values))
     return {"lost": sum(x == 1.0 and y == 0.0 for x, y in pairs),
@@ -105,7 +110,7 @@ def _flips(b: ProbeResult, t: ProbeResult) -> dict[str, int] | None:
 
 def _flipped(b: ProbeResult, t: ProbeResult) -> dict[str, list[dict[str, str]]] | None:
     """The lost and gained items by name (ids only when both runs named the same items)."""
-    if _flips(b, t) is None or not b.item_ids or b.item_ids != t.item_ids:
+    if not _right_wrong(b, t) or not b.item_ids or b.item_ids != t.item_ids:
         return None
     answers = len(b.item_outputs) == len(t.item_outputs) == len(b.item_ids)
     out: dict[str, list[dict[str, str]]] = {"lost": [], "gained": []}
