@@ -69,7 +69,7 @@ def main() -> None:
     from tether.io import write_json
     from tether.training.continual import run_continual
 
-    ensure_pack("general-v1")
+    ensure_pack("general-v2")
     tasks = [{"name": label, "train": str(ensure_task(n) / "train.jsonl"), "eval": str(ensure_task(n) / "eval.jsonl"),
               "max_new_tokens": k} for label, (n, k) in TASKS.items()]
     console = Console()

@@ -116,8 +116,8 @@ SCREEN_SUITE = """name: seeds-screen
 probes:
   - name: drift_prompts
     kind: drift
-    data: pack://general-v1/drift_prompts.jsonl
-    sources: [bigbench]
+    data: pack://general-v2/drift_prompts.jsonl
+    sources: [countryinfo, bsdgames]
     limit: 24
     options: {chat: true}
 replay:
@@ -133,10 +133,10 @@ def screen_suite(runs: Path, sources: list[str] | None) -> Path:
     from tether.data.pack import REPLAY_SOURCES as ALL
     from tether.data.pack import ensure_pack
 
-    replay = "pack://general-v1/replay.jsonl"
+    replay = "pack://general-v2/replay.jsonl"
     name = "seeds-screen.yaml"
     if sources:
-        lines = (ensure_pack("general-v1") / "replay.jsonl").read_text(encoding="utf-8").splitlines()
+        lines = (ensure_pack("general-v2") / "replay.jsonl").read_text(encoding="utf-8").splitlines()
         kept = [ln for ln in lines if json.loads(ln)["source"] in sources]
         replay = (runs / f"replay-{'-'.join(sources)}.jsonl").resolve()  # relative paths read from the suite's folder
         replay.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
@@ -167,7 +167,7 @@ def main() -> None:
     from tether.io import write_json
     from tether.training.run import train
 
-    ensure_pack("general-v1")
+    ensure_pack("general-v2")
     task = ensure_task("fortune-topics")
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     out = Path(args.out)

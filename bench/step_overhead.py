@@ -169,7 +169,7 @@ def main() -> None:
     from tether.training.trainer import TetherTrainer, as_dataset, training_arguments
 
     torch.manual_seed(0)
-    task_dir, pack = ensure_task("fortune-topics"), ensure_pack("general-v1")
+    task_dir, pack = ensure_task("fortune-topics"), ensure_pack("general-v2")
     total = args.steps + args.warmup
     spec = TrainingSpec(max_steps=total, batch_size=args.batch_size, lr=1e-4, logging_steps=10_000, bf16=args.bf16)
     device = "cuda" if torch.cuda.is_available() else "cpu"

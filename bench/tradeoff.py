@@ -124,7 +124,7 @@ def main() -> None:
     from tether.io import write_json
     from tether.training.run import train
 
-    ensure_pack("general-v1")
+    ensure_pack("general-v2")
     task = ensure_task("fortune-topics")
     console = Console()
     results, base = {}, None

@@ -5,8 +5,8 @@ item a tuned model gets right where the base did not, or wrong where the base wa
 first token where the two greedy replies part and reports the base's log-probability margin there (its
 own token over the tuned model's) and the same margin under the tuned model. A margin of a few hundredths
 of a nat is a coin toss any weight change can turn; a large margin the tuned model overturned is a
-learnt shift. It also scores each item's gold answer against wrong ones by log-likelihood (for
-qa_wikidata items the relation's other answers, for general_knowledge items BIG-bench's wrong choices),
+learnt shift. It also scores each item's gold answer against wrong ones by log-likelihood (the gold
+answers of other items of the same subset),
 as the whole chat reply and as a `Question: ... Answer:` cloze, to ask whether the model still ranks
 the right answer first. Read that view with care: after a task whose answers are bare labels it rewards
 the label format itself (naive full fine-tuning scores higher on it than the base), so it is reported
@@ -29,27 +29,16 @@ NEAR_TIE = 0.1  # nats: a base margin below this is reported as a near tie
 
 
 def _choices(items: list[dict]) -> list[tuple[list[str], int]]:
-    """Per item, its gold answer among up to 4 wrong ones (seeded by the item id), and the gold index."""
-    from tether.data import sources as S
-    from tether.data.pack import WIKIDATA
-
-    bb = S.bigbench_tasks(["general_knowledge", "qa_wikidata"])
-    pools: dict[str, list[str]] = {}
-    for prefix, _, _ in WIKIDATA:  # the relation's answers, as the pack's filter reads them
-        pools[prefix] = list(dict.fromkeys(
-            e["target"] for e in bb["qa_wikidata"]["examples"]
-            if e["input"].startswith(prefix) and e["input"].endswith(" is") and isinstance(e["target"], str)
-            and len(e["target"].split()) <= 2))
+    """Per item, its gold answer among up to 4 wrong ones, the gold answers of other items of the same
+    subset (seeded by the item id), and the gold index."""
+    by_subset: dict[str, list[str]] = {}
+    for it in items:
+        by_subset.setdefault(it["subset"], []).append(it["answers"][0])
     out = []
     for it in items:
-        task, idx = it["id"].split("/")
-        e = bb[task]["examples"][int(idx)]
         gold = it["answers"][0]
-        if task == "general_knowledge":
-            wrong = [c for c, v in e["target_scores"].items() if v != 1]
-        else:
-            prefix = next(p for p, _, _ in WIKIDATA if e["input"].startswith(p))
-            wrong = [t for t in pools[prefix] if t.lower() != gold.lower()]
+        accepted = {a.lower() for a in it["answers"]}
+        wrong = sorted({a for a in by_subset[it["subset"]] if a.lower() not in accepted})
         rng = random.Random(f"trivia-choices/{it['id']}")
         choices = [gold] + rng.sample(wrong, min(4, len(wrong)))
         rng.shuffle(choices)

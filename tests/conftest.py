@@ -12,6 +12,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def _unit_tests_fetch_nothing(request, monkeypatch):
+    """Only tests marked ``pack`` (integration tests) may build the real probe pack or a built-in task,
+    which fetches packages on a fresh machine; a unit test that reaches for them fails here, warm cache
+    or not, instead of passing on the developer's machine and failing on a new one."""
+    if request.node.get_closest_marker("pack"):
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a unit test reached for the real probe pack or a built-in task: build a fixture "
+                             "inside the test, or mark it `pack` (integration)")
+
+    monkeypatch.setattr("tether.data.pack.ensure_pack", refuse)
+    monkeypatch.setattr("tether.data.pack.build_pack", refuse)
+    monkeypatch.setattr("tether.data.tasks.ensure_task", refuse)
+    monkeypatch.setattr("tether.data.tasks.build_task", refuse)
+    monkeypatch.setattr("tether.data.sources._apt_download", refuse)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """SmolLM2's tokenizer (chat template included), from the embedded package's cached copy."""

@@ -88,6 +88,7 @@ def test_sequence_yaml_with_relative_paths_and_overrides(tmp_path, two_tasks):
         load_sequence(bad)
 
 
+@pytest.mark.pack
 def test_shipped_benchmark_sequence_validates():
     """examples/continual-formats.yaml (the benchmark's sequence) loads, and its task:// data resolves."""
     from pathlib import Path

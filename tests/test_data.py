@@ -129,12 +129,13 @@ def test_text_trains_on_everything_and_truncation(tokenizer):
         encode_record(Record({"prompt": "word " * 40, "completion": "x"}, "f", 3), tokenizer, max_length=8, chat=False)
 
 
+@pytest.mark.pack
 def test_task_and_pack_uris_read_built_in_data():
     """`task://NAME/FILE` and `pack://NAME/FILE` work wherever a data path does (recipes, sequences),
     and a bad one is a one-line DataError naming the URI."""
     rows = read_records("task://stdlib-module/eval.jsonl")
     assert len(rows) == 100 and all(r.data["completion"].startswith("import ") for r in rows)
-    assert read_records("pack://general-v1/replay.jsonl", limit=3)
+    assert read_records("pack://general-v2/replay.jsonl", limit=3)
     with pytest.raises(DataError, match=r"task://nope/train.jsonl: unknown task 'nope'"):
         read_records("task://nope/train.jsonl")
     with pytest.raises(DataError, match=r"no file 'x.jsonl' in task stdlib-module"):

@@ -11,15 +11,15 @@ from tether import models
 
 SMALL_SUITE = """name: pack-small
 probes:
-  - {name: knowledge_mc, kind: multiple_choice, data: pack://general-v1/knowledge_mc.jsonl,
-     sources: [bigbench], limit: 6}
-  - {name: trivia_gen, kind: generation, data: pack://general-v1/trivia_gen.jsonl, sources: [bigbench],
+  - {name: knowledge_mc, kind: multiple_choice, data: pack://general-v2/knowledge_mc.jsonl,
+     sources: [countryinfo, bsdgames], limit: 6}
+  - {name: trivia_gen, kind: generation, data: pack://general-v2/trivia_gen.jsonl, sources: [countryinfo, bsdgames],
      limit: 4, options: {max_new_tokens: 8, metric: contains, chat: true}}
-  - {name: chat_loss, kind: perplexity, data: pack://general-v1/chat_loss.jsonl, sources: [chatterbot],
+  - {name: chat_loss, kind: perplexity, data: pack://general-v2/chat_loss.jsonl, sources: [chatterbot],
      limit: 6}
-  - {name: drift_prompts, kind: drift, data: pack://general-v1/drift_prompts.jsonl, sources: [bigbench],
+  - {name: drift_prompts, kind: drift, data: pack://general-v2/drift_prompts.jsonl, sources: [countryinfo, bsdgames],
      limit: 4, options: {chat: true}}
-replay: {data: pack://general-v1/replay.jsonl, sources: [chatterbot, python-docs]}
+replay: {data: pack://general-v2/replay.jsonl, sources: [chatterbot, python-docs]}
 """
 
 
@@ -46,6 +46,7 @@ def test_embedded_model_loads_from_the_cache_quickly(smollm2):
     assert not hasattr(cfg, "quantization_config") or cfg.quantization_config is None
 
 
+@pytest.mark.pack
 @pytest.mark.slow
 def test_score_a_probe_subset_on_smollm2(smollm2, tmp_path):
     from tether import api
@@ -61,6 +62,7 @@ def test_score_a_probe_subset_on_smollm2(smollm2, tmp_path):
     assert results["chat_loss"].shares_source_with_replay and not results["knowledge_mc"].shares_source_with_replay
 
 
+@pytest.mark.pack
 @pytest.mark.slow
 def test_default_recipe_few_steps_on_smollm2(smollm2, tmp_path):
     """The default recipe (LoRA with contrast-initialised A + replay on top of the batch + LwF on every

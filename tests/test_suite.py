@@ -174,6 +174,7 @@ def test_builtin_suites_parse():
         load_suite("no-such-suite")
 
 
+@pytest.mark.pack
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["general", "general-quick"])
 def test_builtin_suites_validate_against_the_pack(name):

@@ -77,7 +77,7 @@ def compare(base: str | Any, tuned: str | Any, *, suite: str = "general", tokeni
     return report
 
 
-def build_data(name: str = "general-v1", tasks: tuple[str, ...] = ("fortune-topics",)) -> dict[str, Path]:
+def build_data(name: str = "general-v2", tasks: tuple[str, ...] = ("fortune-topics",)) -> dict[str, Path]:
     """Build (or find cached) the default probe pack and the demo task data."""
     from .data.pack import ensure_pack
     from .data.tasks import build_task

@@ -29,9 +29,10 @@ def _fail(e: Exception) -> None:
 def _expected_errors() -> tuple[type[Exception], ...]:
     from .config import RecipeError
     from .data.readers import DataError
+    from .data.sources import SourceMissing
     from .models import ModelNotAvailable
 
-    return (DataError, RecipeError, ModelNotAvailable, FileNotFoundError, KeyError, ValueError)
+    return (DataError, RecipeError, ModelNotAvailable, SourceMissing, FileNotFoundError, KeyError, ValueError)
 
 
 @app.command("eval")
@@ -244,7 +245,7 @@ def report_cmd(
 
 @data_app.command("build")
 def data_build(
-    name: str = typer.Option("general-v1", help="Probe pack to build."),
+    name: str = typer.Option("general-v2", help="Probe pack to build."),
     task: list[str] = typer.Option(["fortune-topics"], help="Task data sets to build: fortune-topics (the demo), "
                                    "fortune-seq-a/b/c, foldoc-domain, stdlib-module."),
 ) -> None:
@@ -279,10 +280,15 @@ def list_cmd() -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .data.sources import SourceMissing
+
     try:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except SourceMissing as e:  # a data source that cannot be had: one line, wherever it surfaced
+        typer.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

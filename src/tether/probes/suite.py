@@ -7,16 +7,16 @@ fixed order, so two runs (base and tuned) see the same items and can be compared
 
 Example::
 
-    name: general-v1
+    name: general-v2
     probes:
       - name: knowledge_mc
         kind: multiple_choice
-        data: pack://general-v1/knowledge_mc.jsonl   # or relative to this file, or absolute
-        sources: [bigbench]
+        data: pack://general-v2/knowledge_mc.jsonl   # or relative to this file, or absolute
+        sources: [countryinfo, bsdgames]
         limit: 200
         options: {target_delimiter: " "}
     replay:
-      data: pack://general-v1/replay.jsonl
+      data: pack://general-v2/replay.jsonl
       sources: [chatterbot, python-docs]
 """
 

@@ -23,7 +23,7 @@ def run_demo(steps: int = 60, output_dir: str | Path = "runs/demo", batch_size: 
     from ..io import write_json
 
     console = Console()
-    ensure_pack("general-v1")
+    ensure_pack("general-v2")
     task_dir = ensure_task("fortune-topics")
     out = Path(output_dir)
     common = {"task": {"train": str(task_dir / "train.jsonl"), "eval": str(task_dir / "eval.jsonl"), "eval_limit": 80,
