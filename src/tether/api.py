@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .io import write_json
+from .io import check_writable, write_json
 from .report.compare import DEFAULT_THRESHOLD
 
 
@@ -19,6 +19,8 @@ def evaluate(model: str | Any, *, suite: str = "general", tokenizer: Any = None,
 
     s = load_suite(suite)
     probes = validate_suite(s, limit=limit)  # every item checked before any model is loaded
+    if output:
+        check_writable(output)
     if isinstance(model, (str, Path)):
         model, tokenizer = models.load(model, device=device)
     results = run_suite(probes, Scorer(model, tokenizer, batch_size=batch_size), reference="self")
@@ -43,6 +45,8 @@ def compare(base: str | Any, tuned: str | Any, *, suite: str = "general", tokeni
 
     s = load_suite(suite)
     probes = validate_suite(s, limit=limit)  # every item checked before any model is loaded
+    if output:
+        check_writable(output)
     t0 = time.perf_counter()
     base_name, tuned_name = str(base) if isinstance(base, (str, Path)) else "<model>", (
         str(tuned) if isinstance(tuned, (str, Path)) else "<model>")
@@ -134,9 +138,14 @@ def interpolate(base: str, tuned: str, *, task_eval: str | Path | None = None, s
     from .after.interpolate import save_choice
     from .probes.suite import validate_suite
 
+    bad = [a for a in alphas if not 0.0 <= a <= 1.0]
+    if not alphas or bad:
+        raise ValueError(f"alphas must lie in [0, 1] (0 = base, 1 = tuned), got {', '.join(map(str, bad)) or 'none'}")
+    if not 0.0 < budget < 1.0:
+        raise ValueError(f"budget is a relative drop in (0, 1), e.g. 0.05 for 5%; got {budget}")
     probes = validate_suite(suite, limit=limit)  # before any model is loaded
     task_probe = _task_probe(task_eval, max_new_tokens=max_new_tokens)
-    out = Path(output_dir)
+    out = check_writable(output_dir, directory=True)
     adapter = models.is_adapter_dir(models.resolve(str(tuned)))
     if adapter:
         tuned_model, tok = models.load(tuned, base=base)

@@ -216,12 +216,29 @@ def _route_method_keys(d: dict) -> dict:
     return out
 
 
+def _check_names(data: dict, source: str) -> None:
+    """An unknown section or method gets its own message: a typo'd or missing method is the usual cause."""
+    from .registry import METHODS
+
+    for k in data:
+        if k not in Recipe.model_fields:
+            raise RecipeError(f"{source}: {k!r} is neither a recipe section ({', '.join(Recipe.model_fields)}) "
+                              f"nor a known method ({', '.join(METHODS.names())})")
+    for k in data.get("methods") or {}:
+        if k not in METHODS:
+            raise RecipeError(f"{source}: methods.{k}: unknown method {k!r}; known: {', '.join(METHODS.names())}")
+
+
 def _read_yaml(p: Path, what: str) -> dict[str, Any]:
     """A YAML mapping, or a one-line `RecipeError` naming the file (and line)."""
     if not p.exists():
         raise RecipeError(f"{p}: {what} not found")
+    if p.is_dir():
+        raise RecipeError(f"{p}: is a directory; give a {what} YAML file")
     try:
-        data = load_yaml(p.read_text()) or {}
+        data = load_yaml(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{p}: not UTF-8 text (byte {e.start}); a {what} is a YAML file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -267,6 +284,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     data = _deep_merge(data, _route_method_keys(parse_overrides(overrides)))
     # `--set replay=false` switches a default method off; `name:` with no settings means defaults
     data["methods"] = {k: (v or {}) for k, v in data["methods"].items() if v is not False}
+    _check_names(data, source)
     try:
         return Recipe(**data)
     except ValidationError as e:

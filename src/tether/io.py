@@ -42,6 +42,34 @@ def file_lock(lock: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+class OutputError(ValueError):
+    """An output path that cannot be written, found before any work starts."""
+
+
+def check_writable(path: str | os.PathLike, *, directory: bool = False) -> Path:
+    """Fail now, in one line, if ``path`` (a file, or with ``directory`` a folder) could not be written
+    later: a long scoring run must not end with its results unwritable. Creates nothing that stays."""
+    path = Path(path)
+    if not directory and path.is_dir():
+        raise OutputError(f"{path}: is a directory; give a file name for the output")
+    if directory and path.exists() and not path.is_dir():
+        raise OutputError(f"{path}: exists and is not a directory")
+    probe = path if directory else path.parent
+    while not probe.exists():  # the nearest existing ancestor must let us create what is missing
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"{path}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: no permission to write in {probe}")
+    try:  # a real write where the output's folder is, or will be created (root ignores os.access)
+        fd, tmp = tempfile.mkstemp(prefix=".tether-write-check.", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write there ({e.strerror or e})") from None
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path``; move it into place only if the block succeeds."""

@@ -112,7 +112,26 @@ def resolve(name_or_path: str) -> Path | str:
     p = Path(name_or_path).expanduser()
     if p.exists():
         return p
+    if looks_like_path(name_or_path):
+        raise ModelNotAvailable(f"{name_or_path}: no such model directory (a hub id is written 'org/name')")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") and not _in_hub_cache(name_or_path):
+        raise ModelNotAvailable(f"{name_or_path}: not a local directory, not in the hub cache, and the hub is "
+                                "offline (HF_HUB_OFFLINE is set); give a local path or the alias smollm2-135m-instruct")
     return name_or_path
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an odd id: let from_pretrained say what is wrong
+        return True
+
+
+def looks_like_path(name: str) -> bool:
+    """A local path, never a hub id: absolute, ``./``/``../``/``~``, a backslash, or more than one ``/``."""
+    return name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.count("/") > 1
 
 
 def is_peft_model(model: Any) -> bool:

@@ -8,6 +8,7 @@ counted and returned.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ def read_records(src: str | Path | Any, *, limit: int | None = None) -> list[Rec
         path = Path(src)
         if not path.exists():
             raise DataError(str(path), None, None, "file not found")
+        if path.is_dir():
+            raise DataError(str(path), None, None, "is a directory; give a data file (.jsonl, .json, .csv or .parquet)")
         suffix = path.suffix.lower()
         reader = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json,
                   ".csv": _read_csv, ".parquet": _read_parquet}.get(suffix)
@@ -83,25 +86,39 @@ def _as_record(obj: Any, source: str, line: int) -> Record:
     return Record(dict(obj), source, line)
 
 
+def _text(path: Path) -> str:
+    """The file as UTF-8 text, or a `DataError` naming the line of the first byte that is not UTF-8."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(str(path), line, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {col}); "
+                        "re-save the file as UTF-8") from None
+
+
 def _read_jsonl(path: Path) -> list[Record]:
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(str(path), n, None, f"invalid JSON ({e.msg} at column {e.colno})") from None
-            out.append(_as_record(obj, str(path), n))
+    for n, line in enumerate(_text(path).split("\n"), 1):  # not splitlines: JSON may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            why = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            raise DataError(str(path), n, None, f"invalid JSON ({why})") from None
+        out.append(_as_record(obj, str(path), n))
     return out
 
 
 def _read_json(path: Path) -> list[Record]:
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(_text(path))
     except json.JSONDecodeError as e:
         raise DataError(str(path), e.lineno, None, f"invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise DataError(str(path), None, None, "invalid JSON (nested too deeply)") from None
     if isinstance(obj, dict):
         # {"data": [...]} or {"examples": [...]} or a single list-valued key.
         lists = [v for v in obj.values() if isinstance(v, list)]
@@ -115,8 +132,8 @@ def _read_json(path: Path) -> list[Record]:
 
 def _read_csv(path: Path) -> list[Record]:
     out = []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+    reader = csv.DictReader(io.StringIO(_text(path), newline=""))
+    try:
         if not reader.fieldnames:
             raise DataError(str(path), 1, None, "no header row")
         for row in reader:
@@ -126,6 +143,8 @@ def _read_csv(path: Path) -> list[Record]:
                 missing = [k for k, v in row.items() if v is None]
                 raise DataError(str(path), reader.line_num, missing[0], "missing cell")
             out.append(Record(dict(row), str(path), reader.line_num))
+    except csv.Error as e:
+        raise DataError(str(path), reader.line_num, None, f"invalid CSV ({e})") from None
     return out
 
 
@@ -134,7 +153,11 @@ def _read_parquet(path: Path) -> list[Record]:
         import pyarrow.parquet as pq
     except ImportError as e:  # pragma: no cover - pyarrow comes with datasets
         raise DataError(str(path), None, None, "reading Parquet needs pyarrow: pip install pyarrow") from e
-    rows = pq.read_table(path).to_pylist()
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (OSError, ValueError, TypeError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(str(path), None, None, f"not a readable Parquet file ({first})") from None
     return [_as_record(r, str(path), i + 1) for i, r in enumerate(rows)]
 
 

@@ -212,6 +212,8 @@ def validate_suite(suite: SuiteSpec | str | Path, *, limit: int | None = None) -
     Returns:
         The probes, in suite order, ready for `run_suite`.
     """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise SuiteError(f"limit must be a whole number of items >= 1 (leave it out for every item), got {limit!r}")
     suite = load_suite(suite)
     probes = []
     for k, spec in enumerate(suite.probes):
