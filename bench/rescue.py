@@ -67,7 +67,7 @@ def main() -> None:
     t0 = time.perf_counter()
     rec = api.recover(str(naive_dir / "model"), "smollm2-135m-instruct", str(task / "train.jsonl"),
                       eval_data=str(task / "eval.jsonl"), max_steps=args.recover_steps, suite=args.suite,
-                      output_dir=f"{args.runs}/recover",
+                      output_dir=f"{args.runs}/recover", overwrite=True,
                       overrides=["task.max_new_tokens=4", f"task.eval_limit={args.eval_limit}"])
     s = rec.summary
     row("tether recover", s["task"]["final"], s["probes"], s["steps"], time.perf_counter() - t0,

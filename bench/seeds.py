@@ -188,7 +188,7 @@ def main() -> None:
                 training={"max_steps": args.steps, "batch_size": 8, "lr": 1e-4, "logging_steps": 10, "seed": seed},
                 guard={"enabled": False}, output_dir=f"{args.runs}/{key.replace(' ', '_')}")
             t0 = time.perf_counter()
-            res = train(recipe, base_results=base)
+            res = train(recipe, base_results=base, overwrite=True)  # a benchmark reruns its own directories
             base = {"general": res.base_results, "task": res.summary["task"]["base"]}
             s = res.summary
             results[key] = {"variant": label, "seed": seed, "task": s["task"]["final"], "task_base": s["task"]["base"],

@@ -154,7 +154,7 @@ def main() -> None:
         )
         console.rule(f"{label}: {', '.join(recipe.methods)}")
         t0 = time.perf_counter()
-        res = train(recipe, base_results=base)
+        res = train(recipe, base_results=base, overwrite=True)  # a benchmark reruns its own directories
         base = {"general": res.base_results, "task": res.summary["task"]["base"]}
         s = res.summary
         s["wall_s"] = time.perf_counter() - t0

@@ -92,12 +92,16 @@ def build_data(name: str = "general-v2", tasks: tuple[str, ...] = ("fortune-topi
     return out
 
 
-def train(recipe: str | Path | None = None, *, overrides: list[str] | None = None, **fields: Any):
-    """Run a training recipe (YAML path or defaults), with ``key=value`` overrides. Returns a TrainResult."""
+def train(recipe: str | Path | None = None, *, overrides: list[str] | None = None, overwrite: bool = False,
+          **fields: Any):
+    """Run a training recipe (YAML path or defaults), with ``key=value`` overrides. Returns a TrainResult.
+
+    The run writes into ``output_dir`` (default: a new ``runs/<task>-<time>``); a directory that holds
+    anything is refused unless ``overwrite``."""
     from .config import load_recipe
     from .training.run import train as run_train
 
-    return run_train(load_recipe(recipe, overrides, **fields))
+    return run_train(load_recipe(recipe, overrides, **fields), overwrite=overwrite)
 
 
 def continual(sequence: str | Path | None = None, *, overrides: list[str] | None = None, **fields: Any) -> dict:
@@ -207,5 +211,10 @@ def recover(model: str, base: str, task: str, **kwargs: Any):
 def report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """One self-contained HTML page for any run directory (train, eval, continual, interpolate, diagnose)."""
     from .report.html import write_report
+    from .training.rundir import read_status
 
+    state = read_status(run_dir) if Path(run_dir).is_dir() else None
+    if state and state.get("state") == "failed":
+        raise ValueError(f"{run_dir}: this run failed ({state.get('error', 'no error recorded')}); "
+                         "nothing to report")
     return write_report(run_dir, out)

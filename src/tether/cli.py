@@ -82,8 +82,10 @@ def train_cmd(
     task: Optional[str] = typer.Option(None, "--task", "-t", help="Task training data (JSONL/JSON/CSV/Parquet)."),
     eval_data: Optional[str] = typer.Option(None, "--eval", help="Held-out task data for the task score."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to fine-tune."),
-    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o", help="Run directory."),
+    output_dir: Optional[str] = typer.Option(
+        None, "--output-dir", "-o", help="Run directory (default: a new runs/<task>-<time>)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a recipe key, e.g. --set lora.r=32."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what the run directory holds."),
 ) -> None:
     """Fine-tune on a task while the guard watches the general probes."""
     from . import api
@@ -99,7 +101,7 @@ def train_cmd(
     if output_dir:
         fields["output_dir"] = output_dir
     try:
-        result = api.train(recipe, overrides=overrides, **fields)
+        result = api.train(recipe, overrides=overrides, overwrite=overwrite, **fields)
     except _expected_errors() as e:
         _fail(e)
     from .report.compare import ProbeComparison
@@ -208,15 +210,17 @@ def recover_cmd(
     max_steps: int = typer.Option(100, help="Step limit."),
     replay_ratio: float = typer.Option(0.75, help="Share of each batch that is general replay."),
     budget: float = typer.Option(0.05, help="Stop once every probe is within this relative drop."),
-    output_dir: str = typer.Option("runs/recover", "--output-dir", "-o"),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o",
+                                             help="Run directory (default: a new runs/<task>-<time>)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a recipe key."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what the run directory holds."),
 ) -> None:
     """Continue training a forgotten model on a replay-heavy mix until the general probes are back."""
     from . import api
 
     try:
         result = api.recover(model, base, task, eval_data=eval_data, max_steps=max_steps, replay_ratio=replay_ratio,
-                             budget=budget, output_dir=output_dir, overrides=overrides)
+                             budget=budget, output_dir=output_dir, overrides=overrides, overwrite=overwrite)
     except _expected_errors() as e:
         _fail(e)
     rec = result.summary["recovery"]

@@ -130,7 +130,7 @@ class Recipe(_Strict):
     methods: dict[str, dict[str, Any]] = Field(default_factory=lambda: default_methods())
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     guard: GuardSpec = Field(default_factory=GuardSpec)
-    output_dir: str = "runs/tether"
+    output_dir: str | None = None  # None: runs/<task file stem>-<UTC time>, a new directory every run
 
     @model_validator(mode="after")
     def _check_methods(self) -> "Recipe":

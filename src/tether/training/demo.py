@@ -43,7 +43,7 @@ def run_demo(steps: int = 60, output_dir: str | Path = "runs/demo", batch_size: 
     base = None
     for label, recipe in runs.items():
         console.rule(f"[bold]{label}[/]: {', '.join(recipe.methods)}, {steps} steps")
-        res = train(recipe, base_results=base)
+        res = train(recipe, base_results=base, overwrite=True)  # the demo's own directories, rerun as a whole
         base = {"general": res.base_results, "task": res.summary["task"]["base"]}
         results[label] = res.summary
 

@@ -16,7 +16,8 @@ from .run import TrainResult, train
 def recover(model: str, base: str, task: str, *, eval_data: str | None = None, max_steps: int = 100,
             replay_ratio: float = 0.75, lr: float = 5e-5, batch_size: int = 8, every: int = 10,
             budget: float = 0.05, suite: str = "general", guard_suite: str = "general-quick",
-            output_dir: str | Path = "runs/recover", overrides: list[str] | None = None) -> TrainResult:
+            output_dir: str | Path | None = None, overrides: list[str] | None = None,
+            overwrite: bool = False) -> TrainResult:
     """Continue full fine-tuning of ``model`` on ``task`` mixed with ``replay_ratio`` general replay.
 
     Args:
@@ -35,9 +36,9 @@ def recover(model: str, base: str, task: str, *, eval_data: str | None = None, m
         methods={"full": {}, "replay": {"ratio": replay_ratio}},
         training={"max_steps": max_steps, "lr": lr, "batch_size": batch_size},
         guard={"action": "recover", "every": every, "threshold": budget, "suite": guard_suite},
-        output_dir=str(output_dir),
+        output_dir=str(output_dir) if output_dir else None,
     )
-    result = train(recipe, compare_to=base)
+    result = train(recipe, compare_to=base, overwrite=overwrite)
     task_s = result.summary["task"]
     kept = None
     if task_s["base"] is not None and task_s["final"] is not None and task_s["base"] > 0:

@@ -18,6 +18,7 @@ from ..data.formats import encode_records, validate_records
 from ..data.readers import read_records
 from ..io import append_jsonl, write_json, write_text
 from ..progress import status
+from .rundir import claim, default_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def build_methods(recipe: Recipe) -> dict[str, Any]:
 
 
 def train(recipe: Recipe, *, base_results: dict[str, list] | None = None, keep_model: bool = False,
-          compare_to: str | None = None) -> TrainResult:
+          compare_to: str | None = None, overwrite: bool = False) -> TrainResult:
     """Run one recipe.
 
     Args:
@@ -87,25 +88,31 @@ def train(recipe: Recipe, *, base_results: dict[str, list] | None = None, keep_m
             base; skips re-scoring when several runs share a base (the demo and the benchmarks do).
         compare_to: measure general ability against this model instead of the one being trained
             (`tether recover` trains a model that already forgot, against its original base).
+        overwrite: replace what ``recipe.output_dir`` holds; otherwise a directory holding anything
+            is refused before anything is written.
     """
-    import torch
-
-    from .. import models
     from ..probes.suite import load_suite, validate_suite
-    from .session import Session
 
     t_start = time.perf_counter()
-    run_dir = Path(recipe.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    (run_dir / "guard.jsonl").unlink(missing_ok=True)
-
-    # 1. data, validated before the model is loaded
+    # 1. data and probes, validated before anything is written or loaded
     train_records, eval_records = load_task(recipe)
     general = load_suite(recipe.general)
     general_probes = validate_suite(general)
     guard_probes = validate_suite(recipe.guard.suite, limit=recipe.guard.limit) if recipe.guard.enabled else None
+    if recipe.output_dir is None:
+        recipe = recipe.model_copy(update={"output_dir": default_run_dir(recipe.task.train)})
+    with claim(recipe.output_dir, overwrite=overwrite) as run_dir:
+        write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+        return _run(recipe, run_dir, train_records, eval_records, general, general_probes, guard_probes,
+                    base_results=base_results, keep_model=keep_model, compare_to=compare_to, t_start=t_start)
+
+
+def _run(recipe: Recipe, run_dir: Path, train_records, eval_records, general, general_probes, guard_probes, *,
+         base_results, keep_model: bool, compare_to: str | None, t_start: float) -> TrainResult:
+    import torch
+
+    from .. import models
+    from .session import Session
 
     # 2. model
     torch.manual_seed(recipe.training.seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import math
 from pathlib import Path
@@ -216,6 +217,7 @@ class Session:
             for m in methods.values():
                 if hasattr(m, "save"):
                     m.save(self.run_dir)
+            _portable_base(out, self.recipe.model.name)
         return out
 
     def summarise(self, base, final, train_out, guard, methods, skipped, seconds: float) -> dict[str, Any]:
@@ -256,3 +258,13 @@ def _raise_replay(dataset, step: float, start: int) -> dict:
         dataset.set_ratio(new, start)
         return {"replay_ratio": new}
     return {"replay_ratio": None}
+
+
+def _portable_base(model_dir: Path, name: str) -> None:
+    """Adapters name their base as the recipe did (the alias or hub id), not as this machine's cache
+    path, so that ``PeftModel.from_pretrained`` and ``tether eval --tuned`` find it anywhere."""
+    for cfg in [*model_dir.glob("adapter_config.json"), *model_dir.glob("*/adapter_config.json")]:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+        if data.get("base_model_name_or_path") not in (None, name):
+            data["base_model_name_or_path"] = name
+            write_json(cfg, data)
