@@ -84,7 +84,9 @@ def test_peft_tuned_model_is_read_without_merging(base, tokenizer):
         assert b.weight_change == pytest.approx(c.weight_change, rel=1e-5)
         assert set(a.group_change) == {"attn", "mlp", "norm"} and a.group_change["norm"] == 0.0
         assert a.cka == pytest.approx(c.cka, abs=1e-5) and b.cka == pytest.approx(c.cka, abs=1e-5)
-    assert d.kl == pytest.approx(ref.kl, rel=1e-4) and d_self.kl == pytest.approx(ref.kl, rel=1e-4)
+    # KL ~7e-4: float32 noise in the merged vs unmerged logits moves it by ~1e-7 absolute
+    want_kl = pytest.approx(ref.kl, rel=1e-4, abs=1e-6)
+    assert d.kl == want_kl and d_self.kl == want_kl
 
 
 def test_dora_falls_back_to_merged_copies(base, tokenizer):

@@ -116,7 +116,8 @@ def test_packed_penalty_per_dtype_group_matches_the_formula(toy):
     pen = ewc.extra_loss(toy, {}, None, _ctx())["ewc"]
     assert len(ewc._packed[1]) == 2
     pen.backward()
-    torch.testing.assert_close(pen.double(), _reference_penalty(ewc, toy, 7.0), rtol=1e-5, atol=0)
+    # a float32 dot of ~6k positive terms: one accumulated in plain order errs by ~1e-5 (float64 reference)
+    torch.testing.assert_close(pen.double(), _reference_penalty(ewc, toy, 7.0), rtol=1e-4, atol=0)
     for n, p in toy.named_parameters():
         want = 7.0 * ewc.fisher_[n].double() * (p.detach().double() - ewc.anchor_[n].double())
         torch.testing.assert_close(p.grad.double(), want, rtol=1e-5, atol=1e-12)
@@ -133,7 +134,7 @@ def test_packed_buffers_follow_consolidation_and_save(toy, tmp_path):
     assert ewc.extra_loss(toy, {}, None, _ctx())["ewc"].item() == 0.0
     _nudge(toy, 5, 0.01)
     pen = ewc.extra_loss(toy, {}, None, _ctx())["ewc"]
-    torch.testing.assert_close(pen.double(), _reference_penalty(ewc, toy, 7.0), rtol=1e-5, atol=0)
+    torch.testing.assert_close(pen.double(), _reference_penalty(ewc, toy, 7.0), rtol=1e-4, atol=0)  # as above
     ewc.save(tmp_path)
     other = EWC()
     other.load(tmp_path)
@@ -183,7 +184,7 @@ def test_gradient_accumulation_matches_one_big_batch(toy):
 
     toy.eval()
     for a, b in zip(grads(1), grads(4)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # gradients up to ~0.4, summed in other orders
 
 
 def test_online_consolidation_constant_memory(toy):

@@ -53,7 +53,7 @@ def test_loglikelihood_split_into_chunks_and_small_caches(tiny_model, tokenizer,
     for (ctx, cont), (ll, _) in zip(REQUESTS, scorer.loglikelihood(REQUESTS)):
         assert ll == pytest.approx(naive_loglikelihood(tiny_model, ctx, cont)[0], abs=1e-4)
     got = Scorer(tiny_model, tokenizer, batch_size=32).loglikelihood(REQUESTS)
-    assert [a for a, _ in got] == pytest.approx([a for a, _ in scorer.loglikelihood(REQUESTS)], abs=1e-5)
+    assert [a for a, _ in got] == pytest.approx([a for a, _ in scorer.loglikelihood(REQUESTS)], abs=1e-4)
 
 
 def test_loglikelihood_detects_greedy_continuation(tiny_model, tokenizer):
@@ -248,7 +248,7 @@ def test_run_suite_merges_for_scoring_but_not_for_drift_against_disabled_adapter
     want = run_suite(probes, Scorer(model, tokenizer, merge_adapters=False), progress=False)
     assert [r.name for r in got] == ["ppl", "drift", "ppl2"]  # results in suite order
     for a, b in zip(got, want):
-        assert a.score == pytest.approx(b.score, abs=1e-5)
+        assert a.score == pytest.approx(b.score, rel=1e-5)  # merged vs not: float32 noise; the adapters move ~1e-2
     assert got[1].extra["kl"] == pytest.approx(want[1].extra["kl"], abs=1e-6) and want[1].extra["kl"] > 0
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
@@ -297,9 +297,9 @@ def test_shared_prompt_prefix_runs_once_and_scores_like_the_plain_forward(arch, 
     # (the check's two-row runs, then the batch's five rows; labels inside the prefix: a plain batch)
     assert (24, 5) in prefix_runs and not off[0]._prefix_exact
     for (a, n), (b, m) in zip(on[1] + on[2], off[1] + off[2]):
-        assert n == m and a == pytest.approx(b, abs=1e-4)
+        assert n == m and a == pytest.approx(b, rel=1e-5, abs=1e-4)
     for i, lp in off[3].items():
-        assert torch.allclose(on[3][i], lp, atol=1e-4)
+        assert torch.allclose(on[3][i], lp, rtol=1e-4, atol=1e-4)  # the peaky model's log-probs reach ~-50
     assert on[4] == off[4]
     assert off[4][1] == _manual_greedy(model, prompts[1], 5)
 

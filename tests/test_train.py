@@ -57,7 +57,8 @@ def test_default_recipe_run_directory(tmp_path, tiny_model_dir, tiny_task, tiny_
 
     scorer = Scorer(result.model, result.tokenizer)
     fresh = run_suite(validate_suite(str(tiny_suite)), scorer, progress=False)
-    assert [x["score"] for x in final["general"]] == pytest.approx([x.score for x in fresh], abs=1e-5)
+    # the guard scores in batches of 16, a fresh Scorer in batches of 32: float32 noise on a loss of ~10
+    assert [x["score"] for x in final["general"]] == pytest.approx([x.score for x in fresh], rel=1e-5, abs=1e-5)
     task_items = task_eval_items(r, load_task(r)[1])
     assert len(task_items) <= r.guard.task_limit
     task_probe = PROBES.get(r.task.eval_kind)("task", task_items, metric=r.task.eval_metric, max_new_tokens=4)

@@ -75,9 +75,9 @@ def test_weighted_example_loss_averages_within_each_example_first():
                                             reduction="none")
     per = [nll[0].sum() / 5, nll[1].sum()]
     got = weighted_example_loss(logits, labels, torch.ones(3))
-    assert got.item() == pytest.approx(((per[0] + per[1]) / 2).item(), rel=1e-6)
+    assert got.item() == pytest.approx(((per[0] + per[1]) / 2).item(), rel=1e-5)
     got = weighted_example_loss(logits, labels, torch.tensor([1.0, 3.0, 5.0]))
-    assert got.item() == pytest.approx(((per[0] + 3 * per[1]) / 4).item(), rel=1e-6)
+    assert got.item() == pytest.approx(((per[0] + 3 * per[1]) / 4).item(), rel=1e-5)
     plain = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
     assert plain.item() != pytest.approx(got.item())  # the per-token mean is a different loss
 
