@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 from typer.testing import CliRunner
@@ -101,10 +100,34 @@ def test_a_failed_run_is_marked_and_report_refuses_it(tmp_path, tiny_model_dir, 
     assert not (out / "report.html").exists()
 
 
-def test_only_the_main_process_claims(tmp_path, monkeypatch):
+def test_other_ranks_wait_for_the_main_process_and_write_nothing(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from tether.training import rundir
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-1")
+    run = tmp_path / "run"
+    finished_run(run)  # an older run: rank 1 must not take its status for this launch's
+    entered = []
+
+    def rank1():
+        monkeypatch.setenv("RANK", "1")  # env is process-wide: set before rank 0 starts below
+        with claim(run):
+            entered.append(time.time())
+
+    t = threading.Thread(target=rank1)
     monkeypatch.setenv("RANK", "1")
-    with claim(tmp_path / "run") as path:
-        assert not os.path.exists(path)  # rank 1 writes nothing; rank 0 holds the directory
+    t.start()
+    time.sleep(0.5)
+    assert not entered  # still waiting: the directory holds another run's status
+    monkeypatch.setenv("RANK", "0")
+    with claim(run, overwrite=True):
+        t.join(timeout=10)
+        assert entered and read_status(run)["run_id"] == "launch-1"
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(RunDirError, match="did not take the run directory"):
+        rundir._wait_for_main(tmp_path / "never", timeout=0.3)
 
 
 def test_saved_adapter_names_its_base_as_the_recipe_did(tmp_path, tiny_model_dir, tiny_task, tiny_suite,

@@ -54,12 +54,29 @@ def read_status(path: str | os.PathLike) -> dict | None:
         return None
 
 
+def _wait_for_main(path: Path, timeout: float = 600.0) -> None:
+    """Block until rank 0 has claimed ``path`` for this launch (same torchrun run id, else started after
+    this process was waiting), so no rank writes into a directory rank 0 may still clear or refuse."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        st = read_status(path) or {}
+        if st.get("state") == "running" and (st.get("run_id") == run_id if run_id else st.get("started", 0) >= t0 - 60):
+            return
+        if st.get("state") == "failed" and (st.get("run_id") == run_id if run_id else st.get("started", 0) >= t0 - 60):
+            raise RunDirError(f"{path}: the main process failed ({st.get('error')})")
+        time.sleep(0.2)
+    raise RunDirError(f"{path}: the main process did not take the run directory within {timeout:.0f} s "
+                      "(it refused it or failed first: see its message)")
+
+
 @contextmanager
 def claim(path: str | os.PathLike, *, overwrite: bool = False, kind: str = "train") -> Iterator[Path]:
     """Hold ``path`` for one run: refuse it when it holds another run (unless ``overwrite``) or another
     process is writing it, then mark it ``running``, and ``finished`` or ``failed`` as the block ends."""
     path = Path(path)
-    if not is_main_process():
+    if not is_main_process():  # rank 0 holds the directory; the others write nothing there before it does
+        _wait_for_main(path)
         yield path
         return
     if path.exists() and not path.is_dir():
@@ -82,14 +99,15 @@ def claim(path: str | os.PathLike, *, overwrite: bool = False, kind: str = "trai
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         path.mkdir(parents=True, exist_ok=True)
         started = time.time()
-        write_json(path / STATUS, {"state": "running", "kind": kind, "pid": os.getpid(), "started": started})
+        write_json(path / STATUS, {"state": "running", "kind": kind, "pid": os.getpid(), "started": started,
+                                   "run_id": os.environ.get("TORCHELASTIC_RUN_ID")})
         try:
             yield path
         except BaseException as e:
             first = (str(e).strip().splitlines() or [""])[0]
             error = f"{type(e).__name__}: {first}" if first else type(e).__name__
             write_json(path / STATUS, {"state": "failed", "kind": kind, "error": error, "started": started,
-                                       "ended": time.time()})
+                                       "ended": time.time(), "run_id": os.environ.get("TORCHELASTIC_RUN_ID")})
             raise
         write_json(path / STATUS, {"state": "finished", "kind": kind, "started": started, "ended": time.time()})
     finally:
