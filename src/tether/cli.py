@@ -126,7 +126,7 @@ def train_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    steps: int = typer.Option(60, help="Optimizer steps for each run."),
+    steps: int = typer.Option(40, help="Optimizer steps for each run."),
     output_dir: str = typer.Option("runs/demo", "--output-dir", "-o"),
 ) -> None:
     """Naive full fine-tuning vs the default recipe on the embedded model: task gain and general change."""
