@@ -102,3 +102,29 @@ def test_missing_local_model_path_and_offline_hub(monkeypatch):
         resolve("some-org/some-model-nobody-cached")
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     assert resolve("some-org/some-model-nobody-cached") == "some-org/some-model-nobody-cached"  # online: the hub's
+
+
+def test_skip_invalid_skips_and_counts_bad_records(tmp_path, tiny_model_dir, tiny_task, tiny_suite):
+    """`task.skip_invalid: true` trains on the good records and lists the bad ones in the summary."""
+    import json as _json
+
+    from tether.config import load_recipe
+    from tether.training.run import train
+
+    rows = [_json.loads(x) for x in tiny_task[0].read_text().splitlines()]
+    bad = tmp_path / "mixed.jsonl"
+    lines = [_json.dumps(r) for r in rows]
+    lines.insert(3, _json.dumps({"prompt": "no completion here"}))
+    lines.insert(6, "{not json")
+    bad.write_text("\n".join(lines) + "\n")
+    kw = dict(model={"name": str(tiny_model_dir)}, general=str(tiny_suite), methods={"lora": {"r": 4}},
+              training={"max_steps": 1, "batch_size": 4}, guard={"enabled": False})
+    with pytest.raises(Exception, match=r"mixed\.jsonl:7"):  # not asked to skip: reading stops at line 7
+        train(load_recipe(None, task={"train": str(bad)}, output_dir=str(tmp_path / "a"), **kw))
+    with pytest.raises(Exception, match=r"mixed\.jsonl:7: invalid JSON"):  # unreadable JSON is never skipped
+        train(load_recipe(None, task={"train": str(bad), "skip_invalid": True}, output_dir=str(tmp_path / "b"), **kw))
+    lines.pop(6)
+    bad.write_text("\n".join(lines) + "\n")
+    s = train(load_recipe(None, task={"train": str(bad), "skip_invalid": True}, output_dir=str(tmp_path / "c"),
+                          **kw)).summary
+    assert len(s["skipped_records"]) == 1 and "mixed.jsonl:4" in s["skipped_records"][0]

@@ -386,7 +386,8 @@ def _debian_dir(source: str, packages: list[str], rel: str, marker: str,
     folder unpacked under ``downloads_dir()/packages[0]``, fetched with `_apt_download` on first use
     (which replaces a partial unpack). ``keep``: the only part of the unpack worth keeping."""
     system = Path("/") / rel
-    if (system / marker).exists() and files_digest(system, files(system)) == PINS.get(source):
+    if (system / marker).exists() and all(f.is_file() for f in files(system)) and \
+            files_digest(system, files(system)) == PINS.get(source):
         return system
     cached = downloads_dir() / packages[0]
     if not (cached / rel / marker).exists():

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Recipe, dump_recipe
-from ..data.formats import encode_records, validate_records
-from ..data.readers import read_records
+from ..data.formats import encode_records, validate, validate_records
+from ..data.readers import iter_valid, read_records
 from ..io import append_jsonl, write_json, write_text
 from ..progress import status
 from .rundir import claim, default_run_dir
@@ -58,17 +58,25 @@ def records_to_eval_items(records, chat: bool | None) -> list[dict]:
 
 
 def load_task(recipe: Recipe):
-    """Read and validate the task's records (no model needed); returns (train, eval) records."""
+    """Read and validate the task's records (no model needed); returns (train, eval, skipped): the
+    records, and the errors of those ``task.skip_invalid`` dropped."""
     if not recipe.task.train:
         raise ValueError("task.train: no training data given (a JSONL/JSON/CSV/Parquet file)")
     train = read_records(recipe.task.train, limit=recipe.task.limit)
+    skipped: list = []
+    if recipe.task.skip_invalid:  # drop (and count) what fails the check; the rest must still agree in shape
+        report = iter_valid(train, validate, skip_invalid=True)
+        if not report.records:
+            raise report.skipped[0]
+        train = report.records
+        skipped = report.skipped
     validate_records(train)
     evals = read_records(recipe.task.eval) if recipe.task.eval else None
     if evals is not None:
         validate_records(evals)
         if recipe.task.eval_limit:
             evals = evals[: recipe.task.eval_limit]
-    return train, evals
+    return train, evals, skipped
 
 
 def build_methods(recipe: Recipe) -> dict[str, Any]:
@@ -95,7 +103,7 @@ def train(recipe: Recipe, *, base_results: dict[str, list] | None = None, keep_m
 
     t_start = time.perf_counter()
     # 1. data and probes, validated before anything is written or loaded
-    train_records, eval_records = load_task(recipe)
+    train_records, eval_records, read_skipped = load_task(recipe)
     general = load_suite(recipe.general)
     general_probes = validate_suite(general)
     guard_probes = validate_suite(recipe.guard.suite, limit=recipe.guard.limit) if recipe.guard.enabled else None
@@ -103,11 +111,12 @@ def train(recipe: Recipe, *, base_results: dict[str, list] | None = None, keep_m
         recipe = recipe.model_copy(update={"output_dir": default_run_dir(recipe.task.train)})
     with claim(recipe.output_dir, overwrite=overwrite) as run_dir:
         write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
-        return _run(recipe, run_dir, train_records, eval_records, general, general_probes, guard_probes,
+        return _run(recipe, run_dir, train_records, eval_records, read_skipped, general, general_probes, guard_probes,
                     base_results=base_results, keep_model=keep_model, compare_to=compare_to, t_start=t_start)
 
 
-def _run(recipe: Recipe, run_dir: Path, train_records, eval_records, general, general_probes, guard_probes, *,
+def _run(recipe: Recipe, run_dir: Path, train_records, eval_records, read_skipped, general, general_probes,
+         guard_probes, *,
          base_results, keep_model: bool, compare_to: str | None, t_start: float) -> TrainResult:
     import torch
 
@@ -120,6 +129,7 @@ def _run(recipe: Recipe, run_dir: Path, train_records, eval_records, general, ge
         model, tok = models.load(recipe.model.name, dtype=recipe.model.dtype)
     task_examples, skipped = encode_records(train_records, tok, max_length=recipe.task.max_length,
                                             chat=recipe.task.chat, skip_invalid=recipe.task.skip_invalid)
+    skipped = read_skipped + skipped
     if skipped:
         log.warning("skipped %d invalid task records (first: %s)", len(skipped), skipped[0])
     session = Session(recipe, model, tok, general, general_probes, guard_probes,
