@@ -15,10 +15,10 @@ from tether.training.rundir import RunDirError, claim, default_run_dir, read_sta
 runner = CliRunner()
 
 
-def tiny_recipe(tmp_path, tiny_model_dir, tiny_task, tiny_suite, out, **fields):
+def tiny_recipe(tmp_path, tiny_model_dir, tiny_task, tiny_suite, out, methods=None, **fields):
     return load_recipe(None, model={"name": str(tiny_model_dir)},
                        task={"train": str(tiny_task[0]), "eval": str(tiny_task[1]), "max_new_tokens": 4},
-                       general=str(tiny_suite), methods={"lora": {"r": 4}},
+                       general=str(tiny_suite), methods=methods or {"lora": {"r": 4}},
                        training={"max_steps": 2, "batch_size": 4, "logging_steps": 1, "lr": 1e-3},
                        guard={"enabled": False}, output_dir=str(out) if out else None, **fields)
 
@@ -145,3 +145,37 @@ def test_saved_adapter_names_its_base_as_the_recipe_did(tmp_path, tiny_model_dir
     assert cfg["base_model_name_or_path"] == "tiny-alias"
     model, _ = models.load(out / "model")
     assert models.is_peft_model(model)
+
+
+def test_a_loss_that_is_not_a_number_stops_the_run_before_the_update(tmp_path, tiny_model_dir, tiny_task,
+                                                                     tiny_suite, monkeypatch):
+    from tether.training import trainer as T
+
+    real = T._check_finite
+    seen = {}
+
+    def poisoned(loss, terms, step, output_dir):  # the loss turns NaN at the third step
+        seen.setdefault("steps", []).append(step)
+        return real(loss * float("nan") if step == 2 else loss, terms, step, output_dir)
+
+    monkeypatch.setattr(T, "_check_finite", poisoned)
+    out = tmp_path / "run"
+    r = tiny_recipe(tmp_path, tiny_model_dir, tiny_task, tiny_suite, out)
+    r = r.model_copy(update={"training": r.training.model_copy(update={"max_steps": 5})})
+    with pytest.raises(T.TrainingDiverged, match=r"step 3: loss is nan \(the task loss\); stopped before the update"):
+        train(r)
+    assert seen["steps"] == [0, 1, 2] and read_status(out)["state"] == "failed"
+    assert "TrainingDiverged" in read_status(out)["error"]
+
+
+def test_the_same_seed_twice_gives_the_same_summary(tmp_path, tiny_model_dir, tiny_task, tiny_suite):
+    """On CPU a run is a function of its recipe and seed: every number of the summary repeats exactly;
+    only where it ran and how long it took differ."""
+    runs = []
+    for name in ("a", "b"):
+        r = tiny_recipe(tmp_path, tiny_model_dir, tiny_task, tiny_suite, tmp_path / name,
+                        methods={"lora": {"r": 4}, "replay": {"ratio": 0.25}, "lwf": {}})
+        runs.append(json.loads((train(r).run_dir / "summary.json").read_text()))
+    timing = {"run_dir", "seconds"}
+    assert {k: v for k, v in runs[0].items() if k not in timing} == {k: v for k, v in runs[1].items()
+                                                                       if k not in timing}

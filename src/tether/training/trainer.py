@@ -12,6 +12,7 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -146,6 +147,7 @@ class TetherTrainer(Trainer):
                 extra = extra / self.current_gradient_accumulation_steps
             loss = loss + extra
         self._record(terms, inputs, outputs, is_replay, nll)
+        _check_finite(loss, terms, self.state.global_step, self.args.output_dir)
         return (loss, outputs) if return_outputs else loss
 
     def _prefix_groups(self, model, inputs: dict, is_replay) -> list[prefix.Group] | None:
@@ -406,3 +408,20 @@ class _MethodHooks(TrainerCallback):
         ctx = self.trainer.context()
         for method in self.trainer.methods.values():
             method.before_optimizer_step(self.trainer.model, ctx)
+
+
+class TrainingDiverged(ValueError):
+    """The loss stopped being a number: the run stops before the optimizer writes NaN into the weights."""
+
+
+def _check_finite(loss: torch.Tensor, terms: dict[str, torch.Tensor], step: int, output_dir: str) -> None:
+    """Stop on a NaN or infinite loss before ``backward``: the weights stay as the last step left them and
+    the checkpoints already saved stay on disk; the message names the term that went bad."""
+    if bool(torch.isfinite(loss.detach()).all()):
+        return
+    bad = [k for k, v in terms.items() if not bool(torch.isfinite(v.detach()).all())]
+    what = f"the {', '.join(bad)} term" if bad else "the task loss"
+    ckpts = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    kept = f"last checkpoint kept: {ckpts[-1]}" if ckpts else "no checkpoint saved yet"
+    raise TrainingDiverged(f"step {step + 1}: loss is {loss.item()} ({what}); stopped before the update, {kept}; "
+                           "lower training.lr or check the data")
