@@ -128,3 +128,21 @@ def test_skip_invalid_skips_and_counts_bad_records(tmp_path, tiny_model_dir, tin
     s = train(load_recipe(None, task={"train": str(bad), "skip_invalid": True}, output_dir=str(tmp_path / "c"),
                           **kw)).summary
     assert len(s["skipped_records"]) == 1 and "mixed.jsonl:4" in s["skipped_records"][0]
+
+
+def test_unreachable_hub_is_one_line_in_seconds(monkeypatch):
+    import socket
+    import time
+
+    from tether import models
+
+    def no_route(*args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(socket, "create_connection", no_route)
+    t0 = time.perf_counter()
+    with pytest.raises(models.ModelNotAvailable, match=r"some-org/uncached: .*cannot be reached \(Network is "
+                                                        r"unreachable\).*HF_HUB_OFFLINE=1"):
+        models.load("some-org/uncached")
+    assert time.perf_counter() - t0 < 5

@@ -120,6 +120,25 @@ def resolve(name_or_path: str) -> Path | str:
     return name_or_path
 
 
+def check_hub_reachable(repo_id: str, timeout: float = 5.0) -> None:
+    """Before a hub download, one connection attempt: an unreachable hub is one line in seconds, not
+    a minute of retry warnings from the download client."""
+    import socket
+    from urllib.parse import urlparse
+
+    if _in_hub_cache(repo_id):
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise ModelNotAvailable(f"{repo_id}: not a local directory and the hub ({host}) cannot be reached "
+                                f"({e.strerror or type(e).__name__}); give a local path, the alias "
+                                "smollm2-135m-instruct, or set HF_HUB_OFFLINE=1 to use the hub cache") from None
+
+
 def _in_hub_cache(repo_id: str) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -278,6 +297,8 @@ def load(
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     src = resolve(str(name_or_path))
+    if isinstance(src, str):  # a hub id: reachable, or in the cache
+        check_hub_reachable(src)
     if isinstance(src, Path) and is_adapter_dir(src):
         from peft import PeftModel
 
