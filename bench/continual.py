@@ -92,7 +92,7 @@ def main() -> None:
                                       "lr": args.adapter_lr if adapter else args.lr},
                             output_dir=f"{args.runs}/{re.sub(r'[^a-z0-9]+', '-', label.lower()).strip('-')}")
         console.rule(f"{label}: {', '.join(methods)}")
-        out = run_continual(seq, base=base)
+        out = run_continual(seq, base=base, overwrite=True)  # a benchmark reruns its own directories
         base = out.pop("_base")
         results[label] = out
         write_json(args.out, {**settings, "results": results})

@@ -99,3 +99,28 @@ def test_shipped_benchmark_sequence_validates():
     assert [t.name for t in seq.tasks] == ["quotes", "foldoc", "stdlib"] and "olora" in seq.methods
     for t in seq.tasks:
         assert len(read_records(t.eval)) == 100
+
+
+def test_sequence_run_directory_is_checked_first_and_never_overwritten_unasked(tmp_path, tiny_model_dir, tiny_suite,
+                                                                                two_tasks, monkeypatch):
+    from tether.training.rundir import RunDirError, read_status
+
+    kw = dict(model={"name": str(tiny_model_dir)}, general=str(tiny_suite), memory_per_task=4,
+              training={"max_steps": 1, "batch_size": 4, "logging_steps": 1})
+    bad = [dict(two_tasks[0]), two_tasks[1]]
+    bad[0]["train"] = str(tmp_path / "missing.jsonl")
+    with pytest.raises(Exception, match="missing.jsonl"):
+        run_continual(load_sequence(None, tasks=bad, output_dir=str(tmp_path / "never"), **kw))
+    assert not (tmp_path / "never").exists()  # nothing written for a sequence that did not start
+    run = tmp_path / "run"
+    run_continual(load_sequence(None, tasks=two_tasks, output_dir=str(run), **kw))
+    assert read_status(run)["state"] == "finished" and read_status(run)["kind"] == "continual"
+    before = (run / "continual.json").read_bytes()
+    with pytest.raises(RunDirError, match="holds a finished run"):
+        run_continual(load_sequence(None, tasks=two_tasks, output_dir=str(run), **kw))
+    assert (run / "continual.json").read_bytes() == before
+    monkeypatch.chdir(tmp_path)
+    out = run_continual(load_sequence(None, tasks=two_tasks, **kw))  # no output_dir: a new directory
+    assert out["tasks"] == ["colour", "size"]
+    assert [p.name.startswith("colour-sequence-") for p in (tmp_path / "runs").iterdir()
+            if not p.name.startswith(".")] == [True]  # beside it only its lock file, hidden

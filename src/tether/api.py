@@ -104,12 +104,13 @@ def train(recipe: str | Path | None = None, *, overrides: list[str] | None = Non
     return run_train(load_recipe(recipe, overrides, **fields), overwrite=overwrite)
 
 
-def continual(sequence: str | Path | None = None, *, overrides: list[str] | None = None, **fields: Any) -> dict:
+def continual(sequence: str | Path | None = None, *, overrides: list[str] | None = None, overwrite: bool = False,
+              **fields: Any) -> dict:
     """Train a task sequence (YAML or fields); returns the ``continual.json`` content."""
     from .config import load_sequence
     from .training.continual import run_continual
 
-    return run_continual(load_sequence(sequence, overrides, **fields))
+    return run_continual(load_sequence(sequence, overrides, **fields), overwrite=overwrite)
 
 
 def _task_probe(eval_data: str | Path | None, *, chat: bool | None = None, limit: int | None = 200,

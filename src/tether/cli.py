@@ -142,14 +142,17 @@ def demo_cmd(
 def continual_cmd(
     sequence: Path = typer.Argument(..., help="Sequence YAML: tasks (name, train, eval), methods, training."),
     overrides: list[str] = typer.Option([], "--set", help="Override a key, e.g. --set training.max_steps=30."),
-    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o"),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", "-o",
+                                             help="Run directory (default: a new runs/<task>-sequence-<time>)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what the run directory holds."),
 ) -> None:
     """Train tasks one after another; accuracy matrix, backward/forward transfer, forgetting."""
     from . import api
     from .training.continual import render_continual
 
     try:
-        result = api.continual(sequence, overrides=overrides, **({"output_dir": output_dir} if output_dir else {}))
+        result = api.continual(sequence, overrides=overrides, overwrite=overwrite,
+                               **({"output_dir": output_dir} if output_dir else {}))
     except _expected_errors() as e:
         _fail(e)
     for table in render_continual(result):

@@ -324,7 +324,7 @@ class SequenceSpec(_Strict):
     eval_limit: int | None = 100
     memory_per_task: int = 50
     multitask: bool = False
-    output_dir: str = "runs/continual"
+    output_dir: str | None = None  # None: a new runs/<first task>-sequence-<UTC time> every run
 
     @field_validator("tasks")
     @classmethod

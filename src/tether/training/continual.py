@@ -22,28 +22,21 @@ from ..data.readers import read_records
 from ..io import write_json
 from ..methods.base import Context
 from ..progress import status
+from .rundir import claim, default_run_dir
 
 log = logging.getLogger(__name__)
 
 
-def run_continual(seq: SequenceSpec, *, base: tuple[list[float], list] | None = None) -> dict[str, Any]:
+def run_continual(seq: SequenceSpec, *, base: tuple[list[float], list] | None = None,
+                  overwrite: bool = False) -> dict[str, Any]:
     """Train the sequence; ``base`` (task scores, general ProbeResults of the untrained model on the
-    same items, as returned under ``"_base"``) skips re-scoring it when several runs share a base."""
-    import torch
-
-    from .. import models
-    from ..probes.scorer import Scorer
-    from ..probes.suite import load_suite, run_suite, validate_suite
-    from ..registry import PROBES
-    from ..report.compare import compare_results
-    from .cl_metrics import cl_metrics, plot_accuracy_matrix
-    from .run import build_methods, records_to_eval_items
+    same items, as returned under ``"_base"``) skips re-scoring it when several runs share a base.
+    The run directory is taken as `tether train` takes it (refused if it holds a run, unless
+    ``overwrite``), after every input was checked."""
+    from ..probes.suite import load_suite, validate_suite
 
     t_start = time.perf_counter()
-    run_dir = Path(seq.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    # 1. every task's data and the general probes, checked before the model loads
+    # 1. every task's data and the general probes, checked before anything is written or loaded
     raw = []
     for t in seq.tasks:
         train, evals = read_records(t.train), read_records(t.eval)
@@ -52,6 +45,21 @@ def run_continual(seq: SequenceSpec, *, base: tuple[list[float], list] | None = 
         raw.append((train, evals[: seq.eval_limit] if seq.eval_limit else evals))
     suite = load_suite(seq.general)
     general_probes = validate_suite(suite)
+    out_dir = seq.output_dir or default_run_dir(f"{seq.tasks[0].name}-sequence", "continual")
+    with claim(out_dir, overwrite=overwrite, kind="continual") as run_dir:
+        return _run_sequence(seq, raw, suite, general_probes, base, run_dir, t_start)
+
+
+def _run_sequence(seq, raw, suite, general_probes, base, run_dir: Path, t_start: float) -> dict[str, Any]:
+    import torch
+
+    from .. import models
+    from ..probes.scorer import Scorer
+    from ..probes.suite import run_suite
+    from ..registry import PROBES
+    from ..report.compare import compare_results
+    from .cl_metrics import cl_metrics, plot_accuracy_matrix
+    from .run import build_methods, records_to_eval_items
 
     torch.manual_seed(seq.training.seed)
     with status(f"loading {seq.model.name}"):
