@@ -99,6 +99,9 @@ class Method:
     #: does this method read ``ctx.general_examples`` (the replay split)? The session loads it only then;
     #: a property where a setting decides (LoRA's ``init: contrast``)
     needs_general: bool = False
+    #: can it run without any general data (then it says so in the log)? If not, a suite without a
+    #: ``replay:`` section is refused before the model loads
+    general_optional: ClassVar[bool] = False
 
     def __init__(self, config: Any = None):
         self.config = config

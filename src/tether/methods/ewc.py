@@ -156,6 +156,7 @@ class EWC(Method):
 
     config_class = EWCConfig
     needs_general = True  # the Fisher is estimated on general data
+    general_optional = True  # without it, the penalty starts after the first task's consolidation
 
     def __init__(self, config: EWCConfig | dict | None = None):
         super().__init__(EWCConfig.model_validate(config or {}))

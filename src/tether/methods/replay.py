@@ -278,7 +278,10 @@ class Replay(Method):
     """
 
     config_class = ReplayConfig
-    needs_general = True
+
+    @property
+    def needs_general(self) -> bool:
+        return self.config.ratio > 0
 
     def __init__(self, config: ReplayConfig | dict | None = None):
         super().__init__(ReplayConfig.model_validate(config or {}))

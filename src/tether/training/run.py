@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import Recipe, dump_recipe
+from ..config import Recipe, RecipeError, dump_recipe
 from ..data.formats import encode_records, validate, validate_records
 from ..data.readers import iter_valid, read_records
 from ..io import append_jsonl, write_json, write_text
@@ -107,16 +107,23 @@ def train(recipe: Recipe, *, base_results: dict[str, list] | None = None, keep_m
     general = load_suite(recipe.general)
     general_probes = validate_suite(general)
     guard_probes = validate_suite(recipe.guard.suite, limit=recipe.guard.limit) if recipe.guard.enabled else None
+    methods = build_methods(recipe)
+    wanting = [n for n, m in methods.items() if m.needs_general and not m.general_optional]
+    if wanting and general.replay_path() is None:  # found now, not after minutes of scoring the base
+        verb = "needs" if len(wanting) == 1 else "need"
+        raise RecipeError(f"general: suite {general.origin} has no replay section, and {' and '.join(wanting)} "
+                          f"{verb} general data; add `replay: {{data: FILE}}` to the suite, or turn "
+                          f"{'it' if len(wanting) == 1 else 'them'} off (e.g. --set {wanting[0]}=false)")
     if recipe.output_dir is None:
         recipe = recipe.model_copy(update={"output_dir": default_run_dir(recipe.task.train)})
     with claim(recipe.output_dir, overwrite=overwrite) as run_dir:
         write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
         return _run(recipe, run_dir, train_records, eval_records, read_skipped, general, general_probes, guard_probes,
-                    base_results=base_results, keep_model=keep_model, compare_to=compare_to, t_start=t_start)
+                    methods, base_results=base_results, keep_model=keep_model, compare_to=compare_to, t_start=t_start)
 
 
 def _run(recipe: Recipe, run_dir: Path, train_records, eval_records, read_skipped, general, general_probes,
-         guard_probes, *,
+         guard_probes, methods: dict[str, Any], *,
          base_results, keep_model: bool, compare_to: str | None, t_start: float) -> TrainResult:
     import torch
 
@@ -142,7 +149,6 @@ def _run(recipe: Recipe, run_dir: Path, train_records, eval_records, read_skippe
     session.base = base
 
     # 4. methods, trainer, guard
-    methods = build_methods(recipe)
     trainer, guard = session.build_trainer(methods, task_examples)
     train_out = trainer.train()
     model = trainer.model
