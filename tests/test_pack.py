@@ -487,7 +487,7 @@ def fixture_sources(monkeypatch):
 
 
 def test_facts_split_between_probes_and_never_give_the_answer_away(fixture_sources):
-    mc_pools, trivia_pools = P._facts(seed=0)
+    mc_pools, trivia_pools = P._facts(_countries_fixture(), seed=0)
     mc = P._knowledge_mc(mc_pools, seed=0)
     trivia = P._trivia_gen(trivia_pools, seed=0)
     asked_mc = {it["id"] for it in mc}
@@ -506,13 +506,13 @@ def test_facts_split_between_probes_and_never_give_the_answer_away(fixture_sourc
     assert cub["choices"][cub["gold"]] == "cub"
     assert {it["subset"] for it in trivia} == {"world_capital", "state_capital", "element_name"}
     assert len(trivia) == 4 + 2 + 3
-    again = P._knowledge_mc(P._facts(seed=0)[0], seed=0)
+    again = P._knowledge_mc(P._facts(_countries_fixture(), seed=0)[0], seed=0)
     assert again == mc  # same seed, same items
 
 
 def test_drift_prompts_are_chat_requests_from_every_template(fixture_sources, monkeypatch):
     monkeypatch.setattr(P, "DRIFT_PER_TEMPLATE", 2)
-    rows = P._drift_prompts(seed=0)
+    rows = P._drift_prompts(_countries_fixture(), seed=0)
     assert Counter(r["subset"] for r in rows) == {t[0]: 2 for t in P.DRIFT_TEMPLATES}
     assert all(_is_messages(r["prompt"]) and "{" not in r["prompt"][0]["content"] for r in rows)
 

@@ -251,9 +251,9 @@ def _quiz_facts(seed: int) -> dict[str, list[dict]]:
     return out
 
 
-def _facts(seed: int) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+def _facts(countries: list[dict], seed: int) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
     """``(multiple-choice pools, trivia pools)`` by subset: no fact in both."""
-    countries = _country_facts(S.countryinfo_countries(), seed)
+    countries = _country_facts(countries, seed)
     quiz = _quiz_facts(seed)
     trivia = {"world_capital": countries["capital_trivia"], "state_capital": quiz.pop("state_capital_trivia"),
               "element_name": quiz.pop("element_name_trivia")}
@@ -274,8 +274,8 @@ def _knowledge_mc(pools: dict[str, list[dict]], seed: int) -> list[dict]:
             if "distractors" in f:
                 wrong = f["distractors"]
             else:
-                others = [g for g in pool if g["key"] != f["key"] and normalise(g["answers"][0]) not in accepted
-                          and not ({normalise(a) for a in g["answers"]} & accepted)]
+                others = [g for g in pool
+                          if g["key"] != f["key"] and not {normalise(a) for a in g["answers"]} & accepted]
                 others = list({g["answers"][0]: g for g in others}.values())
                 near = [g for g in others if f["group"] and g["group"] == f["group"]]
                 picks = _sample(rng, near, 3) if len(near) >= 3 else _sample(rng, others, 3)
@@ -284,29 +284,33 @@ def _knowledge_mc(pools: dict[str, list[dict]], seed: int) -> list[dict]:
                 continue
             choices = [f["answers"][0], *wrong]
             rng.shuffle(choices)
-            out.append({"id": f"{subset}/{f['key']}", "source": _SUBSET_SOURCE[subset], "subset": subset,
+            out.append({"id": f"{subset}/{f['key']}", "source": _source(subset), "subset": subset,
                         "query": f"Question: {f['question']}\nAnswer:", "choices": choices,
                         "gold": choices.index(f["answers"][0])})
     _rng(seed, "mc").shuffle(out)  # so that a suite's `limit` takes a mix of subsets
     return _dedupe(out, "query")
 
 
-_SUBSET_SOURCE = {"world_capital": "countryinfo", "continent": "countryinfo", "population": "countryinfo"}
-_SUBSET_SOURCE = defaultdict(lambda: "bsdgames", _SUBSET_SOURCE)
+_FROM_COUNTRYINFO = {"world_capital", "continent", "population", "country", "capital"}  # subsets and drift pools
+
+
+def _source(name: str) -> str:
+    """The source of a subset's facts or of a drift template's entities; the rest are bsdgames quizzes."""
+    return "countryinfo" if name in _FROM_COUNTRYINFO else "bsdgames"
 
 
 def _trivia_gen(pools: dict[str, list[dict]], seed: int) -> list[dict]:
     out = []
     for subset, k in TRIVIA_SUBSETS.items():
         for f in pools[subset][:k]:
-            out.append({"id": f"{subset}/{f['key']}", "source": _SUBSET_SOURCE[subset], "subset": subset,
+            out.append({"id": f"{subset}/{f['key']}", "source": _source(subset), "subset": subset,
                         "prompt": _user(f["question"]), "answers": f["answers"]})
     _rng(seed, "trivia").shuffle(out)
     return _dedupe(out, "prompt")
 
 
-def _drift_entities() -> dict[str, list[str]]:
-    countries = [c for c in S.countryinfo_countries() if _printable(c["name"]) and c["population"] >= 1_000_000]
+def _drift_entities(countries: list[dict]) -> dict[str, list[str]]:
+    countries = [c for c in countries if _printable(c["name"]) and c["population"] >= 1_000_000]
     quiz = {n: S.quiz(n) for n in ("flowers", "collectives", "elements", "pres", "poetry", "state", "babies")}
     return {
         "country": [c["name"] for c in countries],
@@ -321,14 +325,14 @@ def _drift_entities() -> dict[str, list[str]]:
     }
 
 
-def _drift_prompts(seed: int) -> list[dict]:
-    entities = _drift_entities()
+def _drift_prompts(countries: list[dict], seed: int) -> list[dict]:
+    entities = _drift_entities(countries)
     out = []
     for subset, template, pool in DRIFT_TEMPLATES:
         names = sorted(set(entities[pool]))
         for x in _sample(_rng(seed, f"drift/{subset}"), names, DRIFT_PER_TEMPLATE):
-            out.append({"id": f"{subset}/{x}", "source": "countryinfo" if pool in ("country", "capital") else
-                        "bsdgames", "subset": subset, "prompt": _user(template.format(x=x))})
+            out.append({"id": f"{subset}/{x}", "source": _source(pool), "subset": subset,
+                        "prompt": _user(template.format(x=x))})
     _rng(seed, "drift").shuffle(out)
     return out
 
@@ -452,10 +456,11 @@ def build_pack(name: str = "general-v2", out_dir: str | os.PathLike | None = Non
         raise ValueError(f"unknown pack {name!r}; known: {', '.join(PACKS)}")
     out = Path(out_dir) if out_dir else tether_home() / "data" / name
     with status(f"building probe pack {name} (seed {seed})"):
-        mc_pools, trivia_pools = _facts(seed)
+        countries = S.countryinfo_countries()
+        mc_pools, trivia_pools = _facts(countries, seed)
         probes = {"knowledge_mc": _knowledge_mc(mc_pools, seed), "mmlu_mc": _mmlu_mc(seed),
                   "trivia_gen": _trivia_gen(trivia_pools, seed), "code_loss": _code_loss(seed),
-                  "drift_prompts": _drift_prompts(seed)}
+                  "drift_prompts": _drift_prompts(countries, seed)}
         probes["chat_loss"], chat_replay = _chat_split(seed)
         docs, docs_origin = _docs_replay(seed)
         all_probe_items = [it for items in probes.values() for it in items]

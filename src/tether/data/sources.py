@@ -73,6 +73,10 @@ class SourceMissing(RuntimeError):
     in one line which source, which package, and how to put it in place by hand."""
 
 
+class SourceNotPinned(SourceMissing):
+    """The source is there, but its files are not the pinned bytes."""
+
+
 def downloads_dir() -> Path:
     return tether_home() / "downloads"
 
@@ -99,7 +103,7 @@ def _verify(source: str, root: Path, files: list[Path], fix: str, origin: str | 
     digest = files_digest(root, files)
     pin = PINS.get(source)
     if pin is not None and digest != pin and os.environ.get(UNPINNED_ENV) != "1":
-        raise SourceMissing(
+        raise SourceNotPinned(
             f"source {source!r}: the {len(files)} file(s) read from {root} ({SOURCES[source]['package']}) have "
             f"sha256 {digest[:16]}..., pinned {pin[:16]}...; put the pinned version in place by hand ({fix}), "
             f"or set {UNPINNED_ENV}=1 to build from these files")
@@ -181,9 +185,6 @@ def quiz(name: str) -> list[list[list[str]]]:
     root = quiz_dir()
     if name not in QUIZ_FILES:
         raise ValueError(f"unknown quiz {name!r}; known: {', '.join(QUIZ_FILES)}")
-    if "bsdgames" not in READ:
-        _verify("bsdgames", root, [root / f for f in QUIZ_FILES], "apt-get download bsdgames && dpkg -x "
-                f"bsdgames_*.deb {downloads_dir() / 'bsdgames'}", origin=_debs(root))
     text = (root / name).read_text(encoding="utf-8", errors="replace")
     out = []
     for line in re.sub(r"\\\n", "", text).splitlines():
@@ -306,14 +307,13 @@ def python_docs_paragraphs() -> tuple[list[tuple[str, str]], str]:
     try:
         root = _debian_dir("python-docs", ["python3.11-doc"], "usr/share/doc/python3.11/html/_sources",
                            "index.rst.txt", _docs_files, keep="usr/share/doc/python3.11/html/_sources")
+    except SourceNotPinned:
+        raise  # other bytes than the pinned ones are an error, not a reason to fall back
     except SourceMissing as e:
         log.warning("python docs unavailable (%s); using stdlib docstrings instead", e)
         return _stdlib_docstrings(), "stdlib docstrings (python3.11-doc unavailable)"
-    files = _docs_files(root)
-    _verify("python-docs", root, files, "apt-get download python3.11-doc && dpkg -x python3.11-doc_*.deb "
-            f"{downloads_dir() / 'python3.11-doc'}", origin=_debs(root))
     out = []
-    for f in files:
+    for f in _docs_files(root):
         out += [(f.relative_to(root).as_posix(), p) for p in _rst_paragraphs(f.read_text(encoding="utf-8"))]
     return out, READ["python-docs"]["origin"]
 
@@ -384,18 +384,24 @@ def _debian_dir(source: str, packages: list[str], rel: str, marker: str,
                 files: Callable[[Path], list[Path]], keep: str | None = None) -> Path:
     """``/rel`` when the Debian packages are installed there with the pinned bytes, else the same
     folder unpacked under ``downloads_dir()/packages[0]``, fetched with `_apt_download` on first use
-    (which replaces a partial unpack). ``keep``: the only part of the unpack worth keeping."""
+    (which replaces a partial unpack); the ``files`` read from it are checked against the pin once per
+    process. ``keep``: the only part of the unpack worth keeping."""
     system = Path("/") / rel
-    if (system / marker).exists() and all(f.is_file() for f in files(system)) and \
-            files_digest(system, files(system)) == PINS.get(source):
-        return system
     cached = downloads_dir() / packages[0]
-    if not (cached / rel / marker).exists():
-        downloads_dir().mkdir(parents=True, exist_ok=True)
-        _apt_download(source, packages, cached)
-        if keep is not None:
-            _prune(cached, cached / keep)
-    return cached / rel
+    installed = files(system) if (system / marker).exists() else []
+    if installed and all(f.is_file() for f in installed) and files_digest(system, installed) == PINS.get(source):
+        root = system
+    else:
+        if not (cached / rel / marker).exists():
+            downloads_dir().mkdir(parents=True, exist_ok=True)
+            _apt_download(source, packages, cached)
+            if keep is not None:
+                _prune(cached, cached / keep)
+        root = cached / rel
+    if source not in READ:
+        _verify(source, root, [f for f in files(root) if f.is_file()],
+                f"apt-get download {' '.join(packages)} && dpkg -x each .deb into {cached}", origin=_debs(root))
+    return root
 
 
 def _prune(top: Path, keep: Path) -> None:
@@ -425,13 +431,8 @@ FORTUNE_FILES = ("art", "computers", "food", "law", "literature", "love", "peopl
 
 def fortunes_dir() -> Path:
     """The directory of fortune topic files (installed, cached, or fetched with apt-get download)."""
-    root = _debian_dir("fortunes", ["fortunes", "fortunes-min"], "usr/share/games/fortunes", "computers",
+    return _debian_dir("fortunes", ["fortunes", "fortunes-min"], "usr/share/games/fortunes", "computers",
                        lambda r: [r / f for f in FORTUNE_FILES])
-    if "fortunes" not in READ:
-        _verify("fortunes", root, [root / f for f in FORTUNE_FILES if (root / f).exists()],
-                "apt-get download fortunes fortunes-min && dpkg -x each .deb into "
-                f"{downloads_dir() / 'fortunes'}", origin=_debs(root))
-    return root
 
 
 def fortune_quotes(topic: str) -> list[str]:
@@ -445,11 +446,7 @@ def fortune_quotes(topic: str) -> list[str]:
 def foldoc_dir() -> Path:
     """The directory holding ``foldoc.index`` and ``foldoc.dict.dz`` (installed, cached or fetched)."""
     names = ("foldoc.index", "foldoc.dict.dz")
-    root = _debian_dir("foldoc", ["dict-foldoc"], "usr/share/dictd", "foldoc.index", lambda r: [r / n for n in names])
-    if "foldoc" not in READ:
-        _verify("foldoc", root, [root / n for n in names], "apt-get download dict-foldoc && dpkg -x "
-                f"dict-foldoc_*.deb {downloads_dir() / 'dict-foldoc'}", origin=_debs(root))
-    return root
+    return _debian_dir("foldoc", ["dict-foldoc"], "usr/share/dictd", "foldoc.index", lambda r: [r / n for n in names])
 
 
 _B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
