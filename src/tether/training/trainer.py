@@ -49,10 +49,18 @@ class TetherTrainer(Trainer):
         self._prefix: dict[str, Any] = {}  # per model: whether sharing is exact for it, its cache keyword
         self._term_sums: dict[str, Any] = defaultdict(float)  # tensors once a term is added
         self._term_counts: dict[str, Any] = defaultdict(int)
+        self._last_terms: dict[str, torch.Tensor] = {}  # the last step's extra loss terms, read only on a NaN
         self.add_callback(_MethodHooks(self))
 
     def context(self) -> Context:
         return dataclasses.replace(self.base_context, step=self.state.global_step)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """HF's step (forward and backward), then the finiteness check before the optimizer's update: the
+        loss is read back here anyway by HF's ``logging_nan_inf_filter``, so this adds no device sync."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        _check_finite(loss, self._last_terms, self.state.global_step, self.args.output_dir)
+        return loss
 
     def train(self, *args: Any, **kwargs: Any):
         try:
@@ -147,7 +155,7 @@ class TetherTrainer(Trainer):
                 extra = extra / self.current_gradient_accumulation_steps
             loss = loss + extra
         self._record(terms, inputs, outputs, is_replay, nll)
-        _check_finite(loss, terms, self.state.global_step, self.args.output_dir)
+        self._last_terms = terms
         return (loss, outputs) if return_outputs else loss
 
     def _prefix_groups(self, model, inputs: dict, is_replay) -> list[prefix.Group] | None:
@@ -415,8 +423,8 @@ class TrainingDiverged(ValueError):
 
 
 def _check_finite(loss: torch.Tensor, terms: dict[str, torch.Tensor], step: int, output_dir: str) -> None:
-    """Stop on a NaN or infinite loss before ``backward``: the weights stay as the last step left them and
-    the checkpoints already saved stay on disk; the message names the term that went bad."""
+    """Stop on a NaN or infinite loss before the optimizer applies it: the weights stay as the last step
+    left them and the checkpoints already saved stay on disk; the message names the term that went bad."""
     if bool(torch.isfinite(loss.detach()).all()):
         return
     bad = [k for k, v in terms.items() if not bool(torch.isfinite(v.detach()).all())]
