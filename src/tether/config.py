@@ -139,7 +139,7 @@ class Recipe(_Strict):
         configs = {}
         for name, settings in self.methods.items():
             if name not in METHODS:
-                raise ValueError(f"methods.{name}: unknown method; known: {', '.join(METHODS.names())}")
+                raise ValueError(f"methods.{name}: unknown method {name!r}; known: {', '.join(METHODS.names())}")
             cls = METHODS.get(name)
             cfg_cls = getattr(cls, "config_class", None)
             if cfg_cls is not None:
@@ -217,16 +217,14 @@ def _route_method_keys(d: dict) -> dict:
 
 
 def _check_names(data: dict, source: str) -> None:
-    """An unknown section or method gets its own message: a typo'd or missing method is the usual cause."""
+    """An unknown top-level key gets its own message: a typo'd or missing method is the usual cause (an
+    unknown name under ``methods`` is the Recipe's own check)."""
     from .registry import METHODS
 
     for k in data:
         if k not in Recipe.model_fields:
             raise RecipeError(f"{source}: {k!r} is neither a recipe section ({', '.join(Recipe.model_fields)}) "
                               f"nor a known method ({', '.join(METHODS.names())})")
-    for k in data.get("methods") or {}:
-        if k not in METHODS:
-            raise RecipeError(f"{source}: methods.{k}: unknown method {k!r}; known: {', '.join(METHODS.names())}")
 
 
 def _read_yaml(p: Path, what: str) -> dict[str, Any]:

@@ -61,9 +61,10 @@ def _wait_for_main(path: Path, timeout: float = 600.0) -> None:
     t0 = time.time()
     while time.time() - t0 < timeout:
         st = read_status(path) or {}
-        if st.get("state") == "running" and (st.get("run_id") == run_id if run_id else st.get("started", 0) >= t0 - 60):
+        this_launch = st.get("run_id") == run_id if run_id else st.get("started", 0) >= t0 - 60
+        if this_launch and st.get("state") == "running":
             return
-        if st.get("state") == "failed" and (st.get("run_id") == run_id if run_id else st.get("started", 0) >= t0 - 60):
+        if this_launch and st.get("state") == "failed":
             raise RunDirError(f"{path}: the main process failed ({st.get('error')})")
         time.sleep(0.2)
     raise RunDirError(f"{path}: the main process did not take the run directory within {timeout:.0f} s "
