@@ -129,7 +129,7 @@ def test_lora_contrast_init_in_a_run_reads_the_general_split_and_trains_b_only(t
 
 
 def test_default_methods_without_replay_still_distil_the_task_prompts(tmp_path, tiny_model_dir, tiny_task, tiny_suite):
-    """`--set replay=false` on the default (since session 16 its LwF is `on: inputs`): the run trains,
+    """`--set replay=false` on the default (its LwF is `on: inputs`): the run trains,
     mixes in no general rows, and distils the task rows' prompts (the KL is logged and grows from 0)."""
     methods = {k: v for k, v in default_methods().items() if k != "replay"}
     assert methods["lwf"]["on"] == "inputs"
