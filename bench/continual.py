@@ -13,6 +13,8 @@ Same steps per task, seed and probes for every method; multi-task trains on all 
 the same total steps (the upper bound). Reports average accuracy, backward transfer, forgetting and
 the general change, as a table and JSON.
 
+Writes results/continual-formats-general-v2-<suite>-<steps>-steps.json unless --out says otherwise.
+
     python bench/continual.py --steps 40
 """
 
@@ -51,11 +53,13 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=100)
     ap.add_argument("--suite", default="general-mini")
     ap.add_argument("--only", nargs="*")
-    ap.add_argument("--out", default=str(HERE / "results" / "continual.json"))
+    ap.add_argument("--out", help="result file (default: results/continual-formats-general-v2-<suite>-<steps>-"
+                                  "steps.json next to this script)")
     ap.add_argument("--runs", default="runs/bench-continual")
     ap.add_argument("--resume", action="store_true", help="keep the methods already in --out (same settings)")
-    ap.add_argument("--markdown", action="store_true", help="print --out as the README's table; train nothing")
+    ap.add_argument("--markdown", action="store_true", help="print --out as a markdown table; train nothing")
     args = ap.parse_args()
+    args.out = args.out or str(HERE / "results" / f"continual-formats-general-v2-{args.suite}-{args.steps}-steps.json")
     if args.markdown:
         print(markdown(json.loads(Path(args.out).read_text(encoding="utf-8"))))
         return
@@ -64,8 +68,8 @@ def main() -> None:
     from rich.table import Table
 
     from tether.config import load_sequence
-    from tether.data.pack import ensure_pack
-    from tether.data.tasks import ensure_task
+    from tether.data.build.pack import ensure_pack
+    from tether.data.build.tasks import ensure_task
     from tether.io import write_json
     from tether.training.continual import run_continual
 
@@ -130,7 +134,7 @@ def goal(results: dict) -> str:
 
 
 def markdown(data: dict) -> str:
-    """The README's table: summary metrics in points, then each general probe's relative change after
+    """A markdown table: summary metrics in points, then each general probe's relative change after
     the last task (a loss probe's rise is a loss of ability)."""
     first = next(iter(data["results"].values()))
     probes = first["general_probes"]

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The GPU checks, as one short run on a lent machine that has torch/transformers/peft/accelerate but
-# no weights, no tether and no network (README, "On a GPU"). Prepare here, once:
+# no weights, no tether and no network (docs/benchmarks.md, "GPU checks"). Prepare here, once:
 #   bench/device_check.sh --prepare     # .whl/ (pydantic for Python 3.12) and .dev/home (pack, task, tokenizer)
 # then run it there with both folders carried; results land in $OUT (default /tmp/tether-device; copy
 # them to the tool's $OUT: `DEADLINE=545 bash bench/device_check.sh; cp -r /tmp/tether-device/. "$OUT"/`,
-# timeout_s 575; session 9's run took 388 s of its 575):
+# timeout_s 575; a full run took 388 s of its 575 on an H200):
 #   1. the CUDA tests (tests/test_gpu.py) and the rest of the fast suite with the GPU visible
 #   2. bench/step_overhead.py at Qwen2-0.5B's shapes in bf16 (plain Trainer + PEFT vs each method), at
 #      batch 8 and 32, and a torch.profiler run of the replace vs add replay modes (`--profile`)
 #   3. one `tether train` of the default recipe (guard on) on a random Qwen2-0.5B, bf16, scored on
-#      `general-quick` (session 8's run on the full suite was cut at 150 s in its final scoring: a
-#      random model generates to every probe's token limit)
+#      `general-quick` (on the full suite a 150 s cap cut the final scoring: a random model generates
+#      to every probe's token limit)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--prepare" ]]; then
@@ -21,7 +21,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
     "pydantic_core==$("$py" -c 'import pydantic_core; print(pydantic_core.__version__)')" \
     annotated-types typing-inspection typing_extensions
   home=$("$py" -c 'from tether.io import tether_home; print(tether_home())')
-  "$py" -c 'from tether.data.pack import ensure_pack; from tether.data.tasks import ensure_task; from tether.models import load_tokenizer; ensure_pack("general-v2"); ensure_task("fortune-topics"); load_tokenizer("smollm2-135m-instruct")'
+  "$py" -c 'from tether.data.build.pack import ensure_pack; from tether.data.build.tasks import ensure_task; from tether.models import load_tokenizer; ensure_pack("general-v2"); ensure_task("fortune-topics"); load_tokenizer("smollm2-135m-instruct")'
   mkdir -p .dev/home/models/smollm2-135m-instruct
   cp -r "$home/data" .dev/home/
   (cd "$home/models/smollm2-135m-instruct" && cp config.json generation_config.json tokenizer.json \
@@ -74,25 +74,27 @@ timeout 180 python3 bench/step_overhead.py --random-config qwen2-0.5b --bf16 --s
   "+ replay 25% + LwF on a general batch" "+ replay 25% + LwF on inputs" \
   --out "$OUT/step_overhead_gpu.json" 2>&1 | grep -v "it/s\]" | tail -20
 
-# shared prompt prefixes (session 12): the same configurations with training.share_prefix off; and the
-# default with LwF's teacher running every block instead of from the first trained one (session 17)
+# shared prompt prefixes: the same configurations with training.share_prefix off; and the default with
+# LwF's teacher running every block instead of from the first trained one
 timeout 150 python3 bench/step_overhead.py --random-config qwen2-0.5b --bf16 --steps 10 --warmup 3 \
   --only "tether LoRA, dropout 0" "tether LoRA, dropout 0, prefix sharing off" "default recipe's methods" \
   "default recipe's methods, prefix sharing off" "default recipe's methods, teacher runs every block" \
   --out "$OUT/step_overhead_gpu_prefix.json" 2>&1 | grep -v "it/s\]" | tail -10
 
-# batch 32: how much of batch 8's per-step launch overhead is amortised (session 8 measured batch 8 only)
+# batch 32: how much of batch 8's per-step launch overhead is amortised
 timeout 120 python3 bench/step_overhead.py --random-config qwen2-0.5b --bf16 --steps 10 --warmup 3 --batch-size 32 \
   --only "tether LoRA" "+ EWC" "+ LwF" "+ replay 25% + LwF on replay rows, LoRA dropout 0" \
   --out "$OUT/step_overhead_gpu_b32.json" 2>&1 | grep -v "it/s\]" | tail -12
 
-# why does replay mode add cost 1.4-2.0x the replace mode's step on a GPU (sessions 8-9) for 1.25x the rows?
-# the default (mode add + the bottom half frozen, session 13) against the one before it (mode replace,
-# nothing frozen), and the distil-inputs recipe (mode add + LwF on inputs + answer tokens)
+# why did replay mode add cost 1.4-2.0x the replace mode's step on an H200 for 1.25x the rows? the default
+# (mode add + the bottom half frozen) against mode replace with nothing frozen, and the distil-inputs recipe
+# (mode add + LwF on inputs + answer tokens)
 timeout 150 python3 bench/step_overhead.py --random-config qwen2-0.5b --bf16 --steps 5 --warmup 3 --profile \
   --only "+ replay 25% + LwF on replay rows, LoRA dropout 0" \
   "+ replay 20% on top (mode add) + LwF on replay rows, LoRA dropout 0" \
-  "default recipe's methods" "default recipe of sessions 4-12's methods" "distil-inputs recipe's methods" \
+  "default recipe's methods" \
+  "default recipe's methods, replay mode replace, nothing frozen, random A, LwF on replay rows" \
+  "distil-inputs recipe's methods" \
   --out "$OUT/step_profile_gpu.json" 2>&1 | grep -v "it/s\]" | tail -8
 
 echo "== 3. tether train, default recipe, random Qwen2-0.5B, bf16, guard every 20 steps"

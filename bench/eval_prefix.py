@@ -7,6 +7,8 @@ alternating, each keeping its best of ``--repeats``; every score must agree to 1
 generation is also run through lm-evaluation-harness's ``HFLM.generate_until`` on the same prompts
 (decoded to text, as lm-eval takes them), the tool a user would otherwise reach for.
 
+Writes results/eval-prefix-sharing-general-v2-<suite>-<task items>-task-items.json unless --out says otherwise.
+
     python bench/eval_prefix.py --repeats 2
 """
 
@@ -31,15 +33,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="runs per side; the best one counts")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's choice)")
     ap.add_argument("--no-harness", action="store_true", help="skip lm-eval's generate_until")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "eval_prefix.json")
+    ap.add_argument("--out", type=Path, help="result file (default: results/eval-prefix-sharing-general-v2-<suite>-"
+                                             "<task-items>-task-items.json next to this script)")
     args = ap.parse_args()
+    args.out = args.out or HERE / "results" / (f"eval-prefix-sharing-general-v2-{args.suite}-{args.task_items}-"
+                                               "task-items.json")
 
     import torch
     from rich.console import Console
     from rich.table import Table
 
     from tether.api import _task_probe
-    from tether.data.tasks import ensure_task
+    from tether.data.build.tasks import ensure_task
     from tether.io import write_json
     from tether.models import load
     from tether.probes.scorer import Scorer

@@ -7,7 +7,11 @@ Wall time on a shared machine is noisy, so CPU time (all threads of this process
 and each side keeps its best of ``--repeats`` runs. One torch thread by default: on a busy 2-core
 machine, OpenMP barriers make multi-threaded timings of either side swing by up to 10x.
 
+Writes results/eval-speed-<items>-<n>.json (``mmlu``, or the items file's name and folder, e.g.
+``knowledge_mc-general-v2``) unless --out says otherwise.
+
     python bench/eval_speed.py --n-items 100 --batch-size 32
+    python bench/eval_speed.py --items $TETHER_HOME/data/general-v2/knowledge_mc.jsonl --n-items 200
 """
 
 from __future__ import annotations
@@ -74,7 +78,8 @@ def main() -> None:
     ap.add_argument("--items", type=Path, help="a JSONL of {query, choices, gold} instead of MMLU")
     ap.add_argument("--repeats", type=int, default=1, help="runs per side; the best one counts")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's choice)")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "eval_speed.json")
+    ap.add_argument("--out", type=Path, help="result file (default: results/eval-speed-<items>-<n>.json next to "
+                                             "this script)")
     args = ap.parse_args()
 
     import torch
@@ -93,6 +98,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     items = [r.data for r in read_records(args.items)] if args.items else mmlu_cot_items()
     items = items[: args.n_items]
+    source = f"{args.items.stem}-{args.items.parent.name}" if args.items else "mmlu"
+    args.out = args.out or HERE / "results" / f"eval-speed-{source}-{len(items)}.json"
     model, tok = load(args.model)
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size)
     scorer = Scorer(model, tok, batch_size=args.batch_size)

@@ -5,6 +5,8 @@ forgets) and compares, on the same task and general probes: interpolating back t
 (no training), `tether recover` (replay-heavy training with the guard in recover mode), and the
 default recipe trained from the base. Compute is wall time and optimizer steps in one process.
 
+Writes results/rescue-naive-demo-general-v2-<suite>.json unless --out says otherwise.
+
     python bench/rescue.py --naive runs/demo/naive --default runs/demo/default
 """
 
@@ -28,15 +30,16 @@ def main() -> None:
     ap.add_argument("--suite", default="general-demo")
     ap.add_argument("--recover-steps", type=int, default=40)
     ap.add_argument("--eval-limit", type=int, default=80)
-    ap.add_argument("--out", default=str(HERE / "results" / "rescue.json"))
+    ap.add_argument("--out", help="result file (default: results/rescue-naive-demo-general-v2-<suite>.json)")
     ap.add_argument("--runs", default="runs/bench-rescue")
     args = ap.parse_args()
+    args.out = args.out or str(HERE / "results" / f"rescue-naive-demo-general-v2-{args.suite}.json")
 
     from rich.console import Console
     from rich.table import Table
 
     from tether import api
-    from tether.data.tasks import ensure_task
+    from tether.data.build.tasks import ensure_task
     from tether.io import write_json
 
     task = ensure_task("fortune-topics")

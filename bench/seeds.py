@@ -3,9 +3,11 @@
 A 60-step run's task accuracy moves by 10-15 points with the seed (the LoRA init and the data
 order), more than most recipe changes, so a change is judged on several seeds together, never
 one. This screens variants cheaply: no guard, no full general suite, only the 200 held-out task
-items and 24 drift prompts; the variants that win go to `bench/tradeoff.py` for every probe.
+items and 24 drift prompts; the variants that win go to `bench/tradeoff.py` for every probe. Results
+accumulate in results/seeds-general-v2-<steps>-steps-<task items>-task-items.json (or --out): a
+variant/seed pair already there is not run again.
 
-    python bench/seeds.py --seeds 0 1 2 --only "default" "replay mode add"
+    python bench/seeds.py --seeds 0 1 2 3 4 --only "default recipe" "naive full FT"
 """
 
 from __future__ import annotations
@@ -20,92 +22,91 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
 
-# label -> recipe overrides (`--set` strings) of the default recipe. Labels measured before session 13
-# were overrides of that day's default (replay mode replace, nothing frozen, random LoRA A, LwF on the
-# replay rows; "default" is that recipe): BEFORE_13 keeps their meaning, BEFORE_15 that
-# of sessions 13-14's labels, BEFORE_16 that of session 15's, BEFORE_17 that of session 16's (LoRA r 16).
-BEFORE_19 = ["lwf.nontarget_alpha=0"]  # session 19's default adds LwF's non-target term; labels before, without it
-BEFORE_17 = [*BEFORE_19, "lora.r=16", "lora.alpha=128"]
-BEFORE_16 = ["lwf.on=replay", *BEFORE_17]
-BEFORE_13 = ["replay.mode=replace", "freeze=false", "lora.init=default", *BEFORE_16]
-# labels measured in sessions 13-14: that default (PEFT's random LoRA A)
-BEFORE_15 = ["lora.init=default", *BEFORE_16]
+# label -> recipe overrides (`--set` strings) of the default recipe. Each label keeps the configuration it
+# names: the lists below take parts of today's default back (each includes the one before it):
+NO_NONTARGET = ["lwf.nontarget_alpha=0"]  # without LwF's non-target term at the task's answers
+LORA_R16 = [*NO_NONTARGET, "lora.r=16", "lora.alpha=128"]  # LoRA r 16, alpha 128 instead of r 32, alpha 256
+LWF_REPLAY_ROWS = ["lwf.on=replay", *LORA_R16]  # LwF on the replay rows only, not on every untrained position
+RANDOM_A = ["lora.init=default", *LWF_REPLAY_ROWS]  # PEFT's random LoRA A instead of the contrast init
+# replay rows in the batch's 8 slots (mode replace) instead of on top, nothing frozen instead of the bottom half
+REPLACE_UNFROZEN = ["replay.mode=replace", "freeze=false", *RANDOM_A]
 VARIANTS = {
-    "default": BEFORE_13,
-    "replay mode add": [*BEFORE_13, "replay.mode=add"],
-    "cosine schedule": [*BEFORE_13, "training.scheduler=cosine"],
-    "linear schedule": [*BEFORE_13, "training.scheduler=linear"],
-    "LoRA r64 α256": [*BEFORE_13, "lora.r=64", "lora.alpha=256"],
-    # alpha/r 16 (the default's 8 doubled): learns the task further, drifts further (README, session 8)
-    "replay mode add, LoRA α256": [*BEFORE_13, "replay.mode=add", "lora.alpha=256"],
-    "replay mode add, LoRA α256, LwF α40": [*BEFORE_13, "replay.mode=add", "lora.alpha=256", "lwf.alpha=40"],
+    "default recipe": [],
+    "replay mode replace": REPLACE_UNFROZEN,
+    "replay mode add": [*REPLACE_UNFROZEN, "replay.mode=add"],
+    "cosine schedule": [*REPLACE_UNFROZEN, "training.scheduler=cosine"],
+    "linear schedule": [*REPLACE_UNFROZEN, "training.scheduler=linear"],
+    "LoRA r64 α256": [*REPLACE_UNFROZEN, "lora.r=64", "lora.alpha=256"],
+    # alpha/r 16 (twice the default's 8): learns the task further, drifts further
+    "replay mode add, LoRA α256": [*REPLACE_UNFROZEN, "replay.mode=add", "lora.alpha=256"],
+    "replay mode add, LoRA α256, LwF α40": [*REPLACE_UNFROZEN, "replay.mode=add", "lora.alpha=256", "lwf.alpha=40"],
     # distil every position the task loss does not train (the task rows' prompts too), not only replay rows
-    "replay mode add, LwF on inputs": [*BEFORE_13, "replay.mode=add", "lwf.on=inputs"],
+    "replay mode add, LwF on inputs": [*REPLACE_UNFROZEN, "replay.mode=add", "lwf.on=inputs"],
     # the embedding (and tied output) rows of the answers' tokens train too (lora.trainable_tokens)
-    "replay mode add, answer tokens trained": [*BEFORE_13, "replay.mode=add", "lora.trainable_tokens=answers"],
+    "replay mode add, answer tokens trained": [*REPLACE_UNFROZEN, "replay.mode=add", "lora.trainable_tokens=answers"],
     "replay mode add, answer tokens trained, LoRA α256": [
-        *BEFORE_13, "replay.mode=add", "lora.trainable_tokens=answers", "lora.alpha=256"],
+        *REPLACE_UNFROZEN, "replay.mode=add", "lora.trainable_tokens=answers", "lora.alpha=256"],
     # the larger scale's task gain with every untrained position distilled, to hold its drift
     "replay mode add, answer tokens trained, LoRA α256, LwF on inputs": [
-        *BEFORE_13, "replay.mode=add", "lora.trainable_tokens=answers", "lora.alpha=256", "lwf.on=inputs"],
+        *REPLACE_UNFROZEN, "replay.mode=add", "lora.trainable_tokens=answers", "lora.alpha=256", "lwf.on=inputs"],
     # the same without the answer tokens: what trainable_tokens adds to the distil-inputs recipe
-    "replay mode add, LoRA α256, LwF on inputs": [*BEFORE_13, "replay.mode=add", "lora.alpha=256", "lwf.on=inputs"],
+    "replay mode add, LoRA α256, LwF on inputs": [*REPLACE_UNFROZEN, "replay.mode=add", "lora.alpha=256",
+                                                  "lwf.on=inputs"],
     # LwF on a separate general mini-batch (the distil-general recipe's, alpha 3) instead of the replay rows
     "replay mode add, answer tokens trained, LwF on general α3": [
-        *BEFORE_13, "replay.mode=add", "lora.trainable_tokens=answers", "lwf.on=general", "lwf.alpha=3",
+        *REPLACE_UNFROZEN, "replay.mode=add", "lora.trainable_tokens=answers", "lwf.on=general", "lwf.alpha=3",
         "lwf.general_batch_size=4"],
     # the bottom half of the blocks frozen (their adapters too): backward stops at the middle block, which
-    # pays for the replay rows on top (the default of sessions 13-14); the second without answer tokens,
-    # whose embedding rows would need gradients through every block
-    "replay mode add, freeze 50%": BEFORE_15,
-    "replay mode add, LoRA α256, LwF on inputs, freeze 50%": [*BEFORE_15, "lora.alpha=256", "lwf.on=inputs"],
+    # pays for the replay rows on top; the second without answer tokens, whose embedding rows would need
+    # gradients through every block
+    "replay mode add, freeze 50%": RANDOM_A,
+    "replay mode add, LoRA α256, LwF on inputs, freeze 50%": [*RANDOM_A, "lora.alpha=256", "lwf.on=inputs"],
     # the larger scale's task gain (alpha/r 16) with freezing to hold its drift (-5.1% unfrozen)
-    "replay mode add, LoRA α256, freeze 50%": [*BEFORE_15, "lora.alpha=256"],
-    "replay mode add, LoRA α256, freeze 67%": [*BEFORE_15, "lora.alpha=256", "freeze.fraction=0.67"],
-    "replay mode add, freeze 67%": [*BEFORE_15, "freeze.fraction=0.67"],
-    "replay mode add, freeze 57%": [*BEFORE_15, "freeze.fraction=0.57"],
-    # each A from its layer's task-over-general input directions (lora.init contrast; the default since
-    # session 15); the second keeps A there (trains B only)
-    "LoRA contrast init": BEFORE_16,
-    "LoRA contrast init, A frozen": [*BEFORE_16, "lora.freeze_a=true"],
+    "replay mode add, LoRA α256, freeze 50%": [*RANDOM_A, "lora.alpha=256"],
+    "replay mode add, LoRA α256, freeze 67%": [*RANDOM_A, "lora.alpha=256", "freeze.fraction=0.67"],
+    "replay mode add, freeze 67%": [*RANDOM_A, "freeze.fraction=0.67"],
+    "replay mode add, freeze 57%": [*RANDOM_A, "freeze.fraction=0.57"],
+    # each A from its layer's task-over-general input directions (lora.init contrast); the second keeps A
+    # there (trains B only)
+    "LoRA contrast init": LWF_REPLAY_ROWS,
+    "LoRA contrast init, A frozen": [*LWF_REPLAY_ROWS, "lora.freeze_a=true"],
     # the task gain contrast buys, traded for drift by freezing 17 of 30 blocks
-    "LoRA contrast init, freeze 57%": [*BEFORE_16, "freeze.fraction=0.57"],
-    # distil-inputs' drift holder (LwF on every position the task loss does not train): the default of
-    # session 16
-    "LoRA contrast init, LwF on inputs": BEFORE_17,
-    # a larger LoRA scale (alpha/r 12) to buy back the task gain LwF on inputs costs (it did not: session 16)
-    "LoRA contrast init, LwF on inputs, LoRA α192": [*BEFORE_17, "lora.alpha=192"],
+    "LoRA contrast init, freeze 57%": [*LWF_REPLAY_ROWS, "freeze.fraction=0.57"],
+    # distil-inputs' drift holder: LwF on every position the task loss does not train
+    "LoRA contrast init, LwF on inputs": LORA_R16,
+    # a larger LoRA scale (alpha/r 12) to buy back the task gain LwF on inputs costs (it did not)
+    "LoRA contrast init, LwF on inputs, LoRA α192": [*LORA_R16, "lora.alpha=192"],
     # half the pull on the prompts: does the task gain come back, and does drift stay within 1%?
-    "LoRA contrast init, LwF on inputs α10": [*BEFORE_17, "lwf.alpha=10"],
+    "LoRA contrast init, LwF on inputs α10": [*LORA_R16, "lwf.alpha=10"],
     # more of the model trained (blocks 10-29), LwF on inputs to hold the drift freezing held before
-    "LoRA contrast init, LwF on inputs, freeze 33%": [*BEFORE_17, "freeze.fraction=0.33"],
-    # twice the contrast directions at the same alpha/r (8): the default since session 17
-    "LoRA contrast init, LwF on inputs, LoRA r32 α256": BEFORE_19,
-    # session 18, for trivia's lost items (bench/trivia_flips.py): the replay pool without the pack's Python-docs
-    # prose (REPLAY_SOURCES), whose next-token loss pulls toward text the model did not write; a third more
-    # replay rows; PEFT's random A instead of the contrast init (trivia held better before session 15)
-    "LoRA contrast init, LwF on inputs, LoRA r32 α256, chats-only replay": BEFORE_19,
-    "LoRA contrast init, LwF on inputs, LoRA r32 α256, replay 33%": ["replay.ratio=0.33", *BEFORE_19],
-    "LoRA contrast init, LwF on inputs, LoRA r32 α256, random A": ["lora.init=default", *BEFORE_19],
+    "LoRA contrast init, LwF on inputs, freeze 33%": [*LORA_R16, "freeze.fraction=0.33"],
+    # twice the contrast directions at the same alpha/r (8)
+    "LoRA contrast init, LwF on inputs, LoRA r32 α256": NO_NONTARGET,
+    # for trivia's lost items (bench/trivia_flips.py): the replay pool without the pack's Python-docs prose
+    # (REPLAY_SOURCES), whose next-token loss pulls toward text the model did not write; a third more replay
+    # rows; PEFT's random A instead of the contrast init (trivia held better with random A)
+    "LoRA contrast init, LwF on inputs, LoRA r32 α256, chats-only replay": NO_NONTARGET,
+    "LoRA contrast init, LwF on inputs, LoRA r32 α256, replay 33%": ["replay.ratio=0.33", *NO_NONTARGET],
+    "LoRA contrast init, LwF on inputs, LoRA r32 α256, random A": ["lora.init=default", *NO_NONTARGET],
     # the adapter on the attention projections only, or on the MLP only: which carries the task's answer style?
     "LoRA contrast init, LwF on inputs, LoRA r32 α256, attention only": [
-        "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]", *BEFORE_19],
+        "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]", *NO_NONTARGET],
     "LoRA contrast init, LwF on inputs, LoRA r32 α256, MLP only": ["lora.target_modules=[gate_proj,up_proj,down_proj]",
-                                                                             *BEFORE_19],
+                                                                             *NO_NONTARGET],
     # LwF on the inputs and on a general mini-batch of 4 (the replay split as it is), at α 20 or 5: more general
     # positions held each step than the batch's two replay rows
-    "LoRA contrast init, LwF on inputs + general batch, LoRA r32 α256": ["lwf.on=inputs+general", *BEFORE_19],
+    "LoRA contrast init, LwF on inputs + general batch, LoRA r32 α256": ["lwf.on=inputs+general", *NO_NONTARGET],
     "LoRA contrast init, LwF on inputs + general batch α5, LoRA r32 α256": ["lwf.on=inputs+general",
-                                                                             "lwf.general_alpha=5", *BEFORE_19],
-    # session 19: the base's ranking of the tokens no task answer uses, at the task's answer positions (decoupled
-    # KD's non-target term, lwf.nontarget_alpha): learning the labels need not reorder what the model would say
-    # instead
+                                                                             "lwf.general_alpha=5", *NO_NONTARGET],
+    # the base's ranking of the tokens no task answer uses, at the task's answer positions (decoupled KD's
+    # non-target term, lwf.nontarget_alpha): learning the labels need not reorder what the model would say
+    # instead; α 0.25 is the default recipe's
     "LoRA contrast init, LwF on inputs, LoRA r32 α256, non-target α1": ["lwf.nontarget_alpha=1"],
     "LoRA contrast init, LwF on inputs, LoRA r32 α256, non-target α4": ["lwf.nontarget_alpha=4"],
     "LoRA contrast init, LwF on inputs, LoRA r32 α256, non-target α0.25": ["lwf.nontarget_alpha=0.25"],
     "LoRA contrast init, LwF on inputs, LoRA r32 α256, non-target α0.5": ["lwf.nontarget_alpha=0.5"],
     # A from the leading singular directions of each layer's inputs on the task data (PEFT's EVA)
-    "LoRA EVA init": [*BEFORE_13, "lora.init=eva"],
+    "LoRA EVA init": [*REPLACE_UNFROZEN, "lora.init=eva"],
     "naive full FT": ["lora=false", "replay=false", "lwf=false", "freeze=false", "full={}"],
 }
 
@@ -130,8 +131,8 @@ def screen_suite(runs: Path, sources: list[str] | None) -> Path:
     """The screen suite's file; with ``sources``, its replay is the pack's records of those sources only."""
     import json
 
-    from tether.data.pack import REPLAY_SOURCES as ALL
-    from tether.data.pack import ensure_pack
+    from tether.data.build.pack import REPLAY_SOURCES as ALL
+    from tether.data.build.pack import ensure_pack
 
     replay = "pack://general-v2/replay.jsonl"
     name = "seeds-screen.yaml"
@@ -152,9 +153,12 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="run only these variants")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--eval-limit", type=int, default=200)
-    ap.add_argument("--out", default=str(HERE / "results" / "seeds.json"))
+    ap.add_argument("--out", help="result file, read first and added to (default: results/seeds-general-v2-<steps>-"
+                                  "steps-<eval-limit>-task-items.json next to this script)")
     ap.add_argument("--runs", default="runs/bench-seeds")
     args = ap.parse_args()
+    args.out = args.out or str(HERE / "results" / f"seeds-general-v2-{args.steps}-steps-{args.eval_limit}-"
+                                                  "task-items.json")
 
     import json
 
@@ -162,8 +166,8 @@ def main() -> None:
     from rich.table import Table
 
     from tether.config import load_recipe
-    from tether.data.pack import ensure_pack
-    from tether.data.tasks import ensure_task
+    from tether.data.build.pack import ensure_pack
+    from tether.data.build.tasks import ensure_task
     from tether.io import write_json
     from tether.training.run import train
 

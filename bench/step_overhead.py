@@ -4,7 +4,8 @@ Same model (the embedded SmolLM2 by default), data, batch size and seed; every c
 the same number of optimizer steps after warm-up steps, in one process, one after another. CPU
 wall time is noisy on a shared machine, so each configuration keeps its *median* step time and the
 table reports the ratio to plain Trainer + PEFT measured in the same run: first, and again last,
-the reference (a process's first run also pays for warming up: clocks, allocator, caches).
+the reference (a process's first run also pays for warming up: clocks, allocator, caches). Writes
+results/step-overhead-<model>-<device>-b<batch>.json unless --out says otherwise.
 
     python bench/step_overhead.py --steps 8 --warmup 2 --batch-size 8
     python bench/step_overhead.py --random-config qwen2-0.5b --bf16    # real shapes on a GPU, no weights
@@ -55,8 +56,8 @@ UNSHARED = ("tether LoRA, dropout 0", "tether full fine-tuning", "default recipe
 
 # the recipes with a frozen lower half, again with LwF's teacher running every block (tether.trunk off):
 # what starting it at the first trained block saves; and with LoRA's zero adapters left on the frozen
-# blocks (as until session 17)
-FROZEN_HALF = ("default recipe's methods", "default recipe of session 16's methods")
+# blocks instead of taken off them
+FROZEN_HALF = ("default recipe's methods", "default recipe's methods, LoRA r16 α128")
 
 
 # Qwen2-0.5B's shapes (its config.json), for timing on a machine that holds no weights: randomly
@@ -145,7 +146,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="torch.profiler over the timed steps: each configuration's top ops per step go in the JSON "
                          "(the profiler's own overhead is in those steps' times)")
-    ap.add_argument("--out", default=str(HERE / "results" / "step_overhead.json"))
+    ap.add_argument("--out", help="result file (default: results/step-overhead-<model>-<device>-b<batch>.json "
+                                  "next to this script)")
     args = ap.parse_args()
 
     import torch
@@ -156,16 +158,16 @@ def main() -> None:
 
     from tether import models
     from tether.config import TrainingSpec, load_recipe
+    from tether.data.build.pack import ensure_pack
+    from tether.data.build.tasks import ensure_task
     from tether.data.collate import Collator
     from tether.data.formats import encode_records
-    from tether.data.pack import ensure_pack
     from tether.data.readers import read_records
-    from tether.data.tasks import ensure_task
     from tether.io import write_json
     from tether.methods.base import Context
     from tether.methods.lora import LoraMethodConfig
-    from tether.methods.lwf import make_reference
     from tether.registry import METHODS
+    from tether.training.teacher import make_reference
     from tether.training.trainer import TetherTrainer, as_dataset, training_arguments
 
     torch.manual_seed(0)
@@ -226,7 +228,7 @@ def main() -> None:
             examples = task_examples(tok)
             general = encode_records(read_records(pack / "replay.jsonl", limit=400), tok, max_length=256)[0]
             methods = {n: METHODS.get(n)(c) for n, c in methods_cfg.items()}
-            if keep_dead and "lora" in methods:  # as until session 17: zero adapters stay on the frozen blocks
+            if keep_dead and "lora" in methods:  # zero adapters stay on the frozen blocks
                 methods["lora"]._drop_dead = lambda model: None
             ctx = Context(tokenizer=tok, general_examples=general, task_examples=examples, batch_size=args.batch_size,
                           num_batches=total)
@@ -248,19 +250,21 @@ def main() -> None:
         return make
 
     # the default recipe's methods as default.yaml has them, its self-answered replay included (longer
-    # rows than the ChatterBot replies above), and the default of sessions 4-12 (replay mode replace,
-    # nothing frozen, PEFT's random A, LwF on the replay rows)
+    # rows than the ChatterBot replies above), and with parts of it taken back: no LwF non-target term,
+    # LoRA r 16, LwF on the replay rows only, and replay mode replace with nothing frozen and PEFT's random A
     default = load_recipe(None).methods
-    r16 = ["lora.r=16", "lora.alpha=128"]  # the default's LoRA until session 16 (r 32, alpha 256 since)
+    r16 = ["lora.r=16", "lora.alpha=128"]  # half the default's LoRA rank (r 32, alpha 256), the same alpha/r
     before = load_recipe(None, overrides=["replay.mode=replace", "freeze=false", "lora.init=default",
                                           "lwf.on=replay", *r16]).methods
     configs = {**CONFIGS, "default recipe's methods": default,
-               # without LwF's non-target term at the task's answers (added in session 19)
-               "default recipe of session 17's methods": load_recipe(None, overrides=["lwf.nontarget_alpha=0"]).methods,
-               "default recipe of session 16's methods": load_recipe(None, overrides=r16).methods,
-               # LwF on the replay rows only, as until session 15 (the default distils every untrained position)
-               "default recipe of session 15's methods": load_recipe(None, overrides=["lwf.on=replay", *r16]).methods,
-               "default recipe of sessions 4-12's methods": before,
+               # without LwF's non-target term at the task's answers
+               "default recipe's methods, no LwF non-target term": load_recipe(
+                   None, overrides=["lwf.nontarget_alpha=0"]).methods,
+               "default recipe's methods, LoRA r16 α128": load_recipe(None, overrides=r16).methods,
+               # LwF on the replay rows only (the default distils every position the task loss does not train)
+               "default recipe's methods, LoRA r16 α128, LwF on replay rows": load_recipe(
+                   None, overrides=["lwf.on=replay", *r16]).methods,
+               "default recipe's methods, replay mode replace, nothing frozen, random A, LwF on replay rows": before,
                "distil-inputs recipe's methods": load_recipe("distil-inputs").methods}
     run("plain Trainer + PEFT LoRA", plain)
     if not args.only or "plain Trainer full fine-tuning" in args.only:
@@ -272,7 +276,7 @@ def main() -> None:
         unshared = f"{label}, prefix sharing off"
         if label in UNSHARED and (not args.only or unshared in args.only):
             run(unshared, tethered(cfg, share_prefix=False))
-        # the LwF teacher runs every block (before session 17) instead of starting at the first trained one
+        # the LwF teacher runs every block instead of starting at the first trained one
         whole = f"{label}, teacher runs every block"
         if label in FROZEN_HALF and (not args.only or whole in args.only):
             run(whole, tethered(cfg, share_trunk=False))
@@ -293,6 +297,12 @@ def main() -> None:
         r["ratio"] = r["median_s"] / ref
         table.add_row(label, f"{r['median_s']:.3f}", f"{r['ratio']:.2f}x ({r['ratio'] - 1:+.0%})")
     Console().print(table)
+    if not args.out:
+        tag = (torch.cuda.get_device_name().lower().replace(" ", "-") if torch.cuda.is_available()
+               else f"cpu-{torch.get_num_threads()}-threads")
+        bf16 = "-bf16" if args.bf16 else ""
+        name = args.random_config + "-random" if args.random_config else args.model
+        args.out = str(HERE / "results" / f"step-overhead-{name}-{tag}{bf16}-b{args.batch_size}.json")
     write_json(args.out, {"model": shapes, "device": where, "bf16": args.bf16, "batch_size": args.batch_size,
                           "steps": args.steps, "threads": torch.get_num_threads(), "results": results})
 

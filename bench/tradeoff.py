@@ -3,9 +3,12 @@
 On the embedded model and the demo's task (quotes routed to 8 topic labels), trains every
 configuration for the same number of steps from the same base, then reports task gain, the
 relative change of every general probe (paired bootstrap CI), wall time and extra memory.
-The base model is scored once and shared.
+The base model is scored once and shared. Writes
+results/tradeoff-general-v2-<suite>-<steps>-steps-<task items>-task-items.json unless --out says
+otherwise; rows of seed N are stored as 'LABEL (seed N)'.
 
     python bench/tradeoff.py --steps 60 --suite general-demo
+    python bench/tradeoff.py --suite general --eval-limit 200 --only "default recipe" --seed 1
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 HERE = Path(__file__).resolve().parent
-# the default's LoRA rank and scale before session 17, and where its LwF distilled before session 16, and
-# its non-target LwF term (none before session 19): labels measured before keep their meaning
-BEFORE_19 = ["lwf.nontarget_alpha=0"]
-BEFORE_17 = [*BEFORE_19, "lora.r=16", "lora.alpha=128"]
-BEFORE_16 = ["lwf.on=replay", *BEFORE_17]
+# Overrides that take parts of the default recipe back, so that each label below keeps the configuration
+# it names: without LwF's non-target term; + LoRA r 16, alpha 128 instead of r 32, alpha 256; + LwF on the
+# replay rows only instead of every position the task loss does not train.
+NO_NONTARGET = ["lwf.nontarget_alpha=0"]
+LORA_R16 = [*NO_NONTARGET, "lora.r=16", "lora.alpha=128"]
+LWF_REPLAY_ROWS = ["lwf.on=replay", *LORA_R16]
 
 
 def _self_replay(lora_alpha: float, dropout: float = 0.05, lr_ratio: float = 1.0, **lwf) -> dict:
@@ -55,7 +59,7 @@ CONFIGS = {
     # LwF on every position the task loss does not train (task prompts + replay rows)
     "LoRA α128 + replay 20% (self answers) + LwF (inputs, α 10)": (_self_replay(128, on="inputs", alpha=10.0), False),
     "LoRA α128 + replay 20% (self answers) + LwF (inputs, α 30)": (_self_replay(128, on="inputs", alpha=30.0), False),
-    # LoRA dropout 0 (the default recipe's since session 5): no dropout masks on the 210 adapted inputs
+    # LoRA dropout 0 (as in the default recipe): no dropout masks on the 210 adapted inputs
     "LoRA α128 dropout 0 + replay 20% (self answers) + LwF (replay rows, α 10)": (
         _self_replay(128, dropout=0.0, on="replay", alpha=10.0), False),
     "LoRA α128 dropout 0 + replay 20% (self answers) + LwF (replay rows, α 30)": (
@@ -73,28 +77,29 @@ CONFIGS = {
     "LoRA+ (B lr x4) α128 dropout 0 + replay 20% (self answers) + LwF (replay rows, α 20)": (
         _self_replay(128, dropout=0.0, lr_ratio=4.0, on="replay", alpha=20.0), False),
     "default recipe": (None, True),
-    # the default of sessions 4-12 (replay in the batch's 8 slots, nothing frozen), and it with the replay
-    # rows on top of the 8 task rows (8 + 2 per step), guard on as above
-    "default recipe of sessions 4-12": (["replay.mode=replace", "freeze=false", "lora.init=default", *BEFORE_16], True),
-    "default recipe, replay mode add": (["replay.mode=add", "freeze=false", "lora.init=default", *BEFORE_16], True),
-    # the default of sessions 13-14: PEFT's random LoRA A
-    "default recipe of sessions 13-14": (["lora.init=default", *BEFORE_16], True),
+    # replay in the batch's 8 slots (mode replace), nothing frozen, PEFT's random LoRA A, LwF on the replay rows,
+    # and the same with the replay rows on top of the 8 task rows (8 + 2 per step), guard on as above
+    "default recipe, replay mode replace": (["replay.mode=replace", "freeze=false", "lora.init=default",
+                                             *LWF_REPLAY_ROWS], True),
+    "default recipe, replay mode add": (["replay.mode=add", "freeze=false", "lora.init=default", *LWF_REPLAY_ROWS],
+                                        True),
+    # mode add with the bottom half of the blocks frozen, PEFT's random LoRA A
+    "default recipe, mode add + freeze 50%": (["lora.init=default", *LWF_REPLAY_ROWS], True),
     # a shipped recipe's methods, by name (src/tether/recipes/distil-inputs.yaml), guard on as the default's
     "distil-inputs recipe": ("distil-inputs", True),
-    # each trained A started at its layer's task-over-general input directions (lora.init contrast): the
-    # default of session 15 (the label its session-15 runs were made under); with 17 of 30 blocks frozen
-    "default recipe, LoRA contrast init": (["lora.init=contrast", *BEFORE_16], True),
-    "default recipe, LoRA contrast init, freeze 57%": (["freeze.fraction=0.57", *BEFORE_16], True),
-    # LwF on every position the task loss does not train (the task rows' prompts too), not only the replay
-    # rows: the default since session 16 (the label its session-16 runs were made under)
-    "default recipe, LoRA contrast init, LwF on inputs": (["lwf.on=inputs", *BEFORE_17], True),
-    # twice the rank at the same alpha/r (8): 32 contrast directions per layer; the default since session 17
-    "default recipe, LoRA contrast init, LwF on inputs, LoRA r32 α256": (BEFORE_19, True),
+    # each trained A started at its layer's task-over-general input directions (lora.init contrast); the same
+    # with 17 of 30 blocks frozen
+    "default recipe, LoRA contrast init": (["lora.init=contrast", *LWF_REPLAY_ROWS], True),
+    "default recipe, LoRA contrast init, freeze 57%": (["freeze.fraction=0.57", *LWF_REPLAY_ROWS], True),
+    # LwF on every position the task loss does not train (the task rows' prompts too), not only the replay rows
+    "default recipe, LoRA contrast init, LwF on inputs": (["lwf.on=inputs", *LORA_R16], True),
+    # twice the rank at the same alpha/r (8): 32 contrast directions per layer
+    "default recipe, LoRA contrast init, LwF on inputs, LoRA r32 α256": (NO_NONTARGET, True),
     # the teacher's own distribution (temperature 1) weighs its argmax, which greedy answers follow, more than
-    # T 2 does: does trivia keep its fragile items (session 6, LwF on replay rows: trivia +7.5% at T 1)?
-    "default recipe, LwF T 1": (["lwf.temperature=1", *BEFORE_19], True),
+    # T 2 does: does trivia keep its fragile items (with LwF on the replay rows, trivia +7.5% at T 1)?
+    "default recipe, LwF T 1": (["lwf.temperature=1", *NO_NONTARGET], True),
     # the base's ranking of the tokens no task answer uses, held at the task's answer positions (decoupled KD's
-    # non-target term): the default since session 19
+    # non-target term): the default recipe as shipped, under the label its full-suite runs were made with
     "default recipe, LwF non-target α0.25": ([], True),
 }
 
@@ -111,16 +116,19 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="run only these configurations")
     ap.add_argument("--reuse", help="demo.json of `tether demo` with the same settings: its two runs are taken as is")
     ap.add_argument("--merge", nargs="*", help="result files of earlier runs (split across processes) to add")
-    ap.add_argument("--out", default=str(HERE / "results" / "tradeoff.json"))
+    ap.add_argument("--out", help="result file (default: results/tradeoff-general-v2-<suite>-<steps>-steps-"
+                                  "<eval-limit>-task-items.json next to this script)")
     ap.add_argument("--runs", default="runs/bench-tradeoff")
     args = ap.parse_args()
+    args.out = args.out or str(HERE / "results" / f"tradeoff-general-v2-{args.suite}-{args.steps}-steps-"
+                                                  f"{args.eval_limit}-task-items.json")
 
     from rich.console import Console
     from rich.table import Table
 
     from tether.config import load_recipe
-    from tether.data.pack import ensure_pack
-    from tether.data.tasks import ensure_task
+    from tether.data.build.pack import ensure_pack
+    from tether.data.build.tasks import ensure_task
     from tether.io import write_json
     from tether.training.run import train
 

@@ -162,8 +162,9 @@ def main() -> None:
     ap.add_argument("--labels", nargs="*", help="a name per model (default: the directories)")
     ap.add_argument("--base", default="smollm2-135m-instruct")
     ap.add_argument("--suite", default="general")
-    ap.add_argument("--out", default=str(HERE / "results" / "trivia_flips.json"))
+    ap.add_argument("--out", help="result file (default: results/trivia-flips-general-v2-<suite>.json)")
     args = ap.parse_args()
+    args.out = args.out or str(HERE / "results" / f"trivia-flips-general-v2-{args.suite}.json")
     from rich.console import Console
 
     if args.show:

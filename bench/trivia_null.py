@@ -103,8 +103,9 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=5, help="random nulls per adapter")
     ap.add_argument("--base", default="smollm2-135m-instruct")
     ap.add_argument("--suite", default="general")
-    ap.add_argument("--out", default=str(HERE / "results" / "trivia_null.json"))
+    ap.add_argument("--out", help="result file (default: results/trivia-null-general-v2-<suite>.json)")
     args = ap.parse_args()
+    args.out = args.out or str(HERE / "results" / f"trivia-null-general-v2-{args.suite}.json")
     labels = args.labels or args.models
     if len(labels) != len(args.models):
         ap.error(f"--labels: {len(labels)} names for {len(args.models)} models")

@@ -24,11 +24,11 @@ def _unit_tests_fetch_nothing(request, monkeypatch):
         raise AssertionError("a unit test reached for the real probe pack or a built-in task: build a fixture "
                              "inside the test, or mark it `pack` (integration)")
 
-    monkeypatch.setattr("tether.data.pack.ensure_pack", refuse)
-    monkeypatch.setattr("tether.data.pack.build_pack", refuse)
-    monkeypatch.setattr("tether.data.tasks.ensure_task", refuse)
-    monkeypatch.setattr("tether.data.tasks.build_task", refuse)
-    monkeypatch.setattr("tether.data.sources._apt_download", refuse)
+    monkeypatch.setattr("tether.data.build.pack.ensure_pack", refuse)
+    monkeypatch.setattr("tether.data.build.pack.build_pack", refuse)
+    monkeypatch.setattr("tether.data.build.tasks.ensure_task", refuse)
+    monkeypatch.setattr("tether.data.build.tasks.build_task", refuse)
+    monkeypatch.setattr("tether.data.build.sources._apt_download", refuse)
 
 
 @pytest.fixture(scope="session")
@@ -126,3 +126,13 @@ def tiny_suite(tmp_path_factory):
         "  - {name: drift, kind: drift, data: drift.jsonl, sources: [prompts]}\n"
         "replay: {data: replay.jsonl, sources: [chitchat]}\n")
     return d / "suite.yaml"
+
+
+@pytest.fixture
+def two_tasks(tmp_path):
+    """Two tiny prompt/completion tasks (colour, size) for sequences: 14 training and 6 held-out rows each."""
+    a = [{"prompt": f"Colour of item {i}?", "completion": ["red", "blue"][i % 2]} for i in range(20)]
+    b = [{"prompt": f"Size of item {i}?", "completion": ["big", "small"][i % 2]} for i in range(20)]
+    return [{"name": name, "train": str(write_jsonl(tmp_path / f"{name}.jsonl", rows[:14])),
+             "eval": str(write_jsonl(tmp_path / f"{name}-eval.jsonl", rows[14:])), "max_new_tokens": 3}
+            for name, rows in (("colour", a), ("size", b))]

@@ -34,11 +34,8 @@ def places(tmp_path, tiny_suite, tiny_task):
     failed.mkdir()
     (failed / "recipe.yaml").write_text("model: {name: x}\n")
     (failed / "status.json").write_text(json.dumps({"state": "failed", "error": "RuntimeError: disk on fire"}))
-    noreplay = tmp_path / "noreplay.yaml"
-    noreplay.write_text("\n".join(ln for ln in tiny_suite.read_text().splitlines() if not ln.startswith("replay"))
-                        .replace("data: ", f"data: {tiny_suite.parent}/"))
     return {"suite": tiny_suite, "task": tiny_task[0], "dir": tmp_path / "dir", "latin1": latin1,
-            "badrole": badrole, "run": run, "failed": failed, "noreplay": noreplay}
+            "badrole": badrole, "run": run, "failed": failed}
 
 
 def test_the_table_has_its_rows():

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tether.probes.base import ProbeResult
-from tether.report.compare import compare_results, comparison_json, render_comparison, render_flipped, verdict_for
+from tether.probes.verdict import compare_results, comparison_json, verdict_for
+from tether.report.compare import render_comparison, render_flipped
 
 
 def res(values, weights=None, hib=True, name="p"):

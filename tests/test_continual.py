@@ -7,22 +7,8 @@ import json
 import pytest
 
 from tether.config import RecipeError, load_sequence
-from tether.training.continual import render_continual, run_continual
-
-
-def write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-@pytest.fixture
-def two_tasks(tmp_path):
-    a = [{"prompt": f"Colour of item {i}?", "completion": ["red", "blue"][i % 2]} for i in range(20)]
-    b = [{"prompt": f"Size of item {i}?", "completion": ["big", "small"][i % 2]} for i in range(20)]
-    return [{"name": "colour", "train": write(tmp_path / "a.jsonl", a[:14]),
-             "eval": write(tmp_path / "ae.jsonl", a[14:]), "max_new_tokens": 3},
-            {"name": "size", "train": write(tmp_path / "b.jsonl", b[:14]), "eval": write(tmp_path / "be.jsonl", b[14:]),
-             "max_new_tokens": 3}]
+from tether.report.continual import render_continual
+from tether.training.run import run_continual
 
 
 @pytest.mark.parametrize("methods", [{"full": {}, "replay": {"ratio": 0.25}, "ewc": {"fisher_samples": 4}},
@@ -93,12 +79,13 @@ def test_shipped_benchmark_sequence_validates():
     """examples/continual-formats.yaml (the benchmark's sequence) loads, and its task:// data resolves."""
     from pathlib import Path
 
+    from tether.data.build.uri import resolve
     from tether.data.readers import read_records
 
     seq = load_sequence(Path(__file__).parents[1] / "examples" / "continual-formats.yaml")
     assert [t.name for t in seq.tasks] == ["quotes", "foldoc", "stdlib"] and "olora" in seq.methods
     for t in seq.tasks:
-        assert len(read_records(t.eval)) == 100
+        assert len(read_records(resolve(t.eval))) == 100
 
 
 def test_sequence_run_directory_is_checked_first_and_never_overwritten_unasked(tmp_path, tiny_model_dir, tiny_suite,

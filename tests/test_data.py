@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from tether.data.build.uri import resolve
 from tether.data.formats import IGNORE_INDEX, encode_record, encode_records, validate_records
 from tether.data.readers import DataError, Record, read_records
 
@@ -131,12 +133,26 @@ def test_text_trains_on_everything_and_truncation(tokenizer):
 
 @pytest.mark.pack
 def test_task_and_pack_uris_read_built_in_data():
-    """`task://NAME/FILE` and `pack://NAME/FILE` work wherever a data path does (recipes, sequences),
-    and a bad one is a one-line DataError naming the URI."""
-    rows = read_records("task://stdlib-module/eval.jsonl")
+    """`task://NAME/FILE` and `pack://NAME/FILE` resolve to built-in data wherever a data path is taken
+    (recipes, sequences), and a bad one is a one-line DataError naming the URI."""
+    rows = read_records(resolve("task://stdlib-module/eval.jsonl"))
     assert len(rows) == 100 and all(r.data["completion"].startswith("import ") for r in rows)
-    assert read_records("pack://general-v2/replay.jsonl", limit=3)
+    assert read_records(resolve("pack://general-v2/replay.jsonl"), limit=3)
     with pytest.raises(DataError, match=r"task://nope/train.jsonl: unknown task 'nope'"):
-        read_records("task://nope/train.jsonl")
+        resolve("task://nope/train.jsonl")
     with pytest.raises(DataError, match=r"no file 'x.jsonl' in task stdlib-module"):
-        read_records("task://stdlib-module/x.jsonl")
+        resolve("task://stdlib-module/x.jsonl")
+
+
+def test_reading_only_reads_references_are_resolved_first(tmp_path):
+    """read_records builds nothing: a `task://`/`pack://` reference is refused, naming the resolver;
+    `resolve` hands anything that is not a reference back as a path, unchanged."""
+    for ref in ("task://fortune-topics/train.jsonl", "pack://general-v2/replay.jsonl"):
+        with pytest.raises(DataError, match=rf"^{ref}: .*resolve it first with tether.data.build.uri.resolve"):
+            read_records(ref)
+    assert resolve("some/file.jsonl") == Path("some/file.jsonl")
+    assert resolve(tmp_path / "x.jsonl") == tmp_path / "x.jsonl"
+    with pytest.raises(DataError, match=r"task://nope/x.jsonl: unknown task 'nope'"):
+        resolve("task://nope/x.jsonl")  # refused before anything is built
+    with pytest.raises(DataError, match=r"expected task://NAME/FILE or pack://NAME/FILE"):
+        resolve("task://fortune-topics")

@@ -9,10 +9,12 @@ from conftest import make_tiny_llama
 from pydantic import ValidationError
 
 from tether.data.formats import Example
-from tether.methods.base import Context
+from tether.methods.base import Batch, Context
 from tether.methods.ewc import EWC, EWCConfig, empirical_fisher, ewc_penalty
 
 VOCAB = 96
+NO_IDS = torch.zeros((1, 1), dtype=torch.long)
+BATCH = Batch(input_ids=NO_IDS, labels=NO_IDS)  # EWC's penalty reads no batch
 
 
 def toy_examples(n: int, seed: int = 0, length: int | None = None) -> list[Example]:
@@ -113,7 +115,7 @@ def test_packed_penalty_per_dtype_group_matches_the_formula(toy):
     toy.model.layers[1].to(torch.float64)  # a second dtype group (same Parameter objects)
     _nudge(toy, 3)
     toy.zero_grad()
-    pen = ewc.extra_loss(toy, {}, None, _ctx())["ewc"]
+    pen = ewc.extra_loss(toy, BATCH, None, _ctx())["ewc"]
     assert len(ewc._packed[1]) == 2
     pen.backward()
     # a float32 dot of ~6k positive terms: one accumulated in plain order errs by ~1e-5 (float64 reference)
@@ -129,11 +131,11 @@ def test_packed_buffers_follow_consolidation_and_save(toy, tmp_path):
     ewc = EWC({"lambda": 7.0, "fisher_samples": 4})
     ewc.on_task_start(toy, _ctx(toy_examples(6, seed=2)))
     _nudge(toy, 3)
-    assert ewc.extra_loss(toy, {}, None, _ctx())["ewc"].item() > 0  # packs
+    assert ewc.extra_loss(toy, BATCH, None, _ctx())["ewc"].item() > 0  # packs
     ewc.on_task_end(toy, _ctx(task=toy_examples(4, seed=4)))  # anchor <- weights, F <- F + F_task
-    assert ewc.extra_loss(toy, {}, None, _ctx())["ewc"].item() == 0.0
+    assert ewc.extra_loss(toy, BATCH, None, _ctx())["ewc"].item() == 0.0
     _nudge(toy, 5, 0.01)
-    pen = ewc.extra_loss(toy, {}, None, _ctx())["ewc"]
+    pen = ewc.extra_loss(toy, BATCH, None, _ctx())["ewc"]
     torch.testing.assert_close(pen.double(), _reference_penalty(ewc, toy, 7.0), rtol=1e-4, atol=0)  # as above
     ewc.save(tmp_path)
     other = EWC()
@@ -149,13 +151,13 @@ def _ctx(general=(), task=(), **kw):
 def test_extra_loss_zero_at_anchor_then_positive(toy):
     ewc = EWC({"lambda": 10.0, "fisher_samples": 4})
     ctx = _ctx(toy_examples(8, seed=1))
-    assert ewc.extra_loss(toy, {}, None, ctx) == {}
+    assert ewc.extra_loss(toy, BATCH, None, ctx) == {}
     ewc.on_task_start(toy, ctx)
-    assert ewc.extra_loss(toy, {}, None, ctx)["ewc"].item() == 0.0
+    assert ewc.extra_loss(toy, BATCH, None, ctx)["ewc"].item() == 0.0
     with torch.no_grad():
         for p in toy.parameters():
             p.add_(0.01)
-    assert ewc.extra_loss(toy, {}, None, ctx)["ewc"].item() > 0
+    assert ewc.extra_loss(toy, BATCH, None, ctx)["ewc"].item() > 0
     before = {n: t.clone() for n, t in ewc.fisher_.items()}
     ewc.on_task_start(toy, ctx)  # a Fisher exists: not re-estimated, anchor kept
     assert all(torch.equal(before[n], ewc.fisher_[n]) for n in before)
@@ -178,7 +180,7 @@ def test_gradient_accumulation_matches_one_big_batch(toy):
         for chunk in range(accum):
             sl = slice(chunk * len(exs) // accum, (chunk + 1) * len(exs) // accum)
             out = toy(input_ids=ids[sl], labels=labels[sl])
-            loss = out.loss + sum(ewc.extra_loss(toy, {}, out, _ctx(grad_accum_steps=accum)).values())
+            loss = out.loss + sum(ewc.extra_loss(toy, BATCH, out, _ctx(grad_accum_steps=accum)).values())
             (loss / accum).backward()
         return [p.grad.clone() for p in params]
 
@@ -207,15 +209,15 @@ def test_online_consolidation_constant_memory(toy):
         assert ewc.metrics()["ewc_memory_mb"] == mem
         assert {n: t.data_ptr() for n, t in ewc.fisher_.items()} == ptrs
     assert ewc.tasks_consolidated_ == 3
-    assert ewc.extra_loss(toy, {}, None, ctx)["ewc"].item() == 0.0
+    assert ewc.extra_loss(toy, BATCH, None, ctx)["ewc"].item() == 0.0
 
 
 def test_no_general_data_starts_at_first_consolidation(toy):
     ewc = EWC({"fisher_samples": 2})
     ewc.on_task_start(toy, _ctx())
-    assert ewc.extra_loss(toy, {}, None, _ctx()) == {}
+    assert ewc.extra_loss(toy, BATCH, None, _ctx()) == {}
     ewc.on_task_end(toy, _ctx(task=toy_examples(3)))
-    assert "ewc" in ewc.extra_loss(toy, {}, None, _ctx())
+    assert "ewc" in ewc.extra_loss(toy, BATCH, None, _ctx())
 
 
 def test_fisher_covers_only_the_lora_adapter(toy):

@@ -107,7 +107,7 @@ def test_default_recipe_methods_train_in_bf16_on_cuda(tmp_path, tiny_model_dir, 
 
 def test_lwf_kl_in_large_chunks_on_cuda_matches_cpu_rows_of_8():
     """On a GPU `lwf_kl` reduces ~32M logits at a time (few kernels); the CPU's 8-row chunks are the reference."""
-    from tether.methods.lwf import lwf_kl
+    from tether.methods._distill import lwf_kl
 
     g = torch.Generator().manual_seed(0)
     t = torch.randn(4, 50, 49152, generator=g) * 3

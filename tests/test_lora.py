@@ -126,6 +126,25 @@ def test_config_errors():
         LoraMethodConfig(target_modules="everything")
 
 
+def test_lora_family_settings_and_targets_fail_naming_each_methods_key():
+    """LoRA, O-LoRA and OPLoRA share one config base and one target matcher; errors name the method's key."""
+    from tether.methods._lora_family import match_targets
+    from tether.methods.olora import OLoRAConfig
+    from tether.methods.oplora import OPLoRAConfig
+
+    for cls in (LoraMethodConfig, OLoRAConfig, OPLoRAConfig):
+        for bad, msg in (({"r": 0}, "r must be > 0"), ({"alpha": 0}, "alpha must be > 0"),
+                         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+                         ({"target_modules": [""]}, "target_modules must be")):
+            with pytest.raises(ValidationError, match=f"{cls.key}.{msg}"):
+                cls(**bad)
+    with pytest.raises(ValueError, match=r"x.target_modules: 'nope', 'nah' matched no module"):
+        match_targets(make_tiny_llama(VOCAB, hidden=16), ["q_proj", "nope", "nah"], "x")
+    found = match_targets(make_tiny_llama(VOCAB, hidden=16), ["v_proj", "q_proj"], "x")
+    assert list(found) == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj",
+                           "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+
+
 def test_eva_init_starts_at_the_base_with_a_from_the_task_inputs_principal_directions():
     """``init: eva``: B = 0 (the model is the base, the disabled view stays the base), each A has
     orthonormal rows spanning the leading principal directions of its layer's inputs on the task
@@ -188,7 +207,7 @@ def _q_inputs(model, examples, layer: int = 1) -> torch.Tensor:
 
 def test_input_moments_match_a_plain_hook_and_share_one_matrix_per_input():
     from tether.data.collate import Collator
-    from tether.methods.lora import input_moments
+    from tether.methods._contrast_init import input_moments
 
     examples = _rows(3, VOCAB, 24, seed=2)
     model = LoRA({"r": 4}).prepare_model(make_tiny_llama(VOCAB, hidden=16), Context()).eval()
@@ -213,7 +232,7 @@ def test_input_moments_match_a_plain_hook_and_share_one_matrix_per_input():
 
 
 def test_moment_chunks_split_by_budget_and_keep_order():
-    from tether.methods.lora import moment_chunks
+    from tether.methods._contrast_init import moment_chunks
 
     model = LoRA({"r": 4}).prepare_model(make_tiny_llama(VOCAB, hidden=16), Context())
     layers = {n: m for n, m in model.named_modules() if "default" in getattr(m, "lora_A", {})}
@@ -228,7 +247,7 @@ def test_contrast_init_points_a_where_task_inputs_outweigh_general_ones():
     whose task-to-general energy ratio is the generalised eigenproblem's largest (checked against an
     eigen-solve of ``(C_general + ridge)^-1 C_task``) and far above a random direction's; adapters
     that do not train (frozen by a later method) are taken off their modules; ``freeze_a`` trains B only."""
-    from tether.methods.lora import contrast_directions
+    from tether.methods._contrast_init import contrast_directions
 
     task, general = _rows(3, 12, 32, seed=3), _rows(12, VOCAB, 64, seed=4)
     probe = _rows(3, VOCAB, 4, seed=5)
@@ -271,16 +290,16 @@ def test_contrast_init_points_a_where_task_inputs_outweigh_general_ones():
     assert ratio(a[0]) > 2 * best_random and min(ratio(v) for v in a) > best_random
 
     # several passes over the batches (a budget too small for all the moments at once): the same A
-    import tether.methods.lora as lora_module
+    import tether.methods._contrast_init as contrast_init
 
     chunked, chunked_model = build({"init": "contrast"})
     for p in chunked_model.get_base_model().model.layers[0].parameters():
         p.requires_grad_(False)
-    budget, lora_module.MOMENT_BYTES = lora_module.MOMENT_BYTES, 2 * 8 * 16**2
+    budget, contrast_init.MOMENT_BYTES = contrast_init.MOMENT_BYTES, 2 * 8 * 16**2
     try:
         chunked.on_task_start(chunked_model, ctx)
     finally:
-        lora_module.MOMENT_BYTES = budget
+        contrast_init.MOMENT_BYTES = budget
     for (n, p), (n2, p2) in zip(model.named_parameters(), chunked_model.named_parameters()):
         assert n == n2 and torch.equal(p, p2), n
 
@@ -300,7 +319,8 @@ def test_answer_tokens_train_only_their_tied_rows_keep_the_base_view_and_reload(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tether.methods.lwf import make_reference
+    from tether.methods.base import Batch
+    from tether.training.teacher import make_reference
 
     tok = SimpleNamespace(all_special_ids=[2], decode=lambda t: str(t))
     task = [SimpleNamespace(labels=[-100, -100, 5, 7, 2]), SimpleNamespace(labels=[-100, 9, 2])]
@@ -331,7 +351,7 @@ def test_answer_tokens_train_only_their_tied_rows_keep_the_base_view_and_reload(
         assert torch.equal(model.get_output_embeddings().weight, embed)  # tied: the output rows moved with them
         trained = model(input_ids=x).logits
         assert not torch.allclose(trained, base_logits, atol=1e-3)
-        teacher = make_reference(model)(model, {"input_ids": x})
+        teacher = make_reference(model)(model, Batch(input_ids=x, labels=x))
         assert torch.allclose(teacher, base_logits, atol=1e-5)
 
     method.save_model(model, tmp_path / "adapter")

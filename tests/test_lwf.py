@@ -4,6 +4,7 @@ gets a gradient, and the adapter-disabled teacher is the base model without touc
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -12,9 +13,11 @@ from conftest import make_tiny_llama
 from pydantic import ValidationError
 
 from tether.data.formats import Example
-from tether.methods.base import Context, eval_mode
-from tether.methods.lwf import LwF, LwFConfig, lwf_kl, make_reference, nontarget_kl, untrained_positions
+from tether.methods._distill import lwf_kl, nontarget_kl, untrained_positions
+from tether.methods.base import Batch, Context, eval_mode
+from tether.methods.lwf import LwF, LwFConfig
 from tether.models import adapter_layers, adapters_off
+from tether.training.teacher import make_reference
 
 VOCAB = 80
 
@@ -39,13 +42,28 @@ def set_b(model, std: float = 0.5) -> None:
                 p.normal_(0, std) if std else p.zero_()
 
 
-def batch(b: int = 2, length: int = 7, seed: int = 0) -> dict:
+def batch(b: int = 2, length: int = 7, seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (b, length), generator=g)
     mask = torch.ones(b, length, dtype=torch.long)
     mask[0, -2:] = 0
     ids[mask == 0] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    return Batch(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+
+
+class Spy:
+    """A `Reference` that notes the shape of every batch it is asked about, then asks ``ref``."""
+
+    def __init__(self, ref):
+        self.ref, self.seen = ref, []
+
+    @property
+    def skipped_blocks(self) -> int:
+        return self.ref.skipped_blocks
+
+    def __call__(self, model, batch, student_ran=False):
+        self.seen.append(tuple(batch.input_ids.shape))
+        return self.ref(model, batch, student_ran=student_ran)
 
 
 def test_kl_zero_for_equal_positive_otherwise_and_masked():
@@ -116,7 +134,7 @@ def test_adapter_disabled_teacher_is_the_base_model_and_touches_nothing():
     model, base = lora_model()
     ref = make_reference(model)
     b = batch()
-    inputs = {k: b[k] for k in ("input_ids", "attention_mask")}
+    inputs = b.forward_inputs()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     modes = {n: m.training for n, m in model.named_modules()}
     teacher = ref(model, b)
@@ -139,7 +157,7 @@ def test_fast_teacher_switch_matches_peft_and_restores_what_it_found():
     through it puts requires_grad back)."""
     model, base = lora_model()
     b = batch()
-    inputs = {k: b[k] for k in ("input_ids", "attention_mask")}
+    inputs = b.forward_inputs()
     layers = adapter_layers(model)
     assert layers and len(layers) == 3 * 2  # q, v, down in each of the 2 blocks
     frozen = next(p for n, p in model.named_parameters() if "lora_A" in n)
@@ -191,7 +209,7 @@ def test_extra_loss_student_equals_teacher_then_learns():
     lwf = LwF({"alpha": 0.5})
     b = batch()
     ctx = _ctx(model)
-    assert lwf.extra_loss(model, b, model(**b), ctx)["lwf"].item() == pytest.approx(0.0, abs=1e-7)
+    assert lwf.extra_loss(model, b, model(**b.forward_inputs()), ctx)["lwf"].item() == pytest.approx(0.0, abs=1e-7)
     set_b(model)
     term = lwf.extra_loss(model, b, None, ctx)["lwf"]  # no outputs: the method runs the forward itself
     assert term.item() > 0
@@ -208,14 +226,14 @@ def test_task_plus_general_is_deterministic():
     a, b = (LwF({"on": "task+general", "general_batch_size": 2}) for _ in range(2))
     for _ in range(3):
         ga, gb = a.general_batch(ctx), b.general_batch(ctx)
-        assert torch.equal(ga["input_ids"], gb["input_ids"]) and ga["input_ids"].shape[0] == 2
+        assert torch.equal(ga.input_ids, gb.input_ids) and ga.input_ids.shape[0] == 2
     terms = LwF({"on": "task+general"}).extra_loss(model, batch(), None, ctx)
     assert set(terms) == {"lwf", "lwf_general"}
     assert all(math.isfinite(v.item()) and v.item() > 0 for v in terms.values())
     state = a.state_dict()
     c = LwF({"on": "task+general", "general_batch_size": 2})
     c.load_state_dict(state)
-    assert torch.equal(c.general_batch(ctx)["input_ids"], a.general_batch(ctx)["input_ids"])
+    assert torch.equal(c.general_batch(ctx).input_ids, a.general_batch(ctx).input_ids)
     with pytest.raises(ValueError, match="no general data"):
         LwF({"on": "task+general"}).extra_loss(model, batch(), None, _ctx(model))
 
@@ -227,12 +245,10 @@ def test_general_only_skips_the_task_batch_and_matches_task_plus_general():
     model.eval()  # no dropout: the two calls below must see the same student
     set_b(model)
     general = [Example(list(range(3 + i, 9 + i)), list(range(3 + i, 9 + i)), "", "") for i in range(5)]
-    seen = []
-    ref = make_reference(model)
-    ctx = Context(reference=lambda m, b: seen.append(b["input_ids"].shape) or ref(m, b), general_examples=general,
-                  seed=1)
+    spy = Spy(make_reference(model))
+    ctx = Context(reference=spy, general_examples=general, seed=1)
     only = LwF({"on": "general", "general_batch_size": 2}).extra_loss(model, batch(), None, ctx)
-    assert set(only) == {"lwf_general"} and seen == [(2, 6)]
+    assert set(only) == {"lwf_general"} and spy.seen == [(2, 6)]
     both = LwF({"on": "task+general", "general_batch_size": 2}).extra_loss(model, batch(), None,
                                                                          _ctx(model, general, seed=1))
     assert only["lwf_general"].item() == pytest.approx(both["lwf_general"].item(), rel=1e-6)
@@ -250,25 +266,26 @@ def test_replay_distils_only_the_batch_replay_rows_reusing_the_student_logits():
     model.eval()
     set_b(model)
     b = batch()
-    n = b["input_ids"].shape[0]
+    n = b.input_ids.shape[0]
     flags = torch.zeros(n, dtype=torch.bool)
     flags[1] = True
-    seen = []
-    ref = make_reference(model)
-    ctx = Context(reference=lambda m, bb: seen.append(bb["input_ids"].shape) or ref(m, bb))
-    outputs = model(**b)
-    term = LwF({"on": "replay", "alpha": 0.5})._replay_term(model, {**b, "is_replay": flags}, outputs, ctx)
-    assert seen == [(1, b["input_ids"].shape[1])]
-    rows = {k: v[1:2] for k, v in b.items()}
+    spy = Spy(make_reference(model))
+    ctx = Context(reference=spy)
+    outputs = model(**b.forward_inputs())
+    replayed = dataclasses.replace(b, is_replay=flags)
+    term = LwF({"on": "replay", "alpha": 0.5})._replay_term(model, replayed, outputs, ctx)
+    assert spy.seen == [(1, b.input_ids.shape[1])]
+    rows = Batch(input_ids=b.input_ids[1:2], labels=b.labels[1:2], attention_mask=b.attention_mask[1:2])
     expect = LwF({"on": "task", "alpha": 0.5}).extra_loss(model, rows, None, _ctx(model))["lwf"]
     # the student's row comes from a batched forward here and a lone one there: float32 noise on O(1)
     # log-sum-exps that cancel to a KL of ~2e-3
     assert term.item() == pytest.approx(expect.item(), rel=0, abs=1e-6) and term.item() > 0
-    assert set(LwF({"on": "replay"}).extra_loss(model, {**b, "is_replay": flags}, outputs, ctx)) == {"lwf_replay"}
+    assert set(LwF({"on": "replay"}).extra_loss(model, replayed, outputs, ctx)) == {"lwf_replay"}
     term.backward()
     assert all(p.grad is None for name, p in model.named_parameters() if "lora_" not in name)
-    none = LwF({"on": "replay"}).extra_loss(model, {**b, "is_replay": torch.zeros(n, dtype=torch.bool)}, outputs, ctx)
-    assert none["lwf_replay"].item() == 0.0 and len(seen) == 2  # no replay rows: no teacher pass
+    unmixed = dataclasses.replace(b, is_replay=torch.zeros(n, dtype=torch.bool))
+    none = LwF({"on": "replay"}).extra_loss(model, unmixed, outputs, ctx)
+    assert none["lwf_replay"].item() == 0.0 and len(spy.seen) == 2  # no replay rows: no teacher pass
     with pytest.raises(ValueError, match="add the replay method"):
         LwF({"on": "replay"}).extra_loss(model, b, outputs, ctx)
 
@@ -279,13 +296,12 @@ def test_untrained_positions_leave_task_answers_free_and_keep_replay_rows_whole(
     labels = torch.full((2, 6), -100)
     labels[0, 3:5] = ids[0, 3:5]  # row 0: prompt 0..2, answer 3..4, then padding
     labels[1, 4:] = ids[1, 4:]
-    b = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    got = untrained_positions(b)
+    got = untrained_positions(ids, mask, labels)
     # logits at t predict t+1: positions 2 and 3 of row 0 predict the answer, 5 is padding
     assert got.tolist() == [[True, True, False, False, True, False], [True, True, True, False, False, True]]
-    replay = untrained_positions({**b, "is_replay": torch.tensor([False, True])})
+    replay = untrained_positions(ids, mask, labels, torch.tensor([False, True]))
     assert replay[1].all() and replay[0].tolist() == got[0].tolist()
-    assert untrained_positions({"input_ids": ids, "attention_mask": mask}).tolist() == mask.bool().tolist()
+    assert untrained_positions(ids, mask, None).tolist() == mask.bool().tolist()
 
 
 def test_inputs_distils_every_untrained_position_reusing_the_student_logits():
@@ -294,15 +310,15 @@ def test_inputs_distils_every_untrained_position_reusing_the_student_logits():
     model, _ = lora_model()
     model.eval()
     b = batch()
-    b["labels"][:, :4] = -100  # prompt 0..3, answer 4.. (row 0 pads its last two)
+    b.labels[:, :4] = -100  # prompt 0..3, answer 4.. (row 0 pads its last two)
     flags = torch.tensor([False, True])
-    seen = []
     ref = make_reference(model)
-    ctx = Context(reference=lambda m, bb: seen.append(bb["input_ids"].shape) or ref(m, bb))
-    outputs = model(**{k: v for k, v in b.items() if k != "labels"})
-    term = LwF({"on": "inputs", "alpha": 0.5}).extra_loss(model, {**b, "is_replay": flags}, outputs, ctx)
-    assert set(term) == {"lwf_inputs"} and seen == [tuple(b["input_ids"].shape)]
-    positions = untrained_positions({**b, "is_replay": flags})
+    spy = Spy(ref)
+    ctx = Context(reference=spy)
+    outputs = model(**b.forward_inputs())
+    term = LwF({"on": "inputs", "alpha": 0.5}).extra_loss(model, dataclasses.replace(b, is_replay=flags), outputs, ctx)
+    assert set(term) == {"lwf_inputs"} and spy.seen == [tuple(b.input_ids.shape)]
+    positions = untrained_positions(b.input_ids, b.attention_mask, b.labels, flags)
     # row 0: 3 predicts the answer token 4; 4 (last real token) predicts nothing trained; 5, 6 pad
     assert positions[0].tolist() == [True, True, True, False, True, False, False] and positions[1].all()
     expect = 0.5 * lwf_kl(outputs.logits, ref(model, b), positions, 2.0)
@@ -312,8 +328,7 @@ def test_inputs_distils_every_untrained_position_reusing_the_student_logits():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for name, p in model.named_parameters()
                if "lora_" in name)
     # without replay the task rows' prompts are still distilled
-    plain = LwF({"on": "inputs"}).extra_loss(model, b, model(**{k: v for k, v in b.items() if k != "labels"}),
-                                             _ctx(model))
+    plain = LwF({"on": "inputs"}).extra_loss(model, b, model(**b.forward_inputs()), _ctx(model))
     assert plain["lwf_inputs"].item() > 0
 
 
@@ -324,9 +339,9 @@ def test_inputs_plus_general_sums_the_inputs_term_and_a_general_term_at_its_own_
     model.eval()
     set_b(model)
     b = batch()
-    b["labels"][:, :4] = -100
+    b.labels[:, :4] = -100
     general = [Example(list(range(3 + i, 9 + i)), list(range(3 + i, 9 + i)), "", "") for i in range(5)]
-    outputs = model(**{k: v for k, v in b.items() if k != "labels"})
+    outputs = model(**b.forward_inputs())
     cfg = {"alpha": 0.5, "general_batch_size": 2}
     both = LwF({**cfg, "on": "inputs+general", "general_alpha": 2.0}).extra_loss(
         model, b, outputs, _ctx(model, general, seed=1))
@@ -399,30 +414,30 @@ def test_nontarget_alpha_adds_a_term_on_the_task_answers_beside_inputs():
     model, _ = lora_model()
     model.eval()
     b = batch()
-    b["labels"][:, :4] = -100
+    b.labels[:, :4] = -100
     flags = torch.tensor([False, True])
-    outputs = model(**{k: v for k, v in b.items() if k != "labels"})
+    mixed = dataclasses.replace(b, is_replay=flags)
+    outputs = model(**b.forward_inputs())
     ref = make_reference(model)
     lwf = LwF({"on": "inputs", "alpha": 0.5, "nontarget_alpha": 3.0})
     task = [Example([5, 6, 7, 8], [-100, -100, 7, 9], "", ""), Example([5, 6, 11], [-100, -100, 11], "", "")]
     lwf.on_task_start(model, _ctx(model, task_examples=task))
     assert lwf.answer_vocab_.tolist() == [7, 9, 11] and lwf.metrics()["nontarget_answer_vocab"] == 3.0
-    got = lwf.extra_loss(model, {**b, "is_replay": flags}, outputs, _ctx(model))
-    plain = LwF({"on": "inputs", "alpha": 0.5}).extra_loss(model, {**b, "is_replay": flags}, outputs, _ctx(model))
+    got = lwf.extra_loss(model, mixed, outputs, _ctx(model))
+    plain = LwF({"on": "inputs", "alpha": 0.5}).extra_loss(model, mixed, outputs, _ctx(model))
     assert set(got) == {"lwf_inputs", "lwf_nontarget"} and set(plain) == {"lwf_inputs"}
     assert got["lwf_inputs"].item() == pytest.approx(plain["lwf_inputs"].item(), rel=1e-6)
-    expect = 3.0 * nontarget_kl(outputs.logits, ref(model, b), b["labels"], ~flags, 2.0, torch.tensor([7, 9, 11]))
+    expect = 3.0 * nontarget_kl(outputs.logits, ref(model, b), b.labels, ~flags, 2.0, torch.tensor([7, 9, 11]))
     assert got["lwf_nontarget"].item() == pytest.approx(expect.item(), rel=1e-5) and expect.item() > 0
     off = LwF({"on": "inputs"})
     off.on_task_start(model, _ctx(model, task_examples=task))
     assert off.answer_vocab_ is None and "nontarget_answer_vocab" not in off.metrics()
     # with another `on` the term costs its own teacher forward over the batch, and is the same
-    seen = []
-    counting = Context(reference=lambda m, bb: seen.append(1) or ref(m, bb))
+    spy = Spy(ref)
     replay = LwF({"on": "replay", "alpha": 0.5, "nontarget_alpha": 3.0})
     replay.on_task_start(model, _ctx(model, task_examples=task))
-    other = replay.extra_loss(model, {**b, "is_replay": flags}, outputs, counting)
-    assert set(other) == {"lwf_replay", "lwf_nontarget"} and len(seen) == 2
+    other = replay.extra_loss(model, mixed, outputs, Context(reference=spy))
+    assert set(other) == {"lwf_replay", "lwf_nontarget"} and len(spy.seen) == 2
     assert other["lwf_nontarget"].item() == pytest.approx(expect.item(), rel=1e-5)
     with pytest.raises(ValidationError, match="lwf.nontarget_alpha must be >= 0"):
         LwFConfig(on="inputs", nontarget_alpha=-1.0)

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from tether.data.collate import Collator
 from tether.data.formats import Example
-from tether.methods.base import Context, Method
+from tether.methods.base import Batch, Context, Method
 from tether.registry import METHODS
 
 NAMES = METHODS.names()
@@ -46,19 +46,22 @@ def examples(tok, n: int, prompt_tokens: int = 3, offset: int = 0) -> list[Examp
     return out
 
 
-def frozen_reference(model: torch.nn.Module):
-    """A method-agnostic ``ctx.reference``: a frozen copy of the model as it is now."""
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+class FrozenReference:
+    """A method-agnostic ``ctx.reference`` (the `Reference` protocol): a frozen copy of the model as it is now."""
 
-    def ref(_m, batch):
+    skipped_blocks = 0
+
+    def __init__(self, model: torch.nn.Module):
+        self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def __call__(self, _m, batch: Batch, student_ran: bool = False) -> torch.Tensor:
         with torch.no_grad():
-            return teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-    return ref
+            return self.teacher(**batch.forward_inputs()).logits
 
 
-def first_batch(data, tok, size: int = 4) -> dict:
+def first_batch(data, tok, size: int = 4) -> Batch:
     items = [data[i] for i in data.batches[0]] if hasattr(data, "batches") else list(data[:size])
-    return Collator(tok.pad_token_id)(items)
+    return Batch.from_inputs(Collator(tok.pad_token_id)(items))
 
 
 def assert_terms(terms: dict, *, zero: bool = False) -> None:
@@ -107,10 +110,10 @@ def test_hooks_run_on_tiny_model(name, tokenizer, tiny_model):
     ctx = Context(tokenizer=tokenizer, general_examples=general, task_examples=task, batch_size=4,
                   num_batches=3)
     model = method.prepare_model(tiny_model.train(), ctx)
-    ctx = Context(**{**ctx.__dict__, "reference": frozen_reference(model)})
+    ctx = Context(**{**ctx.__dict__, "reference": FrozenReference(model)})
     data = method.prepare_data(task, ctx)
     batch = first_batch(data, tokenizer)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    inputs = {**batch.forward_inputs(), "labels": batch.labels}
 
     # nothing before it should: before and right after on_task_start, every term is 0
     assert_terms(method.extra_loss(model, batch, model(**inputs), ctx), zero=True)
@@ -134,7 +137,7 @@ def test_hooks_run_on_tiny_model(name, tokenizer, tiny_model):
 
 
 def test_methods_compose_in_one_model(tokenizer, tiny_model):
-    from tether.methods.lwf import make_reference
+    from tether.training.teacher import make_reference
 
     configs = {"lora": {"r": 4}, "freeze": {"fraction": 0.5}, "replay": {"ratio": 0.25},
                "ewc": {"fisher_samples": 4}, "lwf": {"on": "task+general", "general_batch_size": 2}}
@@ -157,8 +160,8 @@ def test_methods_compose_in_one_model(tokenizer, tiny_model):
     collate = Collator(tokenizer.pad_token_id)
     seen: set[str] = set()
     for idx in data.batches:
-        batch = collate([data[i] for i in idx])
-        out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
+        batch = Batch.from_inputs(collate([data[i] for i in idx]))
+        out = model(**batch.forward_inputs(), labels=batch.labels)
         terms: dict = {}
         for m in methods:
             t = m.extra_loss(model, batch, out, ctx)
@@ -195,11 +198,31 @@ def _imported_modules(source: str) -> set[str]:
     return found
 
 
+def _imported_packages(source: str) -> set[str]:
+    """The package right below ``tether`` each import statement reaches (``..training.x`` -> ``training``)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("tether.")}
+        elif isinstance(node, ast.ImportFrom) and (node.level == 2 or (node.module or "").split(".")[0] == "tether"):
+            module = (node.module or "").removeprefix("tether").lstrip(".")
+            found |= {module.split(".")[0]} if module else {a.name for a in node.names}
+    return found
+
+
 def test_methods_never_import_each_other():
-    modules = {p.stem for p in METHODS_DIR.glob("*.py")} - {"__init__", "base"}
-    assert set(NAMES) <= modules
-    for mod in sorted(modules):
-        siblings = _imported_modules((METHODS_DIR / f"{mod}.py").read_text()) & (modules - {mod})
+    """A method may import ``base`` and the private helpers (``_*.py``), never another method; no file
+    under ``methods/`` imports the training layer above it (the teacher reaches LwF as ``ctx.reference``)."""
+    files = {p.stem: p for p in METHODS_DIR.glob("*.py")}
+    methods = {m for m in files if not m.startswith("_") and m != "base"}
+    assert set(NAMES) <= methods
+    for mod, path in sorted(files.items()):
+        source = path.read_text()
+        siblings = _imported_modules(source) & (methods - {mod})
         assert not siblings, f"methods/{mod}.py imports sibling method(s) {sorted(siblings)}"
-    assert _imported_modules("from .lora import x\nfrom . import ewc\nimport tether.methods.lwf") == {
-        "lora", "ewc", "lwf"}
+        assert "training" not in _imported_packages(source), f"methods/{mod}.py imports tether.training"
+    assert _imported_modules("from .lora import x\nfrom . import ewc\nimport tether.methods.lwf\n"
+                             "from ._distill import lwf_kl") == {"lora", "ewc", "lwf", "_distill"}
+    assert _imported_packages("from ..training.teacher import x\nimport tether.training.trainer\n"
+                              "from .. import prefix\nfrom tether import trunk\nfrom .base import Batch") == {
+        "training", "prefix", "trunk"}

@@ -9,13 +9,13 @@ import torch
 from conftest import make_tiny_llama
 from pydantic import ValidationError
 
-from tether.methods.base import Context
+from tether.methods._lora_family import lora_layers
+from tether.methods.base import Batch, Context
 from tether.methods.olora import (
     OLoRA,
     OLoRACollapse,
     OLoRAConfig,
     delta_norm_sq,
-    lora_layers,
     orthogonality_loss,
     subspace_overlap,
 )
@@ -24,10 +24,10 @@ from tether.registry import METHODS
 VOCAB = 128
 
 
-def batch(seed: int = 0) -> dict:
+def batch(seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (4, 12), generator=g)
-    return {"input_ids": ids, "labels": ids}
+    return Batch(input_ids=ids, labels=ids)
 
 
 def train(model, method, ctx, steps: int, seed: int = 0, lr: float = 1e-2):
@@ -35,7 +35,7 @@ def train(model, method, ctx, steps: int, seed: int = 0, lr: float = 1e-2):
     model.train()
     for step in range(steps):
         b = batch(seed + step)
-        out = model(**b)
+        out = model(**b.forward_inputs(), labels=b.labels)
         loss = out.loss + sum(method.extra_loss(model, b, out, ctx).values())
         loss.backward()
         method.before_optimizer_step(model, ctx)
@@ -95,8 +95,9 @@ def test_two_tasks_old_adapter_frozen_active_and_bit_identical():
     # only the new adapter receives gradient from the task loss and from the orthogonality term
     for layer in lora_layers(model).values():
         torch.nn.init.normal_(layer.lora_B["task1"].weight, std=0.05)
-    out = model(**batch())
-    terms = method.extra_loss(model, batch(), out, ctx1)
+    b = batch()
+    out = model(**b.forward_inputs(), labels=b.labels)
+    terms = method.extra_loss(model, b, out, ctx1)
     assert terms["orth"] > 0
     (out.loss + sum(terms.values())).backward()
     for n, p in model.named_parameters():
@@ -127,7 +128,7 @@ def test_forward_is_base_plus_every_adapter_delta():
                 torch.nn.init.normal_(layer.lora_B[a].weight, std=0.3)
                 delta = delta + layer.scaling[a] * layer.lora_B[a].weight @ layer.lora_A[a].weight
             merged[name.split("base_model.model.", 1)[1] + ".weight"].add_(delta)
-    ids = batch()["input_ids"]
+    ids = batch().input_ids
     with torch.no_grad():
         got = model(input_ids=ids).logits
         with model.disable_adapter():

@@ -10,8 +10,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tether.methods import oplora as op
+from tether.methods._lora_family import lora_layers
 from tether.methods.base import Context
-from tether.methods.oplora import OPLoRA, OPLoRAConfig, OPLoRALinear, merge, oplora_layers, top_k_singular
+from tether.methods.oplora import OPLoRA, OPLoRAConfig, OPLoRALinear, merge, top_k_singular
 from tether.registry import METHODS
 
 VOCAB = 128
@@ -97,7 +98,7 @@ def test_training_then_merge_keeps_the_top_k_singular_triplets():
         before = model.eval()(input_ids=ids).logits
         merged = merge(model)
         after = merged(input_ids=ids).logits
-    assert not oplora_layers(merged) and torch.allclose(before, after, atol=1e-5)
+    assert not lora_layers(merged, of=OPLoRALinear) and torch.allclose(before, after, atol=1e-5)
     for name, W0 in base_w.items():
         W1 = merged.get_submodule(name).weight.detach()
         assert isinstance(merged.get_submodule(name), nn.Linear)
@@ -155,10 +156,10 @@ def test_save_model_writes_a_merged_loadable_model(tmp_path):
 
     method = OPLoRA({"k": 2})
     model = method.prepare_model(make_tiny_llama(VOCAB), Context())
-    for layer in oplora_layers(model).values():
+    for layer in lora_layers(model, of=OPLoRALinear).values():
         nn.init.normal_(layer.lora_B, std=0.1)
     method.save_model(model, tmp_path / "model")
-    assert oplora_layers(model)  # the training model keeps its adapters
+    assert lora_layers(model, of=OPLoRALinear)  # the training model keeps its adapters
     loaded = LlamaForCausalLM.from_pretrained(tmp_path / "model").eval()
     ids = torch.randint(3, VOCAB, (2, 7))
     with torch.no_grad():

@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tether.data import pack as P
-from tether.data import sources as S
-from tether.data import tasks as T
+from tether.data.build import pack as P
+from tether.data.build import sources as S
+from tether.data.build import tasks as T
+from tether.data.build.uri import resolve
 from tether.data.formats import validate
-from tether.data.readers import Record
+from tether.data.readers import DataError, Record
 
-SUITES = Path(P.__file__).resolve().parents[1] / "suites"
+SUITES = Path(P.__file__).resolve().parents[2] / "suites"
 PROBE_KINDS = {"perplexity", "multiple_choice", "generation", "drift"}
 
 
@@ -189,10 +190,10 @@ def test_suites_point_into_the_pack(suite, manifest):
         fname = p["data"].removeprefix("pack://general-v2/")
         m = manifest["files"][fname]
         assert p["kind"] == m["kind"] in PROBE_KINDS and p["sources"] == m["sources"], p["name"]
-        assert P.resolve_pack_uri(p["data"]).exists()
+        assert resolve(p["data"]).exists()
         total += min(p.get("limit") or m["items"], m["items"])
     assert spec["replay"]["sources"] == manifest["files"]["replay.jsonl"]["sources"]
-    assert P.resolve_pack_uri(spec["replay"]["data"]).name == "replay.jsonl"
+    assert resolve(spec["replay"]["data"]).name == "replay.jsonl"
     if suite == "general":
         assert {p["name"] + ".jsonl" for p in spec["probes"]} == {
             f for f, m in manifest["files"].items() if m["role"] == "probe"}
@@ -237,10 +238,12 @@ def test_summary_and_uris(pack_dir):
     assert {r["file"] for r in rows} >= {"knowledge_mc.jsonl", "replay.jsonl"}
     assert all(set(r) >= {"file", "kind", "items", "sources"} for r in rows)
     assert P.PACKS == ("general-v2",)
-    with pytest.raises(ValueError):
-        P.resolve_pack_uri("general-v2/knowledge_mc.jsonl")
-    with pytest.raises(FileNotFoundError):
-        P.resolve_pack_uri("pack://general-v2/nope.jsonl")
+    assert resolve("general-v2/knowledge_mc.jsonl") == Path("general-v2/knowledge_mc.jsonl")  # a path, not a URI
+    assert resolve("pack://general-v2/knowledge_mc.jsonl") == pack_dir / "knowledge_mc.jsonl"
+    with pytest.raises(DataError, match="not a pack URI"):
+        resolve("pack://general-v2")
+    with pytest.raises(DataError, match="no such file in pack general-v2"):
+        resolve("pack://general-v2/nope.jsonl")
     with pytest.raises(ValueError):
         P.build_pack("general-v0")
 
@@ -349,7 +352,7 @@ def test_clip_keeps_whole_sentences():
 
 
 def test_dedupe_keeps_the_first_question_and_pools_generation_answers():
-    from tether.data.pack import _dedupe
+    from tether.data.build.pack import _dedupe
 
     items = [{"id": "a", "prompt": [{"role": "user", "content": "What is the capital of France?"}],
               "answers": ["Paris"]},
@@ -368,7 +371,7 @@ def test_concurrent_builds_of_one_directory_swap_in_turn(tmp_path):
     such rounds failed or left an old directory.)"""
     import threading
 
-    from tether.data.pack import _swap_into_place
+    from tether.data.build.pack import _swap_into_place
 
     for round_ in range(5):
         out = tmp_path / f"r{round_}" / "t"
@@ -402,7 +405,7 @@ def test_concurrent_first_uses_build_once(tmp_path):
     import threading
     import time
 
-    from tether.data.pack import PACK_VERSION, build_once
+    from tether.data.build.pack import PACK_VERSION, build_once
 
     out = tmp_path / "data" / "p"
     calls, errors, barrier = [], [], threading.Barrier(6)
@@ -549,7 +552,7 @@ def test_unreachable_source_is_one_line_without_traceback(tmp_path, monkeypatch)
     (fake_bin / "apt-get").chmod(0o755)
     env = {**__import__("os").environ, "TETHER_HOME": str(tmp_path / "home"),
            "PATH": f"{fake_bin}:{__import__('os').environ['PATH']}"}
-    code = ("import sys; from tether.data import sources as S; S.PINS['bsdgames'] = 'x' * 64; "
+    code = ("import sys; from tether.data.build import sources as S; S.PINS['bsdgames'] = 'x' * 64; "
             "sys.argv = ['tether', 'data', 'build']; from tether.cli import main; main()")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("[tether]")]

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from tether.data.collate import Collator
 from tether.data.formats import Example
-from tether.methods.base import Context
+from tether.methods.base import Batch, Context
 from tether.methods.replay import MixedDataset, Replay, ReplayConfig, plan_batches, replay_counts
 
 
@@ -96,7 +96,7 @@ def test_add_mode_by_tokens_keeps_batch_size_task_examples():
 
 
 def test_add_mode_through_prepare_data_self_answers_only_what_the_plan_uses(monkeypatch):
-    import tether.data.rehearsal as rehearsal
+    import tether.methods._rehearsal as rehearsal
 
     task = [ex(5 + i % 3, 10 + i) for i in range(9)]
     general = [ex(4 + i % 2, 100 + i, prompt=0) for i in range(40)]
@@ -147,7 +147,7 @@ def test_prepare_data_mixed_dataset_with_dataloader_and_metrics(caplog):
     for batch in loader:
         assert batch["is_replay"].sum().item() == 1
         assert set(batch) == {"input_ids", "attention_mask", "labels", "is_replay", "replay_index"}
-        method.extra_loss(None, batch, None, ctx)
+        method.extra_loss(None, Batch.from_inputs(batch), None, ctx)
     m = method.metrics()
     assert m["replay_planned_examples"] == m["replay_realised_examples"] == 0.25
     assert m["replay_planned_tokens"] == pytest.approx(m["replay_realised_tokens"])
@@ -236,14 +236,15 @@ def test_balance_loss_gives_replay_its_ratio_of_the_loss():
     on, off = Replay({"ratio": 0.25}), Replay({"ratio": 0.25, "balance_loss": False})
     tokens = Replay({"ratio": 0.25, "by": "tokens"})
     flags = torch.tensor([False, False, False, True])
-    batch = {"input_ids": torch.zeros(4, 32, dtype=torch.long), "is_replay": flags}
-    assert off.example_weights(batch, Context()) is None
-    assert tokens.example_weights(batch, Context()) is None
-    assert on.example_weights({"input_ids": batch["input_ids"]}, Context()) is None  # unmixed batch
-    w = on.example_weights(batch, Context())
     labels = torch.full((4, 32), -100)
     labels[:3, 5] = 1  # task: one target token each
     labels[3, 2:] = 1  # replay: 30 target tokens
+    unmixed = Batch(input_ids=torch.zeros(4, 32, dtype=torch.long), labels=labels)
+    batch = Batch(input_ids=unmixed.input_ids, labels=labels, is_replay=flags)
+    assert off.example_weights(batch, Context()) is None
+    assert tokens.example_weights(batch, Context()) is None
+    assert on.example_weights(unmixed, Context()) is None  # unmixed batch
+    w = on.example_weights(batch, Context())
     logits = torch.zeros(4, 32, 5)
     logits[:3, 4, 1] = 10.0  # task rows predicted well, replay rows at uniform (loss log 5)
     loss = weighted_example_loss(logits, labels, w)
@@ -262,7 +263,7 @@ def _chat_example(tokenizer, question: str, answer: str) -> Example:
 
 def test_self_rehearsal_replays_the_models_own_greedy_answers(tokenizer, tiny_model):
     """Batched, left-padded generation gives each prompt exactly its unbatched greedy answer."""
-    from tether.data.rehearsal import prompt_ids, self_rehearsal
+    from tether.methods._rehearsal import prompt_ids, self_rehearsal
 
     chats = [_chat_example(tokenizer, q, "A dataset answer that the model never gave.")
              for q in ("Hi?", "What is the capital of France, and why is it famous?", "Name a colour.")]

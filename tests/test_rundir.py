@@ -84,12 +84,12 @@ def test_a_second_run_into_a_directory_in_use_is_refused(tmp_path):
 
 def test_a_failed_run_is_marked_and_report_refuses_it(tmp_path, tiny_model_dir, tiny_task, tiny_suite,
                                                       monkeypatch):
-    from tether.training import session
+    from tether.training import run
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk on fire\nsecond line")
 
-    monkeypatch.setattr(session.Session, "build_trainer", boom)
+    monkeypatch.setattr(run.Run, "train_task", boom)
     out = tmp_path / "run"
     with pytest.raises(RuntimeError):
         train(tiny_recipe(tmp_path, tiny_model_dir, tiny_task, tiny_suite, out))

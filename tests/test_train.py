@@ -53,13 +53,13 @@ def test_default_recipe_run_directory(tmp_path, tiny_model_dir, tiny_task, tiny_
     from tether.probes.scorer import Scorer
     from tether.probes.suite import run_suite, validate_suite
     from tether.registry import PROBES
-    from tether.training.run import load_task, task_eval_items
+    from tether.training.run import load_task, records_to_eval_items
 
     scorer = Scorer(result.model, result.tokenizer)
     fresh = run_suite(validate_suite(str(tiny_suite)), scorer, progress=False)
     # the guard scores in batches of 16, a fresh Scorer in batches of 32: float32 noise on a loss of ~10
     assert [x["score"] for x in final["general"]] == pytest.approx([x.score for x in fresh], rel=1e-5, abs=1e-5)
-    task_items = task_eval_items(r, load_task(r)[1])
+    task_items = records_to_eval_items(load_task(r)[1], r.task.chat)
     assert len(task_items) <= r.guard.task_limit
     task_probe = PROBES.get(r.task.eval_kind)("task", task_items, metric=r.task.eval_metric, max_new_tokens=4)
     assert final["task"] == pytest.approx(task_probe.run(scorer).score)
@@ -206,7 +206,7 @@ def test_guard_base_scores_reuse_identical_general_probes_and_score_the_rest():
 
     from tether.probes.base import ProbeResult
     from tether.registry import PROBES
-    from tether.training.session import Session
+    from tether.training.scoring import Scoring
 
     items = [{"text": f"line {i}"} for i in range(6)]
     ppl = PROBES.get("perplexity")
@@ -223,7 +223,7 @@ def test_guard_base_scores_reuse_identical_general_probes_and_score_the_rest():
     fake = SimpleNamespace(general_probes=general, guard_probes=guard,
                            _run=lambda probes, ref, reference: scored.append([p.name for p in probes])
                            or [result(p.name, 9.0) for p in probes])
-    out = Session._guard_base(fake, [result("chat", 1.0), result("code", 2.0)], ref=None)
+    out = Scoring._guard_base(fake, [result("chat", 1.0), result("code", 2.0)], ref=None)
     assert scored == [["chat"]]
     assert [(r.name, r.score) for r in out] == [("code", 2.0), ("chat", 9.0)]
 

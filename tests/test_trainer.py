@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tether.data.collate import Collator
-from tether.methods.base import Context, Method
+from tether.methods.base import Batch, Context, Method
 from tether.registry import METHODS
 from tether.training.trainer import TetherTrainer, training_arguments, weighted_example_loss
 
@@ -21,7 +21,7 @@ class EqualExamples(Method):
     """Every example weighs the same (what replay's ``balance_loss`` asks for)."""
 
     def example_weights(self, batch, ctx):
-        return torch.ones(batch["input_ids"].shape[0])
+        return torch.ones(batch.input_ids.shape[0])
 
 
 def run_steps(tokenizer, batch_size, grad_accum, tmp_path, ewc_lambda, weighted=False):
@@ -231,8 +231,10 @@ def test_logged_terms_and_task_replay_split_accumulate_without_readback(tmp_path
     trainer = TetherTrainer(model=make_tiny_llama(50, hidden=8), args=args, train_dataset=[],
                             data_collator=Collator(0), methods={}, context=Context())
     sums, counts = torch.tensor([2.0, 6.0, 3.0]), torch.tensor([1.0, 3.0, 3.0])
-    trainer._record({"ewc": torch.tensor(0.5)}, {}, None, torch.tensor([False, True, False]), (sums, counts))
-    trainer._record({"ewc": torch.tensor(1.5)}, {}, None, torch.tensor([False, False, False]), (sums, counts))
+    ids = torch.zeros((3, 4), dtype=torch.long)
+    for flags, ewc in (([False, True, False], 0.5), ([False, False, False], 1.5)):
+        batch = Batch(input_ids=ids, labels=ids, is_replay=torch.tensor(flags))
+        trainer._record({"ewc": torch.tensor(ewc)}, batch, None, (sums, counts))
     assert all(isinstance(v, torch.Tensor) for v in trainer._term_sums.values())
     logs = {"loss": 1.0}
     trainer.log(logs)

@@ -4,6 +4,7 @@ lower blocks differ (training, a non-zero frozen adapter, dropout, another batch
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 
 import pytest
@@ -11,8 +12,10 @@ import torch
 from conftest import make_tiny_llama
 
 from tether import prefix
-from tether.methods.lwf import make_reference, run_logits
+from tether.methods._distill import lwf_kl
+from tether.methods.base import Batch
 from tether.models import find_blocks
+from tether.training.teacher import make_reference, run_logits
 from tether.trunk import Mismatch, Trunk, calls, shared_depth, trainable_below
 
 VOCAB = 90
@@ -39,7 +42,7 @@ def frozen_half(layers: int = 4, dropout: float = 0.0, seed: int = 0):
     return model.train(), blocks
 
 
-def inputs(shared: bool, rows: int = 3, seed: int = 0) -> dict:
+def inputs(shared: bool, rows: int = 3, seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (rows, 30), generator=g)
     mask = torch.ones_like(ids)
@@ -47,11 +50,11 @@ def inputs(shared: bool, rows: int = 3, seed: int = 0) -> dict:
     ids[mask == 0] = 0
     if shared:
         ids[:, :20] = ids[0, :20]
-    batch = {"input_ids": ids, "attention_mask": mask}
+    batch = Batch(input_ids=ids, labels=ids.masked_fill(mask == 0, -100), attention_mask=mask)
     if shared:
         groups = prefix.plan(ids, mask)
         assert groups[0].shared == 20
-        batch["prefix_groups"] = groups
+        batch = dataclasses.replace(batch, prefix_groups=groups)
     return batch
 
 
@@ -73,8 +76,8 @@ def test_teacher_from_the_first_trained_block_matches_the_whole_teacher(shared):
         lower_runs.clear()
         _, teacher = student_then_teacher(model, ref, batch)
         assert torch.allclose(teacher, expected, atol=1e-5, rtol=1e-5), step
-    assert ref.trunk.depth == 2
-    assert lower_runs == [True] * calls(batch.get("prefix_groups"))  # block 0 ran for the student only
+    assert ref.trunk.depth == ref.skipped_blocks == 2
+    assert lower_runs == [True] * calls(batch.prefix_groups)  # block 0 ran for the student only
     assert all("forward" not in b.__dict__ for b in blocks)  # the stubs are gone
     assert len(ref.trunk.trunk.records) == 0
     hook.remove()
@@ -85,8 +88,6 @@ def test_teacher_from_the_first_trained_block_matches_the_whole_teacher(shared):
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
 def test_gradients_and_the_lwf_loss_are_those_of_the_whole_teacher(checkpointing):
-    from tether.methods.lwf import lwf_kl
-
     grads = []
     for share in (True, False):
         model, _ = frozen_half()
@@ -98,7 +99,7 @@ def test_gradients_and_the_lwf_loss_are_those_of_the_whole_teacher(checkpointing
             model.zero_grad()
             batch = inputs(not checkpointing)
             student, teacher = student_then_teacher(model, ref, batch)
-            loss = lwf_kl(student, teacher, batch["attention_mask"], 2.0)
+            loss = lwf_kl(student, teacher, batch.attention_mask, 2.0)
             loss.backward()
         grads.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
         assert ref.trunk.depth == (2 if share else 0)
@@ -143,7 +144,7 @@ def test_trunk_replay_checks_counts_and_shapes():
     records = trunk.take(1)
     with pytest.raises(Mismatch, match="recorded"), torch.no_grad():
         with trunk.replaying(records):
-            model(**inputs(False, rows=2))
+            model(**inputs(False, rows=2).forward_inputs())
     assert "forward" not in blocks[0].__dict__
 
 
@@ -157,7 +158,7 @@ def test_the_recording_hook_goes_with_its_reference():
     gc.collect()
     assert len(blocks[1]._forward_hooks) == 0
     with torch.no_grad():  # eval forwards record nothing either way
-        model.eval()(**inputs(False))
+        model.eval()(**inputs(False).forward_inputs())
 
 
 def test_frozen_copy_teacher_of_a_full_fine_tune_with_frozen_blocks():
@@ -204,7 +205,7 @@ def test_each_architecture_with_a_shared_prefix(arch):
     ids[:, :20] = ids[0, :20]
     mask = torch.ones_like(ids)
     mask[1, -3:] = 0
-    batch = {"input_ids": ids, "attention_mask": mask, "prefix_groups": prefix.plan(ids, mask)}
+    batch = Batch(input_ids=ids, labels=ids, attention_mask=mask, prefix_groups=prefix.plan(ids, mask))
     ref = make_reference(model)
     expected = make_reference(model, share_trunk=False)(model, batch)
     for _ in range(3):

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .io import check_writable, write_json
-from .report.compare import DEFAULT_THRESHOLD
+from .probes.verdict import DEFAULT_THRESHOLD
 
 
 def evaluate(model: str | Any, *, suite: str = "general", tokenizer: Any = None, limit: int | None = None,
@@ -41,7 +41,7 @@ def compare(base: str | Any, tuned: str | Any, *, suite: str = "general", tokeni
     from . import models
     from .probes.scorer import Scorer
     from .probes.suite import load_suite, run_suite, validate_suite
-    from .report.compare import compare_results, comparison_json
+    from .probes.verdict import compare_results, comparison_json
 
     s = load_suite(suite)
     probes = validate_suite(s, limit=limit)  # every item checked before any model is loaded
@@ -83,8 +83,8 @@ def compare(base: str | Any, tuned: str | Any, *, suite: str = "general", tokeni
 
 def build_data(name: str = "general-v2", tasks: tuple[str, ...] = ("fortune-topics",)) -> dict[str, Path]:
     """Build (or find cached) the default probe pack and the demo task data."""
-    from .data.pack import ensure_pack
-    from .data.tasks import build_task
+    from .data.build.pack import ensure_pack
+    from .data.build.tasks import build_task
 
     out = {name: ensure_pack(name)}
     for t in tasks:
@@ -108,7 +108,7 @@ def continual(sequence: str | Path | None = None, *, overrides: list[str] | None
               **fields: Any) -> dict:
     """Train a task sequence (YAML or fields); returns the ``continual.json`` content."""
     from .config import load_sequence
-    from .training.continual import run_continual
+    from .training.run import run_continual
 
     return run_continual(load_sequence(sequence, overrides, **fields), overwrite=overwrite)
 
@@ -118,12 +118,13 @@ def _task_probe(eval_data: str | Path | None, *, chat: bool | None = None, limit
     """A generation probe over held-out task records (prompt/completion or chat), or ``None``."""
     if not eval_data:
         return None
+    from .data.build.uri import resolve
     from .data.formats import validate_records
     from .data.readers import read_records
     from .registry import PROBES
     from .training.run import records_to_eval_items
 
-    records = read_records(eval_data, limit=limit)
+    records = read_records(resolve(eval_data), limit=limit)
     validate_records(records)
     return PROBES.get("generation")("task", records_to_eval_items(records, chat), metric=metric,
                                     max_new_tokens=max_new_tokens)
@@ -174,6 +175,7 @@ def diagnose(base: str, tuned: str, *, prompts: str | Path | None = None, suite:
     """
     from . import models
     from .after.diagnose import diagnose as run_diagnose
+    from .data.build.uri import resolve
     from .data.readers import read_records
     from .probes.suite import load_suite
 
@@ -183,7 +185,7 @@ def diagnose(base: str, tuned: str, *, prompts: str | Path | None = None, suite:
         if spec is None:
             raise ValueError(f"suite {suite!r} has no drift prompts; pass --prompts FILE.jsonl")
         prompts = s.resolve(spec.data)
-    records = read_records(prompts, limit=max_prompts)
+    records = read_records(resolve(prompts), limit=max_prompts)
     texts = []
     for r in records:
         if "prompt" not in r.data:

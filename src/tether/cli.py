@@ -28,8 +28,8 @@ def _fail(e: Exception) -> None:
 
 def _expected_errors() -> tuple[type[Exception], ...]:
     from .config import RecipeError
+    from .data.build.sources import SourceMissing
     from .data.readers import DataError
-    from .data.sources import SourceMissing
     from .models import ModelNotAvailable
 
     return (DataError, RecipeError, ModelNotAvailable, SourceMissing, FileNotFoundError, KeyError, ValueError)
@@ -104,7 +104,7 @@ def train_cmd(
         result = api.train(recipe, overrides=overrides, overwrite=overwrite, **fields)
     except _expected_errors() as e:
         _fail(e)
-    from .report.compare import ProbeComparison
+    from .probes.verdict import ProbeComparison
 
     s = result.summary
     if not s:  # a non-main process under torchrun: the main one reports
@@ -148,7 +148,7 @@ def continual_cmd(
 ) -> None:
     """Train tasks one after another; accuracy matrix, backward/forward transfer, forgetting."""
     from . import api
-    from .training.continual import render_continual
+    from .report.continual import render_continual
 
     try:
         result = api.continual(sequence, overrides=overrides, overwrite=overwrite,
@@ -260,7 +260,7 @@ def data_build(
     from rich.table import Table
 
     from . import api
-    from .data.pack import pack_summary
+    from .data.build.pack import pack_summary
 
     try:
         paths = api.build_data(name, tuple(task))
@@ -287,7 +287,7 @@ def list_cmd() -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .data.sources import SourceMissing
+    from .data.build.sources import SourceMissing
 
     try:
         app()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .io import load_yaml
 from .models import DEFAULT_MODEL
@@ -83,7 +83,7 @@ class GuardSpec(_Strict):
     enabled: bool = True
     every: int = 20
     threshold: float = 0.05
-    drift_threshold: float = 0.25  # drift measures change, not lost ability: a looser bound (see report.compare)
+    drift_threshold: float = 0.25  # drift measures change, not lost ability: a looser bound (see probes.verdict)
     action: Literal["stop", "adapt", "warn", "recover"] = "stop"  # recover: stop once back within budget
     suite: str = "general-quick"
     probes: list[str] | None = None  # subset of the suite's probes; None = all
@@ -107,62 +107,81 @@ class GuardSpec(_Strict):
         return v
 
 
-def default_methods() -> dict[str, dict[str, Any]]:
-    """The methods of ``recipes/default.yaml``: the one place the default recipe is written down, so
-    ``tether train --task x.jsonl`` and ``tether train recipes/default.yaml --task x.jsonl`` agree."""
-    return copy.deepcopy(_default_recipe_yaml()["methods"])
+def default_methods(recipe: str = "default") -> dict[str, dict[str, Any]]:
+    """The methods of a shipped recipe (``recipes/default.yaml`` for a run, ``naive.yaml`` for a
+    sequence's baseline): the one place each is written down, so ``tether train --task x.jsonl`` and
+    ``tether train recipes/default.yaml --task x.jsonl`` agree."""
+    return copy.deepcopy(_shipped_yaml(recipe)["methods"])
 
 
 @functools.cache
-def _default_recipe_yaml() -> dict[str, Any]:
+def _shipped_yaml(recipe: str) -> dict[str, Any]:
     from importlib import resources
 
-    return load_yaml((resources.files("tether.recipes") / "default.yaml").read_text(encoding="utf-8"))
+    return load_yaml((resources.files("tether.recipes") / f"{recipe}.yaml").read_text(encoding="utf-8"))
 
 
-class Recipe(_Strict):
-    """A whole training run. ``methods`` maps registered method names to their settings."""
+#: the general data methods read (replayed into batches, EWC's Fisher, LwF's general prompts, LoRA's
+#: contrast init): the probe pack's replay split, which shares no source with its knowledge probes
+DEFAULT_REPLAY_DATA = "pack://general-v2/replay.jsonl"
+
+
+class _RunSpec(_Strict):
+    """What every run has, a single task or a sequence: model, methods, training, probes, guard."""
 
     model: ModelSpec = Field(default_factory=ModelSpec)
-    task: TaskSpec = Field(default_factory=TaskSpec)
-    general: str = "general"  # the suite reported before/after
+    general: str = "general"  # the probe suite measured before and after (name or YAML file)
+    # what is replayed is its own setting, apart from what is measured. "auto": the suite's own
+    # `replay:` data if it names some, else the pack's replay split (so a suite of the user's own
+    # probes still gets general data); a file or pack:// URI; null or "none": no general data
+    replay_data: str | None = "auto"
     # the default recipe's methods, read from recipes/default.yaml (which says why each setting)
     methods: dict[str, dict[str, Any]] = Field(default_factory=lambda: default_methods())
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     guard: GuardSpec = Field(default_factory=GuardSpec)
-    output_dir: str | None = None  # None: runs/<task file stem>-<UTC time>, a new directory every run
+    output_dir: str | None = None  # None: a new runs/<task>-<UTC time> every run
+    _configs: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
-    def _check_methods(self) -> "Recipe":
+    def _check_methods(self) -> "_RunSpec":
+        """Each method's typed config, built once here; then what the methods declare about each other."""
         from .registry import METHODS
 
         configs = {}
         for name, settings in self.methods.items():
             if name not in METHODS:
                 raise ValueError(f"methods.{name}: unknown method {name!r}; known: {', '.join(METHODS.names())}")
-            cls = METHODS.get(name)
-            cfg_cls = getattr(cls, "config_class", None)
-            if cfg_cls is not None:
-                try:
-                    configs[name] = cfg_cls(**(settings or {}))
-                except ValidationError as e:
-                    raise ValueError(f"methods.{name}: {_first_error(e, prefix=name)}") from None
-        if "lora" in self.methods and "full" in self.methods:
-            raise ValueError("methods: choose one of 'lora' and 'full'")
-        lwf, replay = configs.get("lwf"), configs.get("replay")
-        if lwf is not None and lwf.on == "replay" and (replay is None or replay.ratio == 0):
-            raise ValueError("methods.lwf.on: 'replay' distils on the batch's replay rows, but replay is off; "
-                             "switch replay on, or set lwf.on=general, or lwf=false")
+            try:
+                configs[name] = METHODS.get(name).make_config(settings)
+            except ValidationError as e:
+                raise ValueError(f"methods.{name}: {_first_error(e, prefix=name)}") from None
+        self._configs = configs
+        methods = self.build_methods()
+        training = [n for n in self.methods if methods[n].trains]  # in recipe order
+        if len(training) > 1:
+            raise ValueError(f"methods: choose one of {' and '.join(repr(n) for n in training)} (each decides "
+                             "which weights train)")
+        for name, m in methods.items():
+            m.check({n: o for n, o in methods.items() if n != name})
         return self
 
     def method_configs(self) -> dict[str, Any]:
+        """Every method's typed settings, defaults filled in."""
+        return dict(self._configs)
+
+    def build_methods(self) -> dict[str, Any]:
+        """Fresh method objects in model-preparation order (`Method.order`, ties in recipe order)."""
         from .registry import METHODS
 
-        out = {}
-        for name, settings in self.methods.items():
-            cfg_cls = getattr(METHODS.get(name), "config_class", None)
-            out[name] = cfg_cls(**(settings or {})) if cfg_cls else settings
-        return out
+        names = list(self._configs)
+        ordered = sorted(names, key=lambda n: (METHODS.get(n).order, names.index(n)))
+        return {n: METHODS.get(n)(self._configs[n]) for n in ordered}
+
+
+class Recipe(_RunSpec):
+    """A whole training run on one task. ``methods`` maps registered method names to their settings."""
+
+    task: TaskSpec = Field(default_factory=TaskSpec)
 
 
 class RecipeError(ValueError):
@@ -289,8 +308,13 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         raise RecipeError(f"{source}: {_first_error(e)}") from None
 
 
-def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+def dump_recipe(recipe: _RunSpec) -> str:
+    """The resolved recipe as YAML: every method's settings written out, defaults included, so the file
+    says exactly what ran (and reruns it as such)."""
+    data = recipe.model_dump(mode="json")
+    data["methods"] = {n: c.model_dump(mode="json") if isinstance(c, BaseModel) else c
+                       for n, c in recipe.method_configs().items()}
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 class SequenceTask(_Strict):
@@ -304,25 +328,26 @@ class SequenceTask(_Strict):
     max_new_tokens: int = 16
 
 
-class SequenceSpec(_Strict):
-    """`tether continual`: tasks trained one after another with the same methods.
+class SequenceSpec(_RunSpec):
+    """`tether continual`: tasks trained one after another with the same methods, by the same run
+    driver as a single task (so the guard and the saved model come with it).
 
     ``memory_per_task``: examples of each finished task kept and replayed (with the general replay
     data) while later tasks train — replay's continual-learning form. ``multitask`` trains all
     tasks at once for the same total steps instead: the upper bound to compare against.
     """
 
-    model: ModelSpec = Field(default_factory=ModelSpec)
     tasks: list[SequenceTask]
     general: str = "general-quick"
-    methods: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"full": {}})
+    methods: dict[str, dict[str, Any]] = Field(default_factory=lambda: default_methods("naive"))
     training: TrainingSpec = Field(default_factory=TrainingSpec)  # per task
+    # off unless asked for: a sequence's default is the plain baseline its metrics compare against
+    guard: GuardSpec = Field(default_factory=lambda: GuardSpec(enabled=False))
     max_length: int = 512
     chat: bool | None = None
     eval_limit: int | None = 100
     memory_per_task: int = 50
     multitask: bool = False
-    output_dir: str | None = None  # None: a new runs/<first task>-sequence-<UTC time> every run
 
     @field_validator("tasks")
     @classmethod
@@ -333,14 +358,6 @@ class SequenceSpec(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"tasks: names must be unique, got {names}")
         return v
-
-    @model_validator(mode="after")
-    def _check_methods(self) -> "SequenceSpec":
-        Recipe(methods=self.methods)  # same method validation as a single run
-        return self
-
-    def method_configs(self) -> dict[str, Any]:
-        return Recipe(methods=self.methods).method_configs()
 
 
 def load_sequence(path: str | Path | None = None, overrides: list[str] | None = None, **fields: Any) -> SequenceSpec:

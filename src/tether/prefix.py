@@ -170,6 +170,15 @@ def forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return out
 
 
+def logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+           groups: Sequence[Group] | None = None) -> torch.Tensor:
+    """``model``'s ``[B, L, V]`` logits: grouped (`forward`) when ``groups`` are given, else one plain forward."""
+    if groups:
+        return forward(model, input_ids, attention_mask, groups)
+    mask = {} if attention_mask is None else {"attention_mask": attention_mask}
+    return model(input_ids=input_ids, **mask).logits
+
+
 def relative_error(plain: torch.Tensor, shared: torch.Tensor) -> float:
     """``max |plain - shared|`` over the logits given, in units of ``plain``'s standard deviation."""
     return ((plain.float() - shared.float()).abs().max() / plain.float().std().clamp_min(1e-6)).item()

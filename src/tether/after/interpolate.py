@@ -24,7 +24,7 @@ import torch
 from ..io import atomic_path, write_json
 from ..models import is_peft_model
 from ..probes.base import ProbeResult
-from ..report.compare import ProbeComparison, compare_results
+from ..probes.verdict import ProbeComparison, compare_results
 
 SELECTION_RULE = ("largest task score among the alphas whose worst per-probe general drop (point estimate, "
                   "relative to alpha=0; absolute where the base scores 0) is <= budget; ties go to the "

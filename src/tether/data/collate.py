@@ -29,8 +29,10 @@ class Collator:
             (tensor-core friendly shapes on GPU); ``None`` pads to the longest example.
 
     Returns (from ``__call__``): ``{"input_ids", "attention_mask", "labels"}`` as ``long``
-    tensors of shape ``[batch, length]``, plus ``"is_replay"`` (``bool``, ``[batch]``) when the
-    items carry that key.
+    tensors of shape ``[batch, length]``, plus ``"is_replay"`` (``bool``, ``[batch]``) and
+    ``"replay_index"`` (``long``, ``[batch]``, -1 on task rows) when the items carry ``is_replay``.
+    A dictionary, as HF's Trainer moves it to the device; its keys are the fields of
+    `tether.methods.base.Batch`, which the trainer builds from it for the methods.
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .build.uri import SCHEMES
+
 
 class DataError(ValueError):
     """A malformed record: one line naming file, line and field."""
@@ -42,15 +44,11 @@ class ReadReport:
 def read_records(src: str | Path | Any, *, limit: int | None = None) -> list[Record]:
     """Records of a file (by suffix) or of a `datasets.Dataset` / list of dicts.
 
-    ``task://NAME/FILE`` and ``pack://NAME/FILE`` name a file of a built-in task or probe pack
-    (built offline on first use), so shipped recipes and sequences run anywhere."""
-    if isinstance(src, str) and src.startswith(("task://", "pack://")):
-        from .tasks import resolve_data_uri
-
-        try:
-            src = resolve_data_uri(src)
-        except (ValueError, FileNotFoundError) as e:
-            raise DataError(str(src), None, None, str(e)) from None
+    Only reads: a ``task://`` or ``pack://`` reference is refused here; resolve it to its file first
+    with `tether.data.build.uri.resolve` (which builds the data on first use)."""
+    if isinstance(src, str) and src.startswith(SCHEMES):
+        raise DataError(src, None, None, "a data reference, not a file: resolve it first with "
+                        "tether.data.build.uri.resolve")
     if isinstance(src, (str, Path)):
         path = Path(src)
         if not path.exists():

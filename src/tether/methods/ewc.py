@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..models import unwrap_parallel  # parameter names as the Fisher's
 from ..registry import register_method
-from .base import Context, Method, eval_mode
+from .base import Batch, Context, Method, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ class EWC(Method):
             torch._foreach_copy_([self.anchor_[n] for n in names], [params[n].detach() for n in names])
         self.tasks_consolidated_ += 1
 
-    def extra_loss(self, model, batch: dict, outputs, ctx: Context) -> dict[str, torch.Tensor]:
+    def extra_loss(self, model, batch: Batch, outputs, ctx: Context) -> dict[str, torch.Tensor]:
         if not self.fisher_:
             return {}
         total = None

@@ -94,6 +94,7 @@ class Freeze(Method):
     """
 
     config_class = FreezeConfig
+    order = 20
 
     def __init__(self, config: FreezeConfig | dict | None = None):
         super().__init__(FreezeConfig.model_validate(config or {}))

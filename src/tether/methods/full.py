@@ -54,6 +54,8 @@ class FullFineTune(Method):
     """
 
     config_class = FullConfig
+    trains = "all"
+    order = 0
 
     def __init__(self, config: FullConfig | dict | None = None):
         super().__init__(FullConfig.model_validate(config or {}))

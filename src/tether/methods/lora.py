@@ -10,32 +10,32 @@ from __future__ import annotations
 
 import copy
 import logging
-import random
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import field_validator
 
+from ..data.collate import Collator
 from ..data.formats import IGNORE_INDEX
 from ..models import is_peft_model
 from ..registry import register_method
-from .base import Context, Method, eval_mode
+from ._contrast_init import sample_batches, set_contrast_directions
+from ._lora_family import LoraFamilyConfig, lora_layers, match_targets, replace_module
+from .base import Context, Method
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class LoraMethodConfig(BaseModel):
+class LoraMethodConfig(LoraFamilyConfig):
     """LoRA (https://arxiv.org/abs/2106.09685): ``h = W x + (alpha / r) * B A x``.
 
     Attributes:
-        r (int): rank of ``A`` (``r x d_in``) and ``B`` (``d_out x r``).
-        alpha (float): scale numerator; the update is multiplied by ``alpha / r``.
-        dropout (float): dropout on the LoRA branch's input, in ``[0, 1)``.
+        r, alpha, dropout: as in `LoraFamilyConfig` (defaults 16, 32, 0.05).
         target_modules (list[str] | "all-linear"): module-name suffixes to adapt (``q_proj``
             matches ``model.layers.3.self_attn.q_proj``), or ``"all-linear"`` for every linear
             layer but the output head. Every listed name must match at least one module.
@@ -81,7 +81,8 @@ class LoraMethodConfig(BaseModel):
         adapter_name (str): PEFT adapter name.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    key: ClassVar[str] = "lora"
+    targets_are: ClassVar[str] = "'all-linear' or a non-empty list of module names"
 
     r: int = 16
     alpha: float = 32.0
@@ -94,27 +95,6 @@ class LoraMethodConfig(BaseModel):
     trainable_tokens: Literal["none", "answers"] = "none"
     merge_on_save: bool = False
     adapter_name: str = "default"
-
-    @field_validator("r")
-    @classmethod
-    def _r(cls, v: int) -> int:
-        if v <= 0:
-            raise ValueError("lora.r must be > 0")
-        return v
-
-    @field_validator("alpha")
-    @classmethod
-    def _alpha(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError("lora.alpha must be > 0")
-        return v
-
-    @field_validator("dropout")
-    @classmethod
-    def _dropout(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError("lora.dropout must be in [0, 1)")
-        return v
 
     @field_validator("lr_ratio")
     @classmethod
@@ -130,146 +110,12 @@ class LoraMethodConfig(BaseModel):
             raise ValueError("lora.init_batches must be > 0")
         return v
 
-    @field_validator("target_modules")
-    @classmethod
-    def _targets(cls, v):
-        if isinstance(v, list) and (not v or any(not t for t in v)):
-            raise ValueError("lora.target_modules must be 'all-linear' or a non-empty list of module names")
-        return v
-
     @field_validator("adapter_name")
     @classmethod
     def _name(cls, v: str) -> str:
         if not v or "." in v:
             raise ValueError("lora.adapter_name must be a non-empty name without dots")
         return v
-
-
-def check_targets(model: torch.nn.Module, targets: list[str]) -> dict[str, int]:
-    """Count the modules each target suffix matches; raise on a target that matches none.
-
-    PEFT only raises when *nothing* matches, so a typo in one of seven names goes unnoticed.
-    """
-    names = [n for n, _ in model.named_modules()]
-    counts = {t: sum(1 for n in names if n == t or n.endswith("." + t)) for t in targets}
-    missing = [t for t, c in counts.items() if c == 0]
-    if missing:
-        listed = ", ".join(map(repr, missing))
-        raise ValueError(f"lora.target_modules: {listed} matched no module of the model")
-    return counts
-
-
-#: bytes of second moments held at once by `lora.init: contrast` (two float64 ``d_in x d_in`` per layer);
-#: more layers than fit are done in several passes over the same batches
-MOMENT_BYTES = 2 * 2**30
-
-
-def moment_chunks(layers: dict[str, torch.nn.Module], adapter: str, budget: int | None = None
-                  ) -> list[dict[str, torch.nn.Module]]:
-    """Consecutive groups of ``layers`` whose task and general moments fit ``budget`` (one layer at least).
-
-    Counts every layer's own matrices, though q/k/v (and gate/up) share one: an 8B model's MLP input
-    alone is 14336 wide (1.6 GB per moment), so all of them at once would not fit anywhere.
-    """
-    budget = MOMENT_BYTES if budget is None else budget
-    chunks: list[dict[str, torch.nn.Module]] = [{}]
-    used = 0
-    for n, m in layers.items():
-        cost = 2 * 8 * m.lora_A[adapter].in_features ** 2
-        if chunks[-1] and used + cost > budget:
-            chunks.append({})
-            used = 0
-        chunks[-1][n] = m
-        used += cost
-    return [c for c in chunks if c]
-
-
-class _Enough(Exception):
-    """Raised by the last hooked layer's pre-hook: nothing after it is needed."""
-
-
-def input_moments(model: torch.nn.Module, layers: dict[str, torch.nn.Module], batches: list[dict],
-                  positions: int = 4096) -> tuple[dict[str, torch.Tensor], int]:
-    """Each layer's uncentred input second moment ``E[x x^T]`` (float64) over non-padding positions.
-
-    Reads batches until ``positions`` non-padding positions are in (every position of each batch
-    read): the forwards and the products cost ``positions * d^2`` per distinct input, and every
-    position of 16 batches of long general rows took minutes on a CPU. Layers fed the same tensor
-    (q/k/v, gate/up) share one product per batch and one result object, so callers can solve once
-    per distinct input. Runs the decoder body only when it can (no output head: a vocabulary-wide
-    product per position that no adapted layer reads), and stops each forward at the last hooked
-    layer's input (``layers`` in execution order).
-    """
-    device = next(model.parameters()).device
-    group: dict[str, int] = {}  # layer -> index of the input it reads (fixed by the first batch)
-    sums: dict[int, torch.Tensor] = {}
-    state: dict = {"rows": None, "seen": {}}
-    count = 0
-
-    def hook(name):
-        def pre(mod, args):
-            x = args[0]
-            # the tensor is kept alive for the whole forward, so its address names it uniquely
-            key = (x.data_ptr(), tuple(x.shape))
-            if key not in state["seen"]:
-                flat = x.reshape(-1, x.shape[-1])[state["rows"]].float()
-                state["seen"][key] = (x, (flat.T @ flat).double(), len(state["seen"]))
-            _, g, idx = state["seen"][key]
-            if group.setdefault(name, idx) != idx:
-                raise RuntimeError(f"lora: {name}'s input changed identity between batches")
-            if idx not in state["added"]:
-                sums[idx] = sums[idx] + g if idx in sums else g
-                state["added"].add(idx)
-            if name == last:
-                raise _Enough
-        return pre
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = getattr(base, getattr(base, "base_model_prefix", ""), None)
-    run = body if isinstance(body, torch.nn.Module) and not any(
-        n.startswith("lm_head") or ".lm_head" in n for n in layers) else model
-    last = next(reversed(layers))
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    try:
-        with torch.no_grad(), eval_mode(list(model.modules())):
-            for b in batches:
-                if count >= positions:
-                    break
-                b = {k: v.to(device) for k, v in b.items()}
-                rows = b["attention_mask"].reshape(-1).nonzero().squeeze(1)
-                state.update(rows=rows, seen={}, added=set())
-                count += len(rows)
-                try:
-                    run(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-                except _Enough:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
-    means = {idx: g / max(count, 1) for idx, g in sums.items()}
-    return {n: means[idx] for n, idx in group.items()}, count
-
-
-def contrast_directions(c_task: torch.Tensor, c_general: torch.Tensor, r: int, eps: float = 1e-2) -> torch.Tensor:
-    """The ``r`` unit vectors (columns, ``[d, r]``) maximising ``v' C_task v / v' (C_general + eps m I) v``.
-
-    ``m`` is ``C_general``'s mean eigenvalue: the ridge keeps directions neither data set uses
-    (ratio 0/0, noise) from winning. Solved as a symmetric eigenproblem after whitening by the
-    Cholesky factor of the regularised general moment, in float64.
-    """
-    d = c_general.shape[0]
-    reg = c_general + eps * float(torch.trace(c_general)) / d * torch.eye(d, dtype=c_general.dtype,
-                                                                         device=c_general.device)
-    chol = torch.linalg.cholesky(reg)
-    inv = torch.linalg.solve_triangular(chol, torch.eye(d, dtype=reg.dtype, device=reg.device), upper=False)
-    _, vecs = torch.linalg.eigh(inv @ c_task @ inv.T)  # ascending eigenvalues
-    v = inv.T @ vecs[:, -r:].flip(-1)
-    return (v / v.norm(dim=0, keepdim=True)).to(torch.float32)
-
-
-def adapted_modules(model: torch.nn.Module) -> list[str]:
-    """Names of the modules carrying a LoRA branch."""
-    return [n for n, m in model.named_modules() if hasattr(m, "lora_A") and len(getattr(m, "lora_A", ())) > 0]
 
 
 @register_method("lora")
@@ -283,6 +129,9 @@ class LoRA(Method):
     """
 
     config_class = LoraMethodConfig
+    trains = "adapters"
+    base_view = True
+    order = 10
 
     def __init__(self, config: LoraMethodConfig | dict | None = None):
         super().__init__(LoraMethodConfig.model_validate(config or {}))
@@ -320,7 +169,7 @@ class LoRA(Method):
 
         c = self.config
         if c.target_modules != "all-linear":
-            check_targets(model, list(c.target_modules))
+            match_targets(model, list(c.target_modules), "lora")
         tokens = self.answer_tokens(ctx) if c.trainable_tokens == "answers" else None
         if not is_peft_model(model):
             model = get_peft_model(model, self.peft_config(tokens), adapter_name=c.adapter_name)
@@ -347,8 +196,6 @@ class LoRA(Method):
     def _eva(self, model: torch.nn.Module, ctx: Context) -> None:
         """EVA-initialise this adapter's ``A`` from the task data (PEFT does the SVD)."""
         from peft.tuners.lora.eva import initialize_lora_eva_weights
-
-        from ..data.collate import Collator
 
         if not ctx.task_examples:
             raise ValueError("lora.init 'eva' needs the task data to initialise from; none was given")
@@ -381,17 +228,14 @@ class LoRA(Method):
         saved adapter under the default recipe; ``exclude_modules`` in the PEFT config records them, so the
         saved adapter reloads with ``PeftModel.from_pretrained`` onto the same modules. A module holding
         another adapter too keeps its wrapper."""
-        from peft.tuners.lora import LoraLayer
-        from peft.utils import _get_submodules
-
         name = self.config.adapter_name
         config = model.peft_config[name]
         if isinstance(config.exclude_modules, str):  # a user's regex: leave the module set as PEFT built it
             return
         inner = model.get_base_model()
         dead = []
-        for key, mod in inner.named_modules():
-            if not isinstance(mod, LoraLayer) or name not in mod.lora_A or set(mod.lora_A) != {name}:
+        for key, mod in lora_layers(inner, name).items():
+            if set(mod.lora_A) != {name}:
                 continue
             a, b = mod.lora_A[name].weight, mod.lora_B[name].weight
             if a.requires_grad or b.requires_grad or bool(b.detach().any()) or getattr(mod, "merged", False):
@@ -400,43 +244,25 @@ class LoRA(Method):
                 continue  # DoRA: not this method's adapter type, leave it
             dead.append(key)
         for key in dead:
-            parent, target, target_name = _get_submodules(inner, key)
-            setattr(parent, target_name, target.get_base_layer())
+            replace_module(inner, key, inner.get_submodule(key).get_base_layer())
         if dead:
             config.exclude_modules = sorted(set(config.exclude_modules or ()) | set(dead))
             log.info("lora: adapter %r taken off %d modules nothing trains (frozen, B = 0); %d keep it", name,
-                     len(dead), len(adapted_modules(model)))
+                     len(dead), len(lora_layers(model)))
 
     def _contrast(self, model: torch.nn.Module, ctx: Context) -> None:
         """Set each trained ``A`` to its layer's task-over-general input directions (see ``init``)."""
-        from ..data.collate import Collator
-
         name = self.config.adapter_name
         for what, rows in (("task", ctx.task_examples), ("general", ctx.general_examples)):
             if not rows:
                 raise ValueError(f"lora.init 'contrast' needs {what} data to initialise from; none was given"
                                  + ("" if what == "task" else " (set general: with a replay split)"))
-        layers = {n: m for n, m in model.named_modules()
-                  if name in getattr(m, "lora_A", {}) and m.lora_B[name].weight.requires_grad}
+        layers = {n: m for n, m in lora_layers(model, name).items() if m.lora_B[name].weight.requires_grad}
         collate = Collator.for_tokenizer(ctx.tokenizer)
         size, n_batches, t0 = max(1, ctx.batch_size), self.config.init_batches, time.perf_counter()
-        batches = {}
-        for what, rows in (("task", ctx.task_examples), ("general", ctx.general_examples)):
-            picked = random.Random(ctx.seed).sample(rows, min(len(rows), size * n_batches))
-            batches[what] = [collate(picked[i:i + size]) for i in range(0, len(picked), size)]
-        read = {}
-        for chunk in moment_chunks(layers, name):
-            moments = {}
-            for what in ("task", "general"):
-                moments[what], read[what] = input_moments(model, chunk, batches[what])
-            solved: dict[tuple[int, int, int], torch.Tensor] = {}  # layers reading one input share the solve
-            with torch.no_grad():
-                for n, mod in chunk.items():
-                    a = mod.lora_A[name].weight
-                    key = (id(moments["task"][n]), id(moments["general"][n]), a.shape[0])
-                    if key not in solved:
-                        solved[key] = contrast_directions(moments["task"][n], moments["general"][n], a.shape[0])
-                    a.copy_(solved[key].T.to(a.dtype))
+        task, general = (sample_batches(rows, collate, size, n_batches, ctx.seed)
+                         for rows in (ctx.task_examples, ctx.general_examples))
+        read = set_contrast_directions(model, layers, name, task, general)
         log.info("lora: adapter %r's A set to task-over-general input directions on %d modules (%d task, "
                  "%d general positions, %.1f s)", name, len(layers), read["task"], read["general"],
                  time.perf_counter() - t0)
@@ -445,7 +271,7 @@ class LoRA(Method):
         return self.config.lr_ratio if f".lora_B.{self.config.adapter_name}." in name else 1.0
 
     def _log_matches(self, model: torch.nn.Module) -> None:
-        mods = adapted_modules(model)
+        mods = list(lora_layers(model))
         kinds = Counter(n.rsplit(".", 1)[-1] for n in mods)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in model.parameters())

@@ -21,25 +21,23 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import field_validator
 
 from ..registry import register_method
-from .base import Context, Method
+from ._lora_family import LoraFamilyConfig, lora_layers, match_targets
+from .base import Batch, Context, Method
 
 log = logging.getLogger(__name__)
 
 
-class OLoRAConfig(BaseModel):
+class OLoRAConfig(LoraFamilyConfig):
     """O-LoRA (https://arxiv.org/abs/2310.14152).
 
     Attributes:
-        r (int): rank of every task's adapter.
-        alpha (float): LoRA scale numerator (update ``alpha / r * B A``).
-        dropout (float): LoRA dropout, in ``[0, 1)``.
-        target_modules (list[str]): module-name suffixes to adapt; each must match a module.
+        r, alpha, dropout, target_modules: every task's adapter, as in `LoraFamilyConfig`.
         lambda1 (float): weight of the orthogonality term ``sum |A_old A_t^T|``.
         lambda2 (float): weight of the L2 penalty on the new adapter.
         min_norm_ratio (float): collapse guard threshold on the norm ratios (0 disables it).
@@ -48,45 +46,13 @@ class OLoRAConfig(BaseModel):
         on_collapse ("warn" | "stop"): log a warning, or raise `OLoRACollapse` to stop training.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    key: ClassVar[str] = "olora"
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] = ["q_proj", "v_proj"]
     lambda1: float = 0.5
     lambda2: float = 0.0
     min_norm_ratio: float = 0.05
     collapse_warmup_steps: int = 20
     on_collapse: Literal["warn", "stop"] = "warn"
-
-    @field_validator("r")
-    @classmethod
-    def _r(cls, v: int) -> int:
-        if v <= 0:
-            raise ValueError("olora.r must be > 0")
-        return v
-
-    @field_validator("alpha")
-    @classmethod
-    def _alpha(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError("olora.alpha must be > 0")
-        return v
-
-    @field_validator("dropout")
-    @classmethod
-    def _dropout(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError("olora.dropout must be in [0, 1)")
-        return v
-
-    @field_validator("target_modules")
-    @classmethod
-    def _targets(cls, v: list[str]) -> list[str]:
-        if not v or any(not t for t in v):
-            raise ValueError("olora.target_modules must be a non-empty list of module names")
-        return v
 
     @field_validator("lambda1", "lambda2", "min_norm_ratio", "collapse_warmup_steps")
     @classmethod
@@ -116,20 +82,6 @@ def delta_norm_sq(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return ((B.transpose(0, 1) @ B) * (A @ A.transpose(0, 1))).sum()
 
 
-def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """PEFT LoRA layers by module name."""
-    return {n: m for n, m in model.named_modules()
-            if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)}
-
-
-def _check_targets(model: torch.nn.Module, targets: list[str]) -> None:
-    names = [n for n, _ in model.named_modules()]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-    if missing:
-        names = ", ".join(map(repr, missing))
-        raise ValueError(f"olora.target_modules: {names} matched no module of the model")
-
-
 @register_method("olora")
 class OLoRA(Method):
     """One PEFT named adapter per task; old ones frozen yet active; orthogonality loss on the new one.
@@ -143,6 +95,9 @@ class OLoRA(Method):
     """
 
     config_class = OLoRAConfig
+    trains = "adapters"
+    base_view = True
+    order = 10
 
     def __init__(self, config: OLoRAConfig | dict | None = None):
         cfg = config if isinstance(config, OLoRAConfig) else OLoRAConfig.model_validate(config or {})
@@ -168,14 +123,14 @@ class OLoRA(Method):
 
         name = f"task{task}"
         if not (hasattr(model, "peft_config") and hasattr(model, "base_model")):
-            _check_targets(model, list(self.config.target_modules))
+            match_targets(model, list(self.config.target_modules), "olora")
             model = get_peft_model(model, self._peft_config(), adapter_name=name)
         elif name not in model.peft_config:
             model.add_adapter(name, self._peft_config())
         if name not in self.adapters_:
             self.adapters_.append(name)
             self.a_init_[name] = math.sqrt(sum(float(m.lora_A[name].weight.detach().float().pow(2).sum())
-                                               for m in lora_layers(model).values() if name in m.lora_A))
+                                               for m in lora_layers(model, name).values()))
             self.steps_, self.peak_norm_ = 0, 0.0
             log.info("olora: adapter %r on %d modules; frozen and active: %s", name, len(lora_layers(model)),
                      self.adapters_[:-1] or "none")
@@ -189,7 +144,7 @@ class OLoRA(Method):
 
     def _layers(self, model: torch.nn.Module) -> list[torch.nn.Module]:
         """LoRA layers carrying this task's adapter (another method's adapters may live elsewhere)."""
-        return [m for m in lora_layers(model).values() if self.adapters_[-1] in m.lora_A]
+        return list(lora_layers(model, self.adapters_[-1]).values())
 
     def prepare_model(self, model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
         return self._setup(model, ctx.task_index)
@@ -198,7 +153,7 @@ class OLoRA(Method):
         self._setup(model, ctx.task_index)
 
     # -- maths hooked in ---------------------------------------------------------------------------
-    def extra_loss(self, model: torch.nn.Module, batch: dict, outputs: Any,
+    def extra_loss(self, model: torch.nn.Module, batch: Batch, outputs: Any,
                    ctx: Context) -> dict[str, torch.Tensor]:
         c = self.config
         if not self.adapters_ or (c.lambda1 == 0 and c.lambda2 == 0):

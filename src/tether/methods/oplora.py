@@ -26,56 +26,43 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import field_validator
 from torch import nn
 
 from ..io import atomic_path
 from ..registry import register_method
+from ._lora_family import LoraFamilyConfig, lora_layers, match_targets, replace_module
 from .base import Context, Method
 
 log = logging.getLogger(__name__)
 
 
-class OPLoRAConfig(BaseModel):
+class OPLoRAConfig(LoraFamilyConfig):
     """OPLoRA (https://arxiv.org/abs/2510.13003).
 
     Attributes:
-        r (int): LoRA rank of ``B`` (``d_out x r``) and ``A`` (``r x d_in``).
-        alpha (float): scale numerator, ``s = alpha / r``.
+        r, alpha, dropout, target_modules: as in `LoraFamilyConfig`; every target must be an ``nn.Linear``.
         k (int): singular directions of ``W`` protected on each side; ``< min(d_out, d_in)``.
-        dropout (float): dropout on the LoRA branch's input, in ``[0, 1)``.
-        target_modules (list[str]): module-name suffixes; each must match an ``nn.Linear``.
         svd_niter (int): power iterations of the randomised SVD (more: more accurate).
         oversample (int): extra random directions beyond ``k`` in the randomised SVD.
         svd_cache_dir (str | None): directory for the ``U_k, V_k`` cache; ``None`` keeps it in memory.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    key: ClassVar[str] = "oplora"
 
-    r: int = 8
-    alpha: float = 16.0
     k: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] = ["q_proj", "v_proj"]
     svd_niter: int = 4
     oversample: int = 10
     svd_cache_dir: str | None = None
 
-    @field_validator("r", "k")
+    @field_validator("k")
     @classmethod
-    def _positive(cls, v: int, info) -> int:
+    def _k(cls, v: int) -> int:
         if v <= 0:
-            raise ValueError(f"oplora.{info.field_name} must be > 0")
-        return v
-
-    @field_validator("alpha")
-    @classmethod
-    def _alpha(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError("oplora.alpha must be > 0")
+            raise ValueError("oplora.k must be > 0")
         return v
 
     @field_validator("svd_niter", "oversample")
@@ -83,20 +70,6 @@ class OPLoRAConfig(BaseModel):
     def _non_negative(cls, v: int, info) -> int:
         if v < 0:
             raise ValueError(f"oplora.{info.field_name} must be >= 0")
-        return v
-
-    @field_validator("dropout")
-    @classmethod
-    def _dropout(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError("oplora.dropout must be in [0, 1)")
-        return v
-
-    @field_validator("target_modules")
-    @classmethod
-    def _targets(cls, v: list[str]) -> list[str]:
-        if not v or any(not t for t in v):
-            raise ValueError("oplora.target_modules must be a non-empty list of module names")
         return v
 
 
@@ -191,17 +164,12 @@ class OPLoRALinear(nn.Module):
         return subspace_energy(self.lora_B.detach(), self.lora_A.detach(), self.U_k, self.V_k)[0]
 
 
-def oplora_layers(model: nn.Module) -> dict[str, OPLoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, OPLoRALinear)}
-
-
 def merge(model: nn.Module) -> nn.Module:
     """Fold every ``dW`` into its base weight and put the plain ``nn.Linear`` back (in place)."""
-    for name, layer in oplora_layers(model).items():
+    for name, layer in lora_layers(model, of=OPLoRALinear).items():
         base = layer.base
         base.weight.data += layer.delta_weight().to(base.weight.dtype)
-        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        setattr(parent, name.rpartition(".")[2], base)
+        replace_module(model, name, base)
     return model
 
 
@@ -215,6 +183,8 @@ class OPLoRA(Method):
     """
 
     config_class = OPLoRAConfig
+    trains = "adapters"
+    order = 10
 
     def __init__(self, config: OPLoRAConfig | dict | None = None):
         cfg = config if isinstance(config, OPLoRAConfig) else OPLoRAConfig.model_validate(config or {})
@@ -224,15 +194,10 @@ class OPLoRA(Method):
         self.raw_: dict[str, float] = {}
 
     def _targets(self, model: nn.Module) -> dict[str, nn.Linear]:
-        found = {}
-        for t in self.config.target_modules:
-            hits = {n: m for n, m in model.named_modules() if n == t or n.endswith("." + t)}
-            if not hits:
-                raise ValueError(f"oplora.target_modules: {t!r} matched no module of the model")
-            bad = [n for n, m in hits.items() if not isinstance(m, nn.Linear)]
-            if bad:
-                raise ValueError(f"oplora.target_modules: {t!r} matched non-Linear modules {bad[:3]}")
-            found.update(hits)
+        found = match_targets(model, list(self.config.target_modules), "oplora")
+        bad = [n for n, m in found.items() if not isinstance(m, nn.Linear)]
+        if bad:
+            raise ValueError(f"oplora.target_modules matched non-Linear modules {bad[:3]}")
         return found
 
     def singular_vectors(self, name: str, W: torch.Tensor, seed: int = 0):
@@ -258,7 +223,7 @@ class OPLoRA(Method):
         return self.svd_cache_[key]
 
     def prepare_model(self, model: nn.Module, ctx: Context) -> nn.Module:
-        if oplora_layers(model):
+        if lora_layers(model, of=OPLoRALinear):
             return model
         c = self.config
         targets = self._targets(model)
@@ -268,8 +233,7 @@ class OPLoRA(Method):
         model.requires_grad_(False)
         for name, lin in targets.items():
             U, _, V = self.singular_vectors(name, lin.weight, seed=ctx.seed)
-            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-            setattr(parent, name.rpartition(".")[2], OPLoRALinear(lin, c.r, c.alpha, U, V, c.dropout))
+            replace_module(model, name, OPLoRALinear(lin, c.r, c.alpha, U, V, c.dropout))
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # reentrant gradient checkpointing needs a grad-carrying input
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -278,7 +242,7 @@ class OPLoRA(Method):
         return model
 
     def before_optimizer_step(self, model: nn.Module, ctx: Context) -> None:
-        layers = oplora_layers(model)
+        layers = lora_layers(model, of=OPLoRALinear)
         self.rho_ = {n: m.rho_k() for n, m in layers.items()}
         self.raw_ = {n: m.raw_share() for n, m in layers.items()}
 

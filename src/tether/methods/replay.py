@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from ..data.mssr import MemoryStrengthScheduler
 from ..registry import register_method
-from .base import Context, Method, example_nll
+from .base import Batch, Context, Method, example_nll
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +283,9 @@ class Replay(Method):
     def needs_general(self) -> bool:
         return self.config.ratio > 0
 
+    def provides(self) -> set[str]:
+        return {"replay_rows"} if self.config.ratio > 0 else set()
+
     def __init__(self, config: ReplayConfig | dict | None = None):
         super().__init__(ReplayConfig.model_validate(config or {}))
         self.planned_: dict[str, float] = {}
@@ -296,7 +299,7 @@ class Replay(Method):
         c = self.config
         if c.answers != "model" or c.ratio <= 0 or not ctx.general_examples:
             return
-        from ..data.rehearsal import self_rehearsal
+        from ._rehearsal import self_rehearsal
 
         pool = list(ctx.general_examples)
         random.Random(ctx.seed if c.seed is None else c.seed).shuffle(pool)
@@ -340,32 +343,32 @@ class Replay(Method):
             mixed.use_scheduler(self.scheduler_)
         return mixed
 
-    def extra_loss(self, model, batch: dict, outputs, ctx: Context) -> dict[str, torch.Tensor]:
-        flags = batch.get("is_replay")
+    def extra_loss(self, model, batch: Batch, outputs, ctx: Context) -> dict[str, torch.Tensor]:
+        flags = batch.is_replay
         if flags is not None:
-            targets = (batch["labels"] != -100).sum(dim=1).cpu()
+            targets = (batch.labels != -100).sum(dim=1).cpu()
             flags = flags.cpu()
             self.seen_["examples"] += int(flags.numel())
             self.seen_["replay_examples"] += int(flags.sum())
             self.seen_["tokens"] += int(targets.sum())
             self.seen_["replay_tokens"] += int(targets[flags].sum())
-            if self.scheduler_ is not None and bool(flags.any()) and "replay_index" in batch:
+            if self.scheduler_ is not None and bool(flags.any()) and batch.replay_index is not None:
                 self._feed_scheduler(batch, outputs, flags)
             self.batches_seen_ += 1
         return {}
 
-    def example_weights(self, batch: dict, ctx: Context) -> torch.Tensor | None:
-        if not self.config.balance_loss or self.config.by != "examples" or batch.get("is_replay") is None:
+    def example_weights(self, batch: Batch, ctx: Context) -> torch.Tensor | None:
+        if not self.config.balance_loss or self.config.by != "examples" or batch.is_replay is None:
             return None
-        return torch.ones(batch["is_replay"].shape[0])
+        return torch.ones(batch.is_replay.shape[0])
 
     @torch.no_grad()
-    def _feed_scheduler(self, batch: dict, outputs, flags: torch.Tensor) -> None:
+    def _feed_scheduler(self, batch: Batch, outputs, flags: torch.Tensor) -> None:
         """Per-example loss of the replayed rows -> the MSSR strength update (no extra forward)."""
         rows = flags.nonzero().flatten().to(outputs.logits.device)
-        sums, counts = example_nll(outputs.logits[rows], batch["labels"][rows.cpu()])
+        sums, counts = example_nll(outputs.logits[rows], batch.labels[rows.cpu()])
         losses = sums / counts.clamp_min(1)
-        idx = batch["replay_index"][rows.cpu()].tolist()
+        idx = batch.replay_index[rows.cpu()].tolist()
         self.scheduler_.update(idx, losses.cpu().tolist(), step=self.batches_seen_)
 
     def metrics(self) -> dict[str, float]:

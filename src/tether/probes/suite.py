@@ -38,12 +38,10 @@ from pydantic import (
     model_validator,
 )
 
+from ..data.build.uri import SCHEMES, resolve
 from ..data.readers import DataError, read_records
 from ..io import load_yaml
 from ..registry import PROBES
-
-PACK_SCHEME = "pack://"
-TASK_SCHEME = "task://"
 
 
 class SuiteError(ValueError):
@@ -125,7 +123,8 @@ class SuiteSpec(BaseModel):
         return self._origin
 
     def resolve(self, ref: str) -> Path:
-        """Path of a data reference: ``pack://NAME/FILE``, relative to the suite file, or absolute."""
+        """Path of a data reference: ``pack://NAME/FILE`` or ``task://NAME/FILE``, relative to the suite
+        file, or absolute."""
         return resolve_data(ref, self._base_dir)
 
     def replay_path(self) -> Path | None:
@@ -147,13 +146,11 @@ def resolve_data(ref: str, base_dir: Path | None = None) -> Path:
     """``pack://NAME/FILE`` (the probe pack) or ``task://NAME/FILE`` (a built-in task) -> the file,
     built on first use; other paths relative to ``base_dir`` (the YAML file's folder) or the
     working directory."""
-    if ref.startswith((PACK_SCHEME, TASK_SCHEME)):
-        from ..data.tasks import resolve_data_uri  # lazily: building data pulls optional packages
-
+    if ref.startswith(SCHEMES):
         try:
-            return resolve_data_uri(ref)
-        except (ValueError, FileNotFoundError) as e:
-            raise SuiteError(str(e)) from None
+            return resolve(ref)
+        except DataError as e:
+            raise SuiteError(e.problem) from None
     path = Path(ref).expanduser()
     return path if path.is_absolute() else (base_dir or Path.cwd()) / path
 

@@ -21,8 +21,8 @@ DEMO_STEPS = 40
 def run_demo(steps: int = DEMO_STEPS, output_dir: str | Path = "runs/demo", batch_size: int = 8) -> dict:
     from rich.console import Console
 
-    from ..data.pack import ensure_pack
-    from ..data.tasks import ensure_task
+    from ..data.build.pack import ensure_pack
+    from ..data.build.tasks import ensure_task
     from ..io import write_json
 
     console = Console()
@@ -34,11 +34,10 @@ def run_demo(steps: int = DEMO_STEPS, output_dir: str | Path = "runs/demo", batc
               "general": "general-demo"}
     training = {"max_steps": steps, "batch_size": batch_size, "lr": 1e-4, "logging_steps": 5}
     runs = {
-        "naive full FT": load_recipe(None, **common, methods={"full": {}}, training=training,
-                                     guard={"enabled": False}, output_dir=str(out / "naive")),
+        "naive full FT": load_recipe("naive", **common, training=training, output_dir=str(out / "naive")),
         # the guard watches the demo's own general suite (its base scores are the ones already taken, and
         # its check at the last step is the table's final score: no probe is scored twice)
-        "default recipe": load_recipe(None, **common, training=training,
+        "default recipe": load_recipe("default", **common, training=training,
                                       guard={"every": steps, "suite": common["general"]},
                                       output_dir=str(out / "default")),
     }

@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 
 from ..io import append_jsonl
 from ..models import keep_requires_grad
-from ..report.compare import compare_results
+from ..probes.verdict import compare_results
 from .trainer import native_forward
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class ForgettingGuard(TrainerCallback):
         run_dir: where ``guard.jsonl`` and the best trainable weights go.
         on_adapt: called with the event when ``action == "adapt"`` (e.g. raise the replay ratio).
         log_fn: forwards guard metrics to the Trainer's log (and so to ``report_to``).
-        kind_thresholds: per probe kind bounds (default `report.compare.KIND_THRESHOLDS`).
+        kind_thresholds: per probe kind bounds (default `probes.verdict.KIND_THRESHOLDS`).
     """
 
     def __init__(self, score: Callable[[torch.nn.Module], tuple[list, float | None]], base_results: list, *,
@@ -135,9 +135,8 @@ class ForgettingGuard(TrainerCallback):
             elif self.action == "adapt":
                 event["lr_factor"] = self.adapt_lr_factor
                 _scale_lr(optimizer, lr_scheduler, self.adapt_lr_factor)
-                if self.on_adapt is not None:
-                    event.update(self.on_adapt(event) or {})
-                changes = {k: event[k] for k in event if k.startswith(("lr", "replay"))}
+                changes = {"lr_factor": self.adapt_lr_factor, **((self.on_adapt(event) or {}) if self.on_adapt else {})}
+                event.update(changes)
                 log.warning("guard: adapting at step %d: %s", step, changes)
             else:
                 log.warning("guard: %s dropped more than %.0f%% at step %d", ", ".join(event["breached"]),

@@ -30,10 +30,9 @@ def recover(model: str, base: str, task: str, *, eval_data: str | None = None, m
     if models.is_adapter_dir(models.resolve(model)):
         raise ValueError(f"{model}: recover trains full models; for a LoRA adapter, `tether interpolate` "
                          "scales it back without training")
-    recipe = load_recipe(
-        None, overrides,
+    recipe = load_recipe(  # recipes/recover.yaml: the methods; the command's options set the rest
+        "recover", [f"replay.ratio={replay_ratio}", *(overrides or [])],
         model={"name": model}, task={"train": task, "eval": eval_data}, general=suite,
-        methods={"full": {}, "replay": {"ratio": replay_ratio}},
         training={"max_steps": max_steps, "lr": lr, "batch_size": batch_size},
         guard={"action": "recover", "every": every, "threshold": budget, "suite": guard_suite},
         output_dir=str(output_dir) if output_dir else None,

@@ -20,9 +20,12 @@ from transformers import Trainer, TrainerCallback
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import prefix
-from ..methods.base import Context, Method, eval_mode, example_nll
+from ..methods.base import Batch, Context, Method, PlannedData, eval_mode, example_nll
 
 log = logging.getLogger("tether")
+
+#: collated keys the methods read (`Batch`) and the model's forward must not get
+METHOD_KEYS = ("is_replay", "replay_index")
 
 
 class TetherTrainer(Trainer):
@@ -35,9 +38,9 @@ class TetherTrainer(Trainer):
             once per batch (`tether.prefix`), where that is exact: no dropout, no gradient
             checkpointing, one process. ``None``: only on a CPU, where it was measured (on a GPU a
             small model's step is bound by kernel launches, which the extra forward calls add to).
-            Methods see the grouping as ``batch["prefix_groups"]``. Where only dropout keeps the
+            Methods see the grouping as `Batch.prefix_groups`. Where only dropout keeps the
             student's rows whole, a reference model's forward (eval mode: no dropout) may still share:
-            methods with a reference see that grouping as ``batch["teacher_prefix_groups"]``.
+            methods with a reference see that grouping as `Batch.teacher_prefix_groups`.
     """
 
     def __init__(self, *args: Any, methods: dict[str, Method], context: Context, share_prefix: bool | None = None,
@@ -101,29 +104,27 @@ class TetherTrainer(Trainer):
     def get_train_dataloader(self):
         """Honour a dataset's fixed batch plan (replay's exact per-batch ratio) instead of shuffling."""
         ds = self.train_dataset
-        plan = getattr(ds, "batches", None)
-        if plan is None:
+        if not isinstance(ds, PlannedData):
             return super().get_train_dataloader()
         loader = torch.utils.data.DataLoader(
-            ds, batch_sampler=plan, collate_fn=self.data_collator,
+            ds, batch_sampler=ds.batches, collate_fn=self.data_collator,
             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
         )
         return self.accelerator.prepare(loader)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        is_replay = inputs.pop("is_replay", None)
-        replay_index = inputs.pop("replay_index", None)
+        for_methods = {k: inputs.pop(k) for k in METHOD_KEYS if k in inputs}
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         ctx = self.context()
-        seen = inputs if is_replay is None else {**inputs, "is_replay": is_replay, "replay_index": replay_index}
-        weights = self._example_weights(seen, ctx)
-        groups = self._prefix_groups(model, inputs, is_replay)
+        batch = Batch.from_inputs({**inputs, **for_methods})
+        groups = self._prefix_groups(model, batch)
+        teacher_groups = None
         if groups is None and ctx.reference is not None:
-            teacher_groups = self._teacher_prefix_groups(model, inputs, is_replay)
-            if teacher_groups is not None:
-                seen = {**seen, "teacher_prefix_groups": teacher_groups}
+            teacher_groups = self._teacher_prefix_groups(model, batch)
+        batch = dataclasses.replace(batch, prefix_groups=groups, teacher_prefix_groups=teacher_groups)
+        weights = self._example_weights(batch, ctx)
         nll = None  # per-example (NLL sum, target count), when the loss is computed here
         scaled = self._loss_already_scaled(num_items_in_batch)
         if weights is None and groups is None:
@@ -133,10 +134,9 @@ class TetherTrainer(Trainer):
             if groups is None:
                 outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
             else:
-                seen = {**seen, "prefix_groups": groups}
                 outputs = CausalLMOutputWithPast(logits=prefix.forward(
-                    model, inputs["input_ids"], inputs.get("attention_mask"), groups, self._prefix["keyword"]))
-            nll = example_nll(outputs.logits, inputs["labels"])
+                    model, batch.input_ids, batch.attention_mask, groups, self._prefix["keyword"]))
+            nll = example_nll(outputs.logits, batch.labels)
             if weights is not None:
                 loss = _weighted_mean(*nll, weights)
                 if scaled:
@@ -145,7 +145,7 @@ class TetherTrainer(Trainer):
                 loss = nll[0].sum() / (num_items_in_batch if scaled else nll[1].sum())
         terms: dict[str, torch.Tensor] = {}
         for name, method in self.methods.items():
-            for key, value in method.extra_loss(model, seen, outputs, ctx).items():
+            for key, value in method.extra_loss(model, batch, outputs, ctx).items():
                 terms[key if key == name or key.startswith(name) else f"{name}_{key}"] = value
         if terms:
             extra = torch.stack([t.to(loss.dtype) for t in terms.values()]).sum()
@@ -154,11 +154,11 @@ class TetherTrainer(Trainer):
                 # divide again, so extra terms must be divided here to weigh the same at any accumulation
                 extra = extra / self.current_gradient_accumulation_steps
             loss = loss + extra
-        self._record(terms, inputs, outputs, is_replay, nll)
+        self._record(terms, batch, outputs, nll)
         self._last_terms = terms
         return (loss, outputs) if return_outputs else loss
 
-    def _prefix_groups(self, model, inputs: dict, is_replay) -> list[prefix.Group] | None:
+    def _prefix_groups(self, model, batch: Batch) -> list[prefix.Group] | None:
         """This batch's `prefix.plan` where sharing is on, exact for this model and saves work; else None."""
         if self.share_prefix is False:
             return None
@@ -171,8 +171,8 @@ class TetherTrainer(Trainer):
                 log.info("shared prefix: off (%s)", state["why"])
         if state["why"]:
             return None
-        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
-        groups = prefix.plan(ids, mask, is_replay)
+        ids, mask = batch.input_ids, batch.attention_mask
+        groups = prefix.plan(ids, mask, batch.is_replay)
         if not prefix.saves(groups, ids.shape[1]):
             if state.get("checked"):
                 self._add("prefix_saved", torch.tensor(0.0))  # a batch run whole: nothing saved
@@ -189,14 +189,14 @@ class TetherTrainer(Trainer):
         self._add("prefix_saved", torch.tensor(1.0 - prefix.positions(groups) / ids.numel()))
         return groups
 
-    def _teacher_prefix_groups(self, model, inputs: dict, is_replay) -> list[prefix.Group] | None:
+    def _teacher_prefix_groups(self, model, batch: Batch) -> list[prefix.Group] | None:
         """Where only dropout keeps the student's rows whole: this batch's `prefix.plan` for forwards of
         the model in eval mode (LwF's teacher), which dropout does not touch; else None."""
         state = self._prefix
         if self.share_prefix is False or not state.get("why") or state.get("teacher_why"):
             return None  # the student shares (its groups serve the teacher too), or neither may
-        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
-        groups = prefix.plan(ids, mask, is_replay)
+        ids, mask = batch.input_ids, batch.attention_mask
+        groups = prefix.plan(ids, mask, batch.is_replay)
         if not prefix.saves(groups, ids.shape[1]):
             return None
         if not state.get("teacher_checked"):  # once per model, in eval mode: no dropout, as the teacher runs
@@ -251,7 +251,7 @@ class TetherTrainer(Trainer):
             return f"the model's config sets {', '.join(sorted(rates))}"
         return None
 
-    def _example_weights(self, batch: dict, ctx: Context) -> torch.Tensor | None:
+    def _example_weights(self, batch: Batch, ctx: Context) -> torch.Tensor | None:
         weights = None
         for method in self.methods.values():
             w = method.example_weights(batch, ctx)
@@ -266,16 +266,16 @@ class TetherTrainer(Trainer):
         return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func)
 
     @torch.no_grad()
-    def _record(self, terms, inputs, outputs, is_replay, nll=None) -> None:
+    def _record(self, terms: dict[str, torch.Tensor], batch: Batch, outputs, nll=None) -> None:
         """Accumulate the logged terms as tensors, without reading them back: a ``float()`` here
         would make the host wait for the forward pass mid-step, every step (read once per log)."""
         for k, v in terms.items():
             self._add(k, v.detach().float())
-        if is_replay is None:
+        if batch.is_replay is None:
             return
         # split the task loss into task and replay parts for the log (no extra forward pass)
-        sums, counts = (t.detach() for t in nll) if nll is not None else example_nll(outputs.logits, inputs["labels"])
-        replay = is_replay.to(counts.device)
+        sums, counts = (t.detach() for t in nll) if nll is not None else example_nll(outputs.logits, batch.labels)
+        replay = batch.is_replay.to(counts.device)
         for name, sel in (("loss_task", ~replay), ("loss_replay", replay)):
             denom = (counts * sel).sum()
             present = (denom > 0).float()  # a batch without such rows does not count
@@ -364,26 +364,6 @@ def training_arguments(t, output_dir: str):
         remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
         **({"gradient_checkpointing": True} if t.gradient_checkpointing else {}),
     )
-
-
-def start_task(model, methods: dict[str, Method], ctx: Context, teacher=None) -> tuple[Context, Any]:
-    """The steps between a prepared model and a Trainer, shared by single runs and sequences.
-
-    Gives methods that need one a reference (the teacher: a frozen copy, or for PEFT models the
-    adapter-disabled view when ``teacher`` is None), runs ``on_task_start`` (EWC's Fisher, O-LoRA's
-    new adapter) and chains ``prepare_data`` over ``ctx.task_examples``. Returns (context, dataset).
-    """
-    if any(m.needs_reference for m in methods.values()):
-        from ..methods.lwf import make_reference
-
-        ctx = dataclasses.replace(ctx, reference=make_reference(model, teacher))
-    model.train()
-    for m in methods.values():
-        m.on_task_start(model, ctx)
-    data: Any = ctx.task_examples
-    for m in methods.values():
-        data = m.prepare_data(data, ctx)
-    return ctx, as_dataset(data)
 
 
 def as_dataset(data: Any) -> Any:

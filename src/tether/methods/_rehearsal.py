@@ -1,5 +1,8 @@
 """Self-synthesised rehearsal: the model's own answers to general prompts, used as replay data.
 
+A helper of the replay method (`methods.replay`), private so the method registry does not take it for a
+method; it generates with the probes' `Scorer`, which is why it lives above the probes layer.
+
 Why: replaying a dataset's answers pulls the model toward *that dataset's* style (ChatterBot's
 replies are terse), not toward what the model said before tuning. Replaying its own greedy
 answers keeps its behaviour on general prompts: pseudo-rehearsal (Robins 1995,
@@ -15,7 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .formats import IGNORE_INDEX, Example
+from ..data.formats import IGNORE_INDEX, Example
+from ..probes.scorer import Scorer
 
 
 def prompt_ids(example: Example) -> list[int] | None:
@@ -34,8 +38,6 @@ def self_rehearsal(model: torch.nn.Module, tokenizer, examples: Sequence[Example
     (`Scorer.generate_ids`: eval mode, no grad, every module's mode restored). Returns
     ``(examples, number rewritten)``.
     """
-    from ..probes.scorer import Scorer
-
     todo = [(i, p) for i, p in ((i, prompt_ids(e)) for i, e in enumerate(examples)) if p]
     answers = Scorer(model, tokenizer, batch_size=batch_size).generate_ids([p for _, p in todo],
                                                                            max_new_tokens=max_new_tokens)
