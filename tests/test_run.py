@@ -41,7 +41,8 @@ def test_the_resolved_recipe_holds_every_methods_defaults():
     r = load_recipe(None, task={"train": "x.jsonl"}, methods={"lora": {"r": 4}, "ewc": {}})
     methods = yaml.safe_load(dump_recipe(r))["methods"]
     assert methods["lora"]["r"] == 4 and set(methods["lora"]) == set(METHODS.get("lora").config_class.model_fields)
-    assert set(methods["ewc"]) == set(METHODS.get("ewc").config_class.model_fields)
+    fields = METHODS.get("ewc").config_class.model_fields
+    assert set(methods["ewc"]) == {f.alias or n for n, f in fields.items()} and "lambda" in methods["ewc"]
     again = load_recipe(None, task={"train": "x.jsonl"}, methods=methods)  # and reads back the same
     assert again.method_configs() == r.method_configs()
 

@@ -104,6 +104,14 @@ def train(recipe: str | Path | None = None, *, overrides: list[str] | None = Non
     return run_train(load_recipe(recipe, overrides, **fields), overwrite=overwrite)
 
 
+def resume(run_dir: str | Path):
+    """Continue a killed or failed ``train`` run from its newest checkpoint, with its own recipe, base
+    scores and every method's and the guard's state. Returns a TrainResult."""
+    from .training.run import Run
+
+    return Run.resume(run_dir).execute()
+
+
 def continual(sequence: str | Path | None = None, *, overrides: list[str] | None = None, overwrite: bool = False,
               **fields: Any) -> dict:
     """Train a task sequence (YAML or fields); returns the ``continual.json`` content."""

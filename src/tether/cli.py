@@ -86,11 +86,20 @@ def train_cmd(
         None, "--output-dir", "-o", help="Run directory (default: a new runs/<task>-<time>)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a recipe key, e.g. --set lora.r=32."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace what the run directory holds."),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="Continue a killed or failed run from its newest checkpoint (its own recipe)."),
 ) -> None:
     """Fine-tune on a task while the guard watches the general probes."""
     from . import api
-    from .report.compare import render_comparison, render_flipped
 
+    if resume is not None and (recipe or task or eval_data or model or output_dir or overrides or overwrite):
+        _fail(ValueError("--resume continues a run with its own recipe: give RUN_DIR alone"))
+    if resume is not None:
+        try:
+            result = api.resume(resume)
+        except _expected_errors() as e:
+            _fail(e)
+        return _show_train(result)
     fields: dict = {}
     if task:
         fields.setdefault("task", {})["train"] = task
@@ -104,7 +113,12 @@ def train_cmd(
         result = api.train(recipe, overrides=overrides, overwrite=overwrite, **fields)
     except _expected_errors() as e:
         _fail(e)
+    _show_train(result)
+
+
+def _show_train(result) -> None:
     from .probes.verdict import ProbeComparison
+    from .report.compare import render_comparison, render_flipped
 
     s = result.summary
     if not s:  # a non-main process under torchrun: the main one reports

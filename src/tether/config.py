@@ -59,7 +59,10 @@ class TrainingSpec(_Strict):
     # where it was measured 1.26-1.5x faster; off on a GPU until measured there (true turns it on)
     share_prefix: bool | None = None
     logging_steps: int = 5
-    save_steps: int | None = None
+    # checkpoints (what `tether train --resume RUN_DIR` continues from): every 500 steps as HF's Trainer
+    # does, the last two kept; None: none
+    save_steps: int | None = 500
+    save_total_limit: int | None = 2
     report_to: list[str] = Field(default_factory=lambda: ["none"])
 
     @field_validator("max_steps", "batch_size", "grad_accum", "logging_steps")
@@ -312,7 +315,7 @@ def dump_recipe(recipe: _RunSpec) -> str:
     """The resolved recipe as YAML: every method's settings written out, defaults included, so the file
     says exactly what ran (and reruns it as such)."""
     data = recipe.model_dump(mode="json")
-    data["methods"] = {n: c.model_dump(mode="json") if isinstance(c, BaseModel) else c
+    data["methods"] = {n: c.model_dump(mode="json", by_alias=True) if isinstance(c, BaseModel) else c
                        for n, c in recipe.method_configs().items()}
     return yaml.safe_dump(data, sort_keys=False)
 

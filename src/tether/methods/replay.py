@@ -240,6 +240,20 @@ class MixedDataset(torch.utils.data.Dataset):
         """Fill the replay slots at draw time from ``scheduler`` (MSSR) instead of the fixed plan."""
         self.batches = _AdaptivePlan(self.plan, self._offset["replay"], scheduler)
 
+    def state_dict(self) -> dict:
+        """The stream's position for a resumed run: the plan as re-planned (the guard's ``adapt``), and
+        with MSSR the batches already drawn (their picks depended on losses the resumed run never sees)."""
+        drawn = self.batches.drawn if isinstance(self.batches, _AdaptivePlan) else None
+        return {"ratio": self.ratio, "plan": [list(b) for b in self.plan], "drawn": drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ratio = state["ratio"]
+        self.plan[:] = [[tuple(slot) for slot in b] for b in state["plan"]]
+        if isinstance(self.batches, _AdaptivePlan):
+            self.batches.drawn = [list(b) for b in state["drawn"] or []]
+        else:
+            self.batches[:] = [[self._offset[k] + i for k, i in b] for b in self.plan]
+
     def __len__(self) -> int:
         return len(self.items)
 
@@ -256,15 +270,20 @@ class _AdaptivePlan:
 
     def __init__(self, plan: list[list[Slot]], replay_offset: int, scheduler):
         self.plan, self.offset, self.scheduler = plan, replay_offset, scheduler
+        self.drawn: list[list[int]] = []  # every batch drawn so far: a resumed run replays them as drawn
 
     def __len__(self) -> int:
         return len(self.plan)
 
     def __iter__(self):
         for b, slots in enumerate(self.plan):
+            if b < len(self.drawn):
+                yield self.drawn[b]
+                continue
             k = sum(1 for kind, _ in slots if kind == "replay")
             picks = iter(self.scheduler.select(k, step=b))
-            yield [i if kind == "task" else self.offset + next(picks) for kind, i in slots]
+            self.drawn.append([i if kind == "task" else self.offset + next(picks) for kind, i in slots])
+            yield self.drawn[-1]
 
 
 @register_method("replay")
@@ -293,6 +312,7 @@ class Replay(Method):
         self.scheduler_: MemoryStrengthScheduler | None = None
         self.batches_seen_ = 0
         self.pool_: list | None = None  # self-answered general examples (answers: model)
+        self.data_: MixedDataset | None = None  # the task's mixed stream, whose position a resume restores
         self.self_answered_ = 0
 
     def on_task_start(self, model, ctx: Context) -> None:
@@ -341,6 +361,7 @@ class Replay(Method):
             self.scheduler_ = MemoryStrengthScheduler(len(pool), growth=c.growth, decay=c.decay, lengths=pool_len,
                                                       seed=seed)
             mixed.use_scheduler(self.scheduler_)
+        self.data_ = mixed
         return mixed
 
     def extra_loss(self, model, batch: Batch, outputs, ctx: Context) -> dict[str, torch.Tensor]:
@@ -388,6 +409,8 @@ class Replay(Method):
         state = {"planned": dict(self.planned_), "seen": dict(self.seen_), "batches_seen": self.batches_seen_}
         if self.scheduler_ is not None:
             state["scheduler"] = self.scheduler_.state_dict()
+        if self.data_ is not None:
+            state["data"] = self.data_.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -396,3 +419,5 @@ class Replay(Method):
         self.batches_seen_ = int(state.get("batches_seen", 0))
         if self.scheduler_ is not None and "scheduler" in state:
             self.scheduler_.load_state_dict(state["scheduler"])
+        if self.data_ is not None and "data" in state:
+            self.data_.load_state_dict(state["data"])

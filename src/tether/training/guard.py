@@ -163,6 +163,15 @@ class ForgettingGuard(TrainerCallback):
             log.warning("guard: restored the weights of step %d (best within budget)", self.restored_step)
         return control
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to decide as this one would: the history and the best weights so far."""
+        return {"events": self.events, "best": self.best, "stopped_at": self.stopped_at}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.events = list(state["events"])
+        self.best = state["best"]
+        self.stopped_at = state["stopped_at"]
+
     def summary(self) -> dict[str, Any]:
         return {
             "threshold": self.threshold, "action": self.action, "every": self.every,

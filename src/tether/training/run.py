@@ -154,6 +154,38 @@ class Run:
         self.rows: list[dict[str, Any]] = []  # scores after each phase
         self.guards: list = []
         self.train_outs: list = []
+        self.resume_from: Path | None = None  # a checkpoint of this very run to continue from
+        self.resume_state: dict[str, Any] = {}
+
+    @classmethod
+    def resume(cls, run_dir: str | Path) -> "Run":
+        """A killed or failed `tether train` run, rebuilt from its own resolved recipe and base scores, to
+        continue from its newest complete checkpoint with every method's and the guard's state."""
+        from ..config import load_recipe
+        from ..io import load_yaml
+        from ..probes.base import ProbeResult
+        from .resume import latest_checkpoint, load_state
+
+        from .rundir import RunDirError, read_status
+
+        run_dir = Path(run_dir)
+        if (read_status(run_dir) or {}).get("state") == "finished":
+            raise RunDirError(f"{run_dir}: holds a finished run: nothing to resume")
+        if not (run_dir / "recipe.yaml").is_file():
+            raise RecipeError(f"{run_dir}: no recipe.yaml here: not a tether run directory")
+        if "tasks" in (load_yaml((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}):
+            raise RecipeError(f"{run_dir}: a task sequence; --resume continues `tether train` runs")
+        spec = load_recipe(run_dir / "recipe.yaml").model_copy(update={"output_dir": str(run_dir)})
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None or not (run_dir / "probes_base.json").is_file():
+            raise RecipeError(f"{run_dir}: no complete checkpoint to resume from (one is saved every "
+                              f"training.save_steps = {spec.training.save_steps} steps)")
+        base = json.loads((run_dir / "probes_base.json").read_text(encoding="utf-8"))
+        known = {k: [ProbeResult.from_dict(r) for r in base[k]] for k in ("general", "guard") if base.get(k)}
+        known["tasks"] = base["tasks"]
+        run = cls(spec, base_results=known, compare_to=base.get("base_model"))
+        run.resume_from, run.resume_state = ckpt, load_state(ckpt)
+        return run
 
     def _guard_subset(self, probes: list) -> list:
         wanted = self.spec.guard.probes
@@ -222,7 +254,8 @@ class Run:
                                dtype=spec.model.dtype)
         self.base = self.scoring.base(self.model, spec.model.name, self.known_base)
         write_json(run_dir / "probes_base.json", _results_json(
-            {**self.base, **({"task": self.base["tasks"][0]} if not self.sequence else {})}))
+            {**self.base, **({"task": self.base["tasks"][0]} if not self.sequence else {}),
+             "base_model": self.base_name}))
         if any(m.needs_reference for m in self.methods.values()) and not self.base_view:
             self.scoring.frozen_base = copy.deepcopy(self.model).eval().requires_grad_(False)
         need = any(m.needs_general for m in self.methods.values())
@@ -236,6 +269,7 @@ class Run:
         from ..data.collate import Collator
         from ..methods.base import Context
         from .guard import ForgettingGuard
+        from .resume import CheckpointState, TrainingDone
         from .teacher import make_reference
         from .trainer import JsonlMetrics, TetherTrainer, as_dataset, training_arguments
 
@@ -276,6 +310,10 @@ class Run:
                                 data_collator=Collator.for_tokenizer(self.tok), methods=self.methods, context=ctx,
                                 share_prefix=t.share_prefix)
         trainer.add_callback(JsonlMetrics(self.run_dir / "metrics.jsonl", {"task": phase} if self.sequence else None))
+        restored = self.resume_state if self.resume_from is not None and self.resume_state["phase"] == phase else None
+        if restored is not None:
+            for name, m in self.methods.items():
+                m.load_state_dict(restored["methods"][name])
         guard = None
         if self.guard_probes is not None:
             g = spec.guard
@@ -286,7 +324,18 @@ class Run:
                 log_fn=trainer.log, kind_thresholds={"drift": g.drift_threshold},
             )
             trainer.add_callback(guard)
-        out = trainer.train()
+            if restored is not None:
+                guard.load_state_dict(restored["guard"])
+        trainer.add_callback(CheckpointState(trainer, guard, restored, phase))
+        try:
+            out = trainer.train(resume_from_checkpoint=str(self.resume_from) if restored is not None else None)
+        except TrainingDone:  # the checkpoint ended the training: finish as the killed run would have
+            from transformers.trainer_utils import TrainOutput
+
+            if guard is not None:
+                guard.on_train_end(trainer.args, trainer.state, trainer.control, model=trainer.model)
+            step = trainer.state.global_step
+            out = TrainOutput(step, restored["total_loss"] / max(step, 1), {})
         self.model = trainer.model
         for m in self.methods.values():
             m.on_task_end(self.model, trainer.context())
@@ -406,8 +455,16 @@ class Run:
             kind = "continual" if self.sequence else "train"
             spec = spec.model_copy(update={"output_dir": default_run_dir(stem, kind)})
             self.spec = spec
-        with claim(spec.output_dir, overwrite=overwrite, kind="continual" if self.sequence else "train") as run_dir:
-            write_text(run_dir / "recipe.yaml", dump_recipe(spec))
+        resume = self.resume_from is not None
+        with claim(spec.output_dir, overwrite=overwrite, kind="continual" if self.sequence else "train",
+                   resume=resume) as run_dir:
+            if resume:
+                from .resume import truncate_logs
+
+                truncate_logs(run_dir, self.resume_state["step"])
+                log.info("resuming %s from %s (step %d)", run_dir, self.resume_from.name, self.resume_state["step"])
+            else:
+                write_text(run_dir / "recipe.yaml", dump_recipe(spec))
             self.setup(run_dir)
             try:
                 for phase in range(len(self.phases)):

@@ -72,9 +72,11 @@ def _wait_for_main(path: Path, timeout: float = 600.0) -> None:
 
 
 @contextmanager
-def claim(path: str | os.PathLike, *, overwrite: bool = False, kind: str = "train") -> Iterator[Path]:
+def claim(path: str | os.PathLike, *, overwrite: bool = False, kind: str = "train",
+          resume: bool = False) -> Iterator[Path]:
     """Hold ``path`` for one run: refuse it when it holds another run (unless ``overwrite``) or another
-    process is writing it, then mark it ``running``, and ``finished`` or ``failed`` as the block ends."""
+    process is writing it, then mark it ``running``, and ``finished`` or ``failed`` as the block ends.
+    ``resume``: take back an interrupted or failed run's directory as it is (a finished one is refused)."""
     path = Path(path)
     if not is_main_process():  # rank 0 holds the directory; the others write nothing there before it does
         _wait_for_main(path)
@@ -90,7 +92,12 @@ def claim(path: str | os.PathLike, *, overwrite: bool = False, kind: str = "trai
         except BlockingIOError:
             raise RunDirError(f"{path}: another run is writing into this directory now; wait for it or give "
                               "another --output-dir") from None
-        if path.exists() and any(path.iterdir()):
+        if resume:
+            state = (read_status(path) or {}).get("state")
+            if state not in ("running", "failed"):  # running and unlocked: the process was killed
+                what = "a finished run: nothing to resume" if state == "finished" else "no run to resume"
+                raise RunDirError(f"{path}: holds {what}")
+        elif path.exists() and any(path.iterdir()):
             if not overwrite:
                 state = (read_status(path) or {}).get("state")
                 what = {"finished": "a finished run", "failed": "a failed run", "running": "an interrupted run"}.get(

@@ -361,6 +361,7 @@ def training_arguments(t, output_dir: str):
         warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed,
         data_seed=t.seed, bf16=t.bf16, fp16=t.fp16, logging_steps=t.logging_steps, report_to=t.report_to,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
         remove_unused_columns=False, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
         **({"gradient_checkpointing": True} if t.gradient_checkpointing else {}),
     )
