@@ -313,6 +313,7 @@ class Replay(Method):
         self.batches_seen_ = 0
         self.pool_: list | None = None  # self-answered general examples (answers: model)
         self.data_: MixedDataset | None = None  # the task's mixed stream, whose position a resume restores
+        self.data_state_: dict | None = None  # a restored position, for the stream prepare_data builds next
         self.self_answered_ = 0
 
     def on_task_start(self, model, ctx: Context) -> None:
@@ -361,6 +362,9 @@ class Replay(Method):
             self.scheduler_ = MemoryStrengthScheduler(len(pool), growth=c.growth, decay=c.decay, lengths=pool_len,
                                                       seed=seed)
             mixed.use_scheduler(self.scheduler_)
+        if self.data_state_ is not None:
+            mixed.load_state_dict(self.data_state_)
+            self.data_state_ = None
         self.data_ = mixed
         return mixed
 
@@ -409,8 +413,9 @@ class Replay(Method):
         state = {"planned": dict(self.planned_), "seen": dict(self.seen_), "batches_seen": self.batches_seen_}
         if self.scheduler_ is not None:
             state["scheduler"] = self.scheduler_.state_dict()
-        if self.data_ is not None:
-            state["data"] = self.data_.state_dict()
+        data = self.data_.state_dict() if self.data_ is not None else self.data_state_
+        if data is not None:
+            state["data"] = data
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -419,5 +424,8 @@ class Replay(Method):
         self.batches_seen_ = int(state.get("batches_seen", 0))
         if self.scheduler_ is not None and "scheduler" in state:
             self.scheduler_.load_state_dict(state["scheduler"])
-        if self.data_ is not None and "data" in state:
-            self.data_.load_state_dict(state["data"])
+        if "data" in state:
+            if self.data_ is not None:
+                self.data_.load_state_dict(state["data"])
+            else:
+                self.data_state_ = state["data"]

@@ -37,13 +37,6 @@ class CheckpointState(TrainerCallback):
             self.trainer._total_loss_scalar = self.restored["total_loss"]
             self.trainer._initial_global_step = 0  # the mean over every step of the run, as uninterrupted
 
-    def on_step_end(self, args, state, control, **kwargs):
-        # HF also checkpoints the last step; the run saves its model there anyway, so only every
-        # save_steps (a full model's checkpoint with its optimizer is three times its size on disk)
-        if state.global_step >= state.max_steps and args.save_steps and state.global_step % args.save_steps:
-            control.should_save = False
-        return control
-
     def on_step_begin(self, args, state, control, **kwargs):
         # HF checks for the end only after a step: resumed from a checkpoint taken at the last step (or
         # where the guard stopped) it would train one more. The weights are the checkpoint's by now.

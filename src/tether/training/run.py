@@ -165,7 +165,6 @@ class Run:
         from ..io import load_yaml
         from ..probes.base import ProbeResult
         from .resume import latest_checkpoint, load_state
-
         from .rundir import RunDirError, read_status
 
         run_dir = Path(run_dir)

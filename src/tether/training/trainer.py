@@ -388,10 +388,18 @@ class JsonlMetrics(TrainerCallback):
 
 
 class _MethodHooks(TrainerCallback):
-    """Calls `before_optimizer_step` on every method (gradient projection, masking)."""
+    """Calls `before_optimizer_step` on every method (gradient projection, masking); no checkpoint at the
+    last step unless it falls on ``save_steps``."""
 
     def __init__(self, trainer: TetherTrainer):
         self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # HF also checkpoints the last step; a run saves its model there anyway, so only every
+        # save_steps (a full model's checkpoint with its optimizer is three times its size on disk)
+        if state.global_step >= state.max_steps and args.save_steps and state.global_step % args.save_steps:
+            control.should_save = False
+        return control
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         ctx = self.trainer.context()
