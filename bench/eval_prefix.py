@@ -44,7 +44,7 @@ def main() -> None:
     from rich.table import Table
 
     from tether.api import _task_probe
-    from tether.data.build.tasks import ensure_task
+    from tether.data.builtin.tasks import ensure_task
     from tether.io import write_json
     from tether.models import load
     from tether.probes.scorer import Scorer

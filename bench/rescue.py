@@ -39,7 +39,7 @@ def main() -> None:
     from rich.table import Table
 
     from tether import api
-    from tether.data.build.tasks import ensure_task
+    from tether.data.builtin.tasks import ensure_task
     from tether.io import write_json
 
     task = ensure_task("fortune-topics")

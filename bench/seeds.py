@@ -131,8 +131,8 @@ def screen_suite(runs: Path, sources: list[str] | None) -> Path:
     """The screen suite's file; with ``sources``, its replay is the pack's records of those sources only."""
     import json
 
-    from tether.data.build.pack import REPLAY_SOURCES as ALL
-    from tether.data.build.pack import ensure_pack
+    from tether.data.builtin.pack import REPLAY_SOURCES as ALL
+    from tether.data.builtin.pack import ensure_pack
 
     replay = "pack://general-v2/replay.jsonl"
     name = "seeds-screen.yaml"
@@ -166,8 +166,8 @@ def main() -> None:
     from rich.table import Table
 
     from tether.config import load_recipe
-    from tether.data.build.pack import ensure_pack
-    from tether.data.build.tasks import ensure_task
+    from tether.data.builtin.pack import ensure_pack
+    from tether.data.builtin.tasks import ensure_task
     from tether.io import write_json
     from tether.training.run import train
 

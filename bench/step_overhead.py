@@ -158,8 +158,8 @@ def main() -> None:
 
     from tether import models
     from tether.config import TrainingSpec, load_recipe
-    from tether.data.build.pack import ensure_pack
-    from tether.data.build.tasks import ensure_task
+    from tether.data.builtin.pack import ensure_pack
+    from tether.data.builtin.tasks import ensure_task
     from tether.data.collate import Collator
     from tether.data.formats import encode_records
     from tether.data.readers import read_records

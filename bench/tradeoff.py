@@ -127,8 +127,8 @@ def main() -> None:
     from rich.table import Table
 
     from tether.config import load_recipe
-    from tether.data.build.pack import ensure_pack
-    from tether.data.build.tasks import ensure_task
+    from tether.data.builtin.pack import ensure_pack
+    from tether.data.builtin.tasks import ensure_task
     from tether.io import write_json
     from tether.training.run import train
 

@@ -24,11 +24,11 @@ def _unit_tests_fetch_nothing(request, monkeypatch):
         raise AssertionError("a unit test reached for the real probe pack or a built-in task: build a fixture "
                              "inside the test, or mark it `pack` (integration)")
 
-    monkeypatch.setattr("tether.data.build.pack.ensure_pack", refuse)
-    monkeypatch.setattr("tether.data.build.pack.build_pack", refuse)
-    monkeypatch.setattr("tether.data.build.tasks.ensure_task", refuse)
-    monkeypatch.setattr("tether.data.build.tasks.build_task", refuse)
-    monkeypatch.setattr("tether.data.build.sources._apt_download", refuse)
+    monkeypatch.setattr("tether.data.builtin.pack.ensure_pack", refuse)
+    monkeypatch.setattr("tether.data.builtin.pack.build_pack", refuse)
+    monkeypatch.setattr("tether.data.builtin.tasks.ensure_task", refuse)
+    monkeypatch.setattr("tether.data.builtin.tasks.build_task", refuse)
+    monkeypatch.setattr("tether.data.builtin.sources._apt_download", refuse)
 
 
 @pytest.fixture(scope="session")

@@ -79,7 +79,7 @@ def test_shipped_benchmark_sequence_validates():
     """examples/continual-formats.yaml (the benchmark's sequence) loads, and its task:// data resolves."""
     from pathlib import Path
 
-    from tether.data.build.uri import resolve
+    from tether.data.builtin.uri import resolve
     from tether.data.readers import read_records
 
     seq = load_sequence(Path(__file__).parents[1] / "examples" / "continual-formats.yaml")

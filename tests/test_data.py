@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tether.data.build.uri import resolve
+from tether.data.builtin.uri import resolve
 from tether.data.formats import IGNORE_INDEX, encode_record, encode_records, validate_records
 from tether.data.readers import DataError, Record, read_records
 
@@ -148,7 +148,7 @@ def test_reading_only_reads_references_are_resolved_first(tmp_path):
     """read_records builds nothing: a `task://`/`pack://` reference is refused, naming the resolver;
     `resolve` hands anything that is not a reference back as a path, unchanged."""
     for ref in ("task://fortune-topics/train.jsonl", "pack://general-v2/replay.jsonl"):
-        with pytest.raises(DataError, match=rf"^{ref}: .*resolve it first with tether.data.build.uri.resolve"):
+        with pytest.raises(DataError, match=rf"^{ref}: .*resolve it first with tether.data.builtin.uri.resolve"):
             read_records(ref)
     assert resolve("some/file.jsonl") == Path("some/file.jsonl")
     assert resolve(tmp_path / "x.jsonl") == tmp_path / "x.jsonl"

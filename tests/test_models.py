@@ -69,7 +69,7 @@ def test_default_recipe_few_steps_on_smollm2(smollm2, tmp_path):
     position the task loss does not train + the bottom half frozen + guard) for a few steps on the
     embedded model and the demo task."""
     from tether.config import load_recipe
-    from tether.data.build.tasks import ensure_task
+    from tether.data.builtin.tasks import ensure_task
     from tether.training.run import train
 
     suite = tmp_path / "suite.yaml"

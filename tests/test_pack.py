@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tether.data.build import pack as P
-from tether.data.build import sources as S
-from tether.data.build import tasks as T
-from tether.data.build.uri import resolve
+from tether.data.builtin import pack as P
+from tether.data.builtin import sources as S
+from tether.data.builtin import tasks as T
+from tether.data.builtin.uri import resolve
 from tether.data.formats import validate
 from tether.data.readers import DataError, Record
 
@@ -352,7 +352,7 @@ def test_clip_keeps_whole_sentences():
 
 
 def test_dedupe_keeps_the_first_question_and_pools_generation_answers():
-    from tether.data.build.pack import _dedupe
+    from tether.data.builtin.pack import _dedupe
 
     items = [{"id": "a", "prompt": [{"role": "user", "content": "What is the capital of France?"}],
               "answers": ["Paris"]},
@@ -371,7 +371,7 @@ def test_concurrent_builds_of_one_directory_swap_in_turn(tmp_path):
     such rounds failed or left an old directory.)"""
     import threading
 
-    from tether.data.build.pack import _swap_into_place
+    from tether.data.builtin.pack import _swap_into_place
 
     for round_ in range(5):
         out = tmp_path / f"r{round_}" / "t"
@@ -405,7 +405,7 @@ def test_concurrent_first_uses_build_once(tmp_path):
     import threading
     import time
 
-    from tether.data.build.pack import PACK_VERSION, build_once
+    from tether.data.builtin.pack import PACK_VERSION, build_once
 
     out = tmp_path / "data" / "p"
     calls, errors, barrier = [], [], threading.Barrier(6)
@@ -552,7 +552,7 @@ def test_unreachable_source_is_one_line_without_traceback(tmp_path, monkeypatch)
     (fake_bin / "apt-get").chmod(0o755)
     env = {**__import__("os").environ, "TETHER_HOME": str(tmp_path / "home"),
            "PATH": f"{fake_bin}:{__import__('os').environ['PATH']}"}
-    code = ("import sys; from tether.data.build import sources as S; S.PINS['bsdgames'] = 'x' * 64; "
+    code = ("import sys; from tether.data.builtin import sources as S; S.PINS['bsdgames'] = 'x' * 64; "
             "sys.argv = ['tether', 'data', 'build']; from tether.cli import main; main()")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("[tether]")]

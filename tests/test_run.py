@@ -58,7 +58,7 @@ def test_replay_data_is_its_own_setting(tmp_path, tiny_task, tiny_suite, monkeyp
     """What is replayed is apart from what is measured: a suite without a `replay:` section gets the
     pack's replay split by default; an explicit file wins over the suite's; none is refused up front."""
     from tether.config import DEFAULT_REPLAY_DATA
-    from tether.data.build import uri
+    from tether.data.builtin import uri
 
     seen = []
     picked = tmp_path / "r.jsonl"

@@ -134,7 +134,7 @@ def test_bad_item_and_option_are_reported_before_any_model(tmp_path):
 def test_pack_and_task_references_resolve_under_tether_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TETHER_HOME", str(tmp_path / "home"))
     built = []
-    monkeypatch.setattr("tether.data.build.pack.ensure_pack",
+    monkeypatch.setattr("tether.data.builtin.pack.ensure_pack",
                         lambda name: built.append(name) or tmp_path / "home" / "data" / name)
     write_jsonl(tmp_path / "home" / "data" / "toy-v1" / "mc.jsonl", MC)
     suite = SuiteSpec.from_probes([{"name": "mc", "kind": "multiple_choice", "data": "pack://toy-v1/mc.jsonl"}])
@@ -145,7 +145,7 @@ def test_pack_and_task_references_resolve_under_tether_home(tmp_path, monkeypatc
     with pytest.raises(SuiteError, match="no such file in pack toy-v1"):
         suite.resolve("pack://toy-v1/nope.jsonl")
     # a built-in task's files work as probe data too (e.g. a task's held-out items as a generation probe)
-    monkeypatch.setattr("tether.data.build.tasks.ensure_task", lambda name: tmp_path / "home" / "data" / name)
+    monkeypatch.setattr("tether.data.builtin.tasks.ensure_task", lambda name: tmp_path / "home" / "data" / name)
     task_eval = tmp_path / "home" / "data" / "fortune-topics" / "eval.jsonl"
     write_jsonl(task_eval, MC)
     assert suite.resolve("task://fortune-topics/eval.jsonl") == task_eval

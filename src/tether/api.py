@@ -83,8 +83,8 @@ def compare(base: str | Any, tuned: str | Any, *, suite: str = "general", tokeni
 
 def build_data(name: str = "general-v2", tasks: tuple[str, ...] = ("fortune-topics",)) -> dict[str, Path]:
     """Build (or find cached) the default probe pack and the demo task data."""
-    from .data.build.pack import ensure_pack
-    from .data.build.tasks import build_task
+    from .data.builtin.pack import ensure_pack
+    from .data.builtin.tasks import build_task
 
     out = {name: ensure_pack(name)}
     for t in tasks:
@@ -126,7 +126,7 @@ def _task_probe(eval_data: str | Path | None, *, chat: bool | None = None, limit
     """A generation probe over held-out task records (prompt/completion or chat), or ``None``."""
     if not eval_data:
         return None
-    from .data.build.uri import resolve
+    from .data.builtin.uri import resolve
     from .data.formats import validate_records
     from .data.readers import read_records
     from .registry import PROBES
@@ -183,7 +183,7 @@ def diagnose(base: str, tuned: str, *, prompts: str | Path | None = None, suite:
     """
     from . import models
     from .after.diagnose import diagnose as run_diagnose
-    from .data.build.uri import resolve
+    from .data.builtin.uri import resolve
     from .data.readers import read_records
     from .probes.suite import load_suite
 

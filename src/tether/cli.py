@@ -28,7 +28,7 @@ def _fail(e: Exception) -> None:
 
 def _expected_errors() -> tuple[type[Exception], ...]:
     from .config import RecipeError
-    from .data.build.sources import SourceMissing
+    from .data.builtin.sources import SourceMissing
     from .data.readers import DataError
     from .models import ModelNotAvailable
 
@@ -274,7 +274,7 @@ def data_build(
     from rich.table import Table
 
     from . import api
-    from .data.build.pack import pack_summary
+    from .data.builtin.pack import pack_summary
 
     try:
         paths = api.build_data(name, tuple(task))
@@ -301,7 +301,7 @@ def list_cmd() -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .data.build.sources import SourceMissing
+    from .data.builtin.sources import SourceMissing
 
     try:
         app()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .build.uri import SCHEMES
+from .builtin.uri import SCHEMES
 
 
 class DataError(ValueError):
@@ -45,10 +45,10 @@ def read_records(src: str | Path | Any, *, limit: int | None = None) -> list[Rec
     """Records of a file (by suffix) or of a `datasets.Dataset` / list of dicts.
 
     Only reads: a ``task://`` or ``pack://`` reference is refused here; resolve it to its file first
-    with `tether.data.build.uri.resolve` (which builds the data on first use)."""
+    with `tether.data.builtin.uri.resolve` (which builds the data on first use)."""
     if isinstance(src, str) and src.startswith(SCHEMES):
         raise DataError(src, None, None, "a data reference, not a file: resolve it first with "
-                        "tether.data.build.uri.resolve")
+                        "tether.data.builtin.uri.resolve")
     if isinstance(src, (str, Path)):
         path = Path(src)
         if not path.exists():

@@ -38,7 +38,7 @@ from pydantic import (
     model_validator,
 )
 
-from ..data.build.uri import SCHEMES, resolve
+from ..data.builtin.uri import SCHEMES, resolve
 from ..data.readers import DataError, read_records
 from ..io import load_yaml
 from ..registry import PROBES

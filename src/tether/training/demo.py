@@ -21,8 +21,8 @@ DEMO_STEPS = 40
 def run_demo(steps: int = DEMO_STEPS, output_dir: str | Path = "runs/demo", batch_size: int = 8) -> dict:
     from rich.console import Console
 
-    from ..data.build.pack import ensure_pack
-    from ..data.build.tasks import ensure_task
+    from ..data.builtin.pack import ensure_pack
+    from ..data.builtin.tasks import ensure_task
     from ..io import write_json
 
     console = Console()

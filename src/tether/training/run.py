@@ -80,7 +80,7 @@ def records_to_eval_items(records, chat: bool | None) -> list[dict]:
 def read_task(name: str, train: str | None, evals: str | None, *, limit: int | None = None,
               eval_limit: int | None = None, skip_invalid: bool = False, **how: Any) -> Task:
     """Read and validate one task's records (no model needed)."""
-    from ..data.build.uri import resolve
+    from ..data.builtin.uri import resolve
 
     if not train:
         raise ValueError("task.train: no training data given (a JSONL/JSON/CSV/Parquet file)")
@@ -201,7 +201,7 @@ class Run:
         """The general data methods read (`replay_data`); refused now, not after minutes of scoring the
         base, when a method needs it and there is none."""
         from ..config import DEFAULT_REPLAY_DATA
-        from ..data.build.uri import resolve
+        from ..data.builtin.uri import resolve
 
         ref = self.spec.replay_data
         wanting = [n for n, m in self.methods.items() if m.needs_general]
