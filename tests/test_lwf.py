@@ -445,7 +445,7 @@ def test_nontarget_alpha_adds_a_term_on_the_task_answers_beside_inputs():
 
 def test_needs_reference_and_config_errors():
     assert LwF.needs_reference
-    # the session loads the replay split for LwF only when it distils a general mini-batch
+    # the run loads the replay split for LwF only when it distils a general mini-batch
     assert LwF({"on": "general"}).needs_general and LwF({"on": "task+general"}).needs_general
     assert not any(LwF({"on": on}).needs_general for on in ("task", "replay", "inputs"))
     model, _ = lora_model()
