@@ -187,3 +187,65 @@ def _scale_lr(optimizer, lr_scheduler, factor: float) -> None:
             group["lr"] *= factor
     if lr_scheduler is not None and hasattr(lr_scheduler, "base_lrs"):
         lr_scheduler.base_lrs = [lr * factor for lr in lr_scheduler.base_lrs]
+
+
+class GuardCallback(ForgettingGuard):
+    """tether's forgetting guard for a training run of your own (HF `Trainer`, TRL `SFTTrainer`, ...)::
+
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, ...)
+        trainer.add_callback(GuardCallback(trainer, suite="general-quick", threshold=0.05, action="stop"))
+        trainer.train()
+
+    The suite's probes are read and checked here, before training. At ``on_train_begin`` the model
+    as it starts (a fresh LoRA adapter changes nothing yet) is scored as the base; every ``every``
+    steps the live model is scored in memory against it, the events go to ``guard.jsonl`` in the
+    trainer's output directory and through ``trainer.log`` to its ``report_to``, and ``stop`` ends
+    the run and restores the best weights within budget.
+
+    Args:
+        trainer: the run's trainer (its tokenizer, output directory and logger are used).
+        suite: a built-in suite name, a suite YAML or a `SuiteSpec`.
+        every: steps between checks; default the trainer's ``save_steps`` (each checkpoint scored).
+        limit: items per probe (fewer: faster checks, wider CIs).
+        drift_threshold: the looser bound for drift probes; drift needs a base view, so it is
+            scored only for a PEFT model (adapters switched off), skipped otherwise.
+    """
+
+    def __init__(self, trainer, suite: Any = "general-quick", *, threshold: float = 0.05, action: str = "stop",
+                 every: int | None = None, limit: int | None = None, drift_threshold: float = 0.25,
+                 batch_size: int = 16):
+        from ..probes.suite import validate_suite
+
+        args = trainer.args
+        if every is None:
+            every = args.save_steps if str(args.save_strategy).endswith("steps") and args.save_steps >= 1 else 50
+        self.tokenizer = getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)
+        if self.tokenizer is None:
+            raise ValueError("GuardCallback: the trainer has no tokenizer (processing_class) to score probes with")
+        self.all_probes = validate_suite(suite, limit=limit)
+        self.probes: list = []
+        self.batch_size = batch_size
+        super().__init__(self._score, [], threshold=threshold, action=action, every=int(every), run_dir=args.output_dir,
+                         log_fn=trainer.log, kind_thresholds={"drift": drift_threshold})
+
+    def _scorer(self, model):
+        from ..probes.scorer import Scorer
+
+        return Scorer(model, self.tokenizer, batch_size=self.batch_size)
+
+    def _score(self, model) -> tuple[list, None]:
+        from ..probes.suite import run_suite
+
+        return run_suite(self.probes, self._scorer(model), reference=None, progress=False), None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from ..probes.suite import run_suite
+
+        scorer = self._scorer(model)
+        self.probes = [p for p in self.all_probes if scorer.is_peft or p.registered_name != "drift"]
+        if len(self.probes) < len(self.all_probes):
+            log.info("guard: drift skipped (it needs an adapter to switch off; this model has none)")
+        with native_forward(model), keep_requires_grad(model):
+            self.base_results = run_suite(self.probes, scorer, reference="self", progress=False)
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        return super().on_train_begin(args, state, control, model=model, **kwargs)
