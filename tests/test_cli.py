@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -36,10 +37,33 @@ def perturbed_dir(tmp_path_factory, tiny_model_dir, tokenizer):
 
 
 def test_help_everywhere():
+    """`-h` and `--help` on every command, every option with help text and a conventional metavar."""
     for cmd in ([], ["eval"], ["train"], ["continual"], ["interpolate"], ["diagnose"], ["recover"], ["report"],
                 ["data", "build"], ["demo"], ["list"]):
-        r = invoke(*cmd, "--help")
-        assert r.exit_code == 0 and "Usage" in r.output, cmd
+        for flag in ("--help", "-h"):
+            r = invoke(*cmd, flag)
+            assert r.exit_code == 0 and "Usage" in r.output, cmd
+            assert not any(t in r.output for t in ("<bool>", "<str>", "<list[str]>", "<int>", "<float>")), r.output
+    from tether.cli import app
+
+    for group in [app] + [g.typer_instance for g in app.registered_groups]:
+        for c in group.registered_commands:
+            assert c.callback.__doc__, c.name
+            for name, param in inspect.signature(c.callback).parameters.items():
+                assert getattr(param.default, "help", None), f"{c.name}: {name} has no help text"
+
+
+def test_version_verbose_and_quiet(tiny_model_dir, tiny_suite):
+    from importlib.metadata import version
+
+    r = invoke("--version")
+    assert r.exit_code == 0 and r.output.strip() == f"tether {version('tether')}"
+    quiet = invoke("-q", "eval", "-m", tiny_model_dir, "-s", tiny_suite, "--limit", "2")
+    assert quiet.exit_code == 0 and "facts_mc" in quiet.output
+    loud = invoke("eval", "-m", tiny_model_dir, "-s", tiny_suite, "--limit", "2")
+    assert "Loading weights" in loud.output and "Loading weights" not in quiet.output  # bars back for the next
+    r = invoke("-v", "-q", "list")
+    assert r.exit_code == 2 and "choose one" in r.output
 
 
 def test_eval_one_model_and_compare(tmp_path, tiny_model_dir, perturbed_dir, tiny_suite):

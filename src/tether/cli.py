@@ -9,16 +9,55 @@ from typing import Optional
 
 import typer
 
+# plain click help (`-h`, `--task TEXT`): conventional, and readable when piped or at 80 columns
+_SETTINGS = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, context_settings=_SETTINGS,
                   help="Fine-tune language models without losing what they already knew.")
-data_app = typer.Typer(no_args_is_help=True, help="Build the default probe pack and demo task data.")
+data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, context_settings=_SETTINGS,
+                       help="Build the default probe pack and demo task data.")
 app.add_typer(data_app, name="data")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"tether {version('tether')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also log what each step decides (INFO)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q",
+                               help="Only results, warnings and errors: no progress lines or bars."),
+) -> None:
+    """Fine-tune language models without losing what they already knew."""
+    if verbose and quiet:
+        _fail(ValueError("--verbose and --quiet: choose one"))
+    level = logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
+    logging.getLogger().setLevel(level)
+    logging.getLogger("tether").setLevel(level)
+    from . import progress
+
+    progress.QUIET = quiet
+    if quiet or "transformers" in sys.modules:  # set (or put back, for a second command in one process)
+        import transformers
+
+        # at ERROR, HF's Trainer turns its progress bar off too
+        transformers.logging.set_verbosity(logging.ERROR if quiet else logging.WARNING)
+        (transformers.logging.disable_progress_bar if quiet else transformers.logging.enable_progress_bar)()
+
+
 def _console():
+    """Rich output; piped into a file or a pager it is laid out 160 columns wide (rich's 80 cut probe names)."""
     from rich.console import Console
 
-    return Console()
+    c = Console()
+    return c if c.is_terminal else Console(width=160)
 
 
 def _fail(e: Exception) -> None:
@@ -141,7 +180,8 @@ def _show_train(result) -> None:
 @app.command("demo")
 def demo_cmd(
     steps: int = typer.Option(40, help="Optimizer steps for each run."),
-    output_dir: str = typer.Option("runs/demo", "--output-dir", "-o"),
+    output_dir: str = typer.Option("runs/demo", "--output-dir", "-o",
+                                   help="Where both runs and demo.json go (replaced on every demo)."),
 ) -> None:
     """Naive full fine-tuning vs the default recipe on the embedded model: task gain and general change."""
     from .training.demo import run_demo
@@ -180,9 +220,10 @@ def interpolate_cmd(
     task_eval: Optional[Path] = typer.Option(None, "--task-eval", help="Held-out task data for the task score."),
     alphas: str = typer.Option("0,0.25,0.5,0.75,1", help="Comma-separated interpolation weights."),
     budget: float = typer.Option(0.05, help="Largest relative drop of any general probe."),
-    suite: str = typer.Option("general", "--suite", "-s"),
+    suite: str = typer.Option("general", "--suite", "-s", help="Built-in suite name or a suite YAML."),
     limit: Optional[int] = typer.Option(None, help="Items per general probe."),
-    output_dir: str = typer.Option("runs/interpolate", "--output-dir", "-o"),
+    output_dir: str = typer.Option("runs/interpolate", "--output-dir", "-o",
+                                   help="Where the curve, the chosen model and the report go."),
 ) -> None:
     """WiSE-FT: interpolate base -> tuned, keep the best task score within the general budget."""
     from . import api
@@ -202,8 +243,9 @@ def diagnose_cmd(
     tuned: str = typer.Option(..., "--tuned", help="Fine-tuned model or PEFT adapter directory."),
     prompts: Optional[Path] = typer.Option(
         None, help="JSONL of {prompt} records (default: the suite's drift prompts)."),
-    suite: str = typer.Option("general", "--suite", "-s"),
-    output_dir: str = typer.Option("runs/diagnose", "--output-dir", "-o"),
+    suite: str = typer.Option("general", "--suite", "-s",
+                              help="Built-in suite name or a suite YAML (its drift prompts)."),
+    output_dir: str = typer.Option("runs/diagnose", "--output-dir", "-o", help="Where the report and plots go."),
 ) -> None:
     """Per-block weight change, hidden-state CKA and output KL; suggests what to freeze."""
     from . import api
@@ -297,6 +339,27 @@ def list_cmd() -> None:
 
     _console().print("probes: " + ", ".join(PROBES.names()))
     _console().print("methods: " + ", ".join(METHODS.names()))
+
+
+def _conventional_metavars(*apps: typer.Typer) -> None:
+    """Click's metavars (``--task TEXT``, ``--limit N``, ``RECIPE``) where typer would print ``<str>``."""
+    import inspect
+
+    names = {"bool": None, "int": "N", "float": "NUMBER", "Path": "PATH", "str": "TEXT", "list[str]": "TEXT"}
+    for a in apps:
+        for cmd in a.registered_commands:
+            for name, param in inspect.signature(cmd.callback).parameters.items():
+                info = param.default
+                if getattr(info, "metavar", "") is not None:
+                    continue
+                if isinstance(info, typer.models.ArgumentInfo):
+                    info.metavar = name.upper()
+                    continue
+                kind = str(param.annotation).removeprefix("Optional[").removesuffix("]")
+                info.metavar = names.get(kind, "TEXT") if kind != "bool" else ""
+
+
+_conventional_metavars(app, data_app)
 
 
 def main() -> None:

@@ -9,6 +9,8 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
+QUIET = False  # `tether --quiet`: no progress lines or bars
+
 
 def console():
     from rich.console import Console
@@ -19,7 +21,9 @@ def console():
 @contextlib.contextmanager
 def status(message: str) -> Iterator[None]:
     c = console()
-    if c.is_terminal:
+    if QUIET:
+        yield
+    elif c.is_terminal:
         with c.status(message):
             yield
     else:
@@ -32,7 +36,7 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
     from rich.progress import track as rich_track
 
     c = console()
-    if c.is_terminal:
+    if c.is_terminal and not QUIET:
         yield from rich_track(items, description=description, total=total, console=c, transient=True)
     else:
         yield from items
