@@ -140,3 +140,11 @@ def test_no_file_outside_methods_names_a_method():
             if pattern.search(line) and "replay_" not in line and not line.lstrip().startswith("#"):
                 offenders.append(f"{rel}:{i}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_train_limits_its_general_suite_like_eval(tiny_task, tiny_suite):
+    r = load_recipe(None, task={"train": str(tiny_task[0])}, general=str(tiny_suite), general_limit=2,
+                    methods={"full": {}}, guard={"enabled": False})
+    assert [len(p.items) for p in run_mod.Run(r).general_probes] == [2, 2, 2, 2]
+    with pytest.raises(RecipeError, match="general_limit must be a whole number of items >= 1"):
+        load_recipe(None, general_limit=0)

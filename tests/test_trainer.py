@@ -245,3 +245,17 @@ def test_logged_terms_and_task_replay_split_accumulate_without_readback(tmp_path
     again = {"loss": 1.0}
     trainer.log(again)  # nothing accumulated since: nothing added
     assert set(again) <= {"loss", "epoch"}
+
+
+def test_training_logs_are_one_short_line_each():
+    from tether.training.trainer import compact_line
+
+    logs = {"loss": 1.758, "grad_norm": 16.19, "learning_rate": 1e-4, "prefix_saved": 0.40, "lwf_inputs": 0.138,
+            "loss_task": 1.246, "loss_replay": 2.399, "replay_fraction": 0.2, "replay/replay_planned_ratio": 0.2,
+            "epoch": 0.125}
+    assert compact_line(5, 40, logs) == ("step 5/40  loss 1.758 (task 1.246, replay 2.399)  lwf_inputs 0.138  "
+                                         "grad 16.2  lr 1.0e-04")
+    guard = {"guard/worst_drop": 0.007468, "guard/breached": 0.0, "guard/task_score": 0.625, "epoch": 1.0}
+    assert compact_line(40, 40, guard) == "step 40/40  guard: worst drop 0.7%, within budget, task 0.625"
+    assert compact_line(40, 40, {"train_runtime": 181.6, "train_loss": 0.5026}) == \
+        "done: 40 steps in 182 s, train_loss 0.5026"

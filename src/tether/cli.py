@@ -127,11 +127,12 @@ def train_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace what the run directory holds."),
     resume: Optional[Path] = typer.Option(
         None, "--resume", help="Continue a killed or failed run from its newest checkpoint (its own recipe)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N items of each general probe."),
 ) -> None:
     """Fine-tune on a task while the guard watches the general probes."""
     from . import api
 
-    if resume is not None and (recipe or task or eval_data or model or output_dir or overrides or overwrite):
+    if resume is not None and (recipe or task or eval_data or model or output_dir or overrides or overwrite or limit):
         _fail(ValueError("--resume continues a run with its own recipe: give RUN_DIR alone"))
     if resume is not None:
         try:
@@ -148,6 +149,8 @@ def train_cmd(
         fields["model"] = {"name": model}
     if output_dir:
         fields["output_dir"] = output_dir
+    if limit is not None:
+        fields["general_limit"] = limit
     try:
         result = api.train(recipe, overrides=overrides, overwrite=overwrite, **fields)
     except _expected_errors() as e:

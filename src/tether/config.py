@@ -134,6 +134,14 @@ class _RunSpec(_Strict):
 
     model: ModelSpec = Field(default_factory=ModelSpec)
     general: str = "general"  # the probe suite measured before and after (name or YAML file)
+    general_limit: int | None = None  # items per general probe (fewer: faster, wider CIs); None: all
+
+    @field_validator("general_limit")
+    @classmethod
+    def _limit(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("general_limit must be a whole number of items >= 1")
+        return v
     # what is replayed is its own setting, apart from what is measured. "auto": the suite's own
     # `replay:` data if it names some, else the pack's replay split (so a suite of the user's own
     # probes still gets general data); a file or pack:// URI; null or "none": no general data

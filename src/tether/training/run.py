@@ -137,7 +137,7 @@ class Run:
         self.sequence = isinstance(spec, SequenceSpec)
         self.tasks = read_recipe_tasks(spec)
         self.suite = load_suite(spec.general)
-        self.general_probes = validate_suite(self.suite)
+        self.general_probes = validate_suite(self.suite, limit=spec.general_limit)
         g = spec.guard
         self.guard_probes = validate_suite(g.suite, limit=g.limit) if g.enabled else None
         self.methods = spec.build_methods()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import ProgressCallback, Trainer, TrainerCallback
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import prefix
@@ -54,6 +54,8 @@ class TetherTrainer(Trainer):
         self._term_counts: dict[str, Any] = defaultdict(int)
         self._last_terms: dict[str, torch.Tensor] = {}  # the last step's extra loss terms, read only on a NaN
         self.add_callback(_MethodHooks(self))
+        if self.pop_callback(ProgressCallback) is not None:  # the bar, with short log lines (all in metrics.jsonl)
+            self.add_callback(CompactProgress)
 
     def context(self) -> Context:
         return dataclasses.replace(self.base_context, step=self.state.global_step)
@@ -372,6 +374,41 @@ def as_dataset(data: Any) -> Any:
     if isinstance(data, list):
         return [{"input_ids": e.input_ids, "labels": e.labels} if hasattr(e, "input_ids") else e for e in data]
     return data
+
+
+_NOT_TERMS = {"loss", "grad_norm", "learning_rate", "epoch", "prefix_saved", "teacher_prefix_saved",
+              "replay_fraction", "total_flos"}
+
+
+def compact_line(step: int, max_steps: int, logs: dict[str, Any]) -> str:
+    """One log as a short line: ``step 5/40  loss 1.111 (task 1.246, replay 2.399)  lwf_inputs 0.138  grad 18.7
+    lr 1e-04``; guard checks as ``guard: worst drop 0.7%, within budget``; the end as ``done: ...``."""
+    if "train_runtime" in logs:
+        loss = logs.get("train_loss", float("nan"))
+        return f"done: {step} steps in {logs['train_runtime']:.0f} s, train_loss {loss:.4g}"
+    if "guard/worst_drop" in logs:
+        verdict = "BREACHED" if logs.get("guard/breached") else "within budget"
+        task = f", task {logs['guard/task_score']:.3g}" if "guard/task_score" in logs else ""
+        return f"step {step}/{max_steps}  guard: worst drop {logs['guard/worst_drop']:.1%}, {verdict}{task}"
+    parts = [f"step {step}/{max_steps}"]
+    if "loss" in logs:
+        split = [f"{name} {logs[k]:.4g}" for k, name in (("loss_task", "task"), ("loss_replay", "replay")) if k in logs]
+        parts.append(f"loss {logs['loss']:.4g}" + (f" ({', '.join(split)})" if split else ""))
+    parts += [f"{k} {v:.3g}" for k, v in logs.items()
+              if isinstance(v, (int, float)) and "/" not in k and not k.startswith("loss") and k not in _NOT_TERMS]
+    if "grad_norm" in logs:
+        parts.append(f"grad {logs['grad_norm']:.3g}")
+    if "learning_rate" in logs:
+        parts.append(f"lr {logs['learning_rate']:.1e}")
+    return "  ".join(parts)
+
+
+class CompactProgress(ProgressCallback):
+    """HF's progress bar, writing one short line per log instead of the raw metric dictionary."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            self.training_bar.write(compact_line(state.global_step, state.max_steps, logs))
 
 
 class JsonlMetrics(TrainerCallback):
