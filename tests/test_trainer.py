@@ -253,7 +253,7 @@ def test_training_logs_are_one_short_line_each():
     logs = {"loss": 1.758, "grad_norm": 16.19, "learning_rate": 1e-4, "prefix_saved": 0.40, "lwf_inputs": 0.138,
             "loss_task": 1.246, "loss_replay": 2.399, "replay_fraction": 0.2, "replay/replay_planned_ratio": 0.2,
             "epoch": 0.125}
-    assert compact_line(5, 40, logs) == ("step 5/40  loss 1.758 (task 1.246, replay 2.399)  lwf_inputs 0.138  "
+    assert compact_line(5, 40, logs) == ("step 5/40  loss 1.758 (task 1.246, replayed 2.399)  lwf_inputs 0.138  "
                                          "grad 16.2  lr 1.0e-04")
     guard = {"guard/worst_drop": 0.007468, "guard/breached": 0.0, "guard/task_score": 0.625, "epoch": 1.0}
     assert compact_line(40, 40, guard) == "step 40/40  guard: worst drop 0.7%, within budget, task 0.625"

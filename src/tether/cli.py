@@ -29,6 +29,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also log what each step decides (INFO)."),
@@ -36,20 +37,30 @@ def _root(
                                help="Only results, warnings and errors: no progress lines or bars."),
 ) -> None:
     """Fine-tune language models without losing what they already knew."""
-    if verbose and quiet:
-        _fail(ValueError("--verbose and --quiet: choose one"))
-    level = logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
-    logging.getLogger().setLevel(level)
-    logging.getLogger("tether").setLevel(level)
     from . import progress
 
+    if verbose and quiet:
+        _fail(ValueError("--verbose and --quiet: choose one"))
+    root, before = logging.getLogger(), (logging.getLogger().level, progress.QUIET)
+    if verbose or quiet:
+        root.setLevel(logging.INFO if verbose else logging.ERROR)
     progress.QUIET = quiet
-    if quiet or "transformers" in sys.modules:  # set (or put back, for a second command in one process)
+    if quiet:
         import transformers
 
-        # at ERROR, HF's Trainer turns its progress bar off too
-        transformers.logging.set_verbosity(logging.ERROR if quiet else logging.WARNING)
-        (transformers.logging.disable_progress_bar if quiet else transformers.logging.enable_progress_bar)()
+        transformers.logging.set_verbosity_error()  # HF's Trainer then turns its progress bar off too
+        transformers.logging.disable_progress_bar()
+
+    def restore() -> None:  # for the next command in the same process (the Python API, tests)
+        root.setLevel(before[0])
+        progress.QUIET = before[1]
+        if quiet:
+            import transformers
+
+            transformers.logging.set_verbosity_warning()
+            transformers.logging.enable_progress_bar()
+
+    ctx.call_on_close(restore)
 
 
 def _console():

@@ -381,7 +381,7 @@ _NOT_TERMS = {"loss", "grad_norm", "learning_rate", "epoch", "prefix_saved", "te
 
 
 def compact_line(step: int, max_steps: int, logs: dict[str, Any]) -> str:
-    """One log as a short line: ``step 5/40  loss 1.111 (task 1.246, replay 2.399)  lwf_inputs 0.138  grad 18.7
+    """One log as a short line: ``step 5/40  loss 1.111 (task 1.246, replayed 2.399)  lwf_inputs 0.138  grad 18.7
     lr 1e-04``; guard checks as ``guard: worst drop 0.7%, within budget``; the end as ``done: ...``."""
     if "train_runtime" in logs:
         loss = logs.get("train_loss", float("nan"))
@@ -392,7 +392,8 @@ def compact_line(step: int, max_steps: int, logs: dict[str, Any]) -> str:
         return f"step {step}/{max_steps}  guard: worst drop {logs['guard/worst_drop']:.1%}, {verdict}{task}"
     parts = [f"step {step}/{max_steps}"]
     if "loss" in logs:
-        split = [f"{name} {logs[k]:.4g}" for k, name in (("loss_task", "task"), ("loss_replay", "replay")) if k in logs]
+        parts_of = (("loss_task", "task"), ("loss_replay", "replayed"))
+        split = [f"{name} {logs[k]:.4g}" for k, name in parts_of if k in logs]
         parts.append(f"loss {logs['loss']:.4g}" + (f" ({', '.join(split)})" if split else ""))
     parts += [f"{k} {v:.3g}" for k, v in logs.items()
               if isinstance(v, (int, float)) and "/" not in k and not k.startswith("loss") and k not in _NOT_TERMS]
