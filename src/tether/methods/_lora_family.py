@@ -39,18 +39,11 @@ class LoraFamilyConfig(BaseModel):
     dropout: float = 0.0
     target_modules: list[str] = ["q_proj", "v_proj"]
 
-    @field_validator("r")
+    @field_validator("r", "alpha")
     @classmethod
-    def _positive_int(cls, v: int, info) -> int:
+    def _positive(cls, v: float, info) -> float:
         if v <= 0:
             raise ValueError(f"{cls.key}.{info.field_name} must be > 0")
-        return v
-
-    @field_validator("alpha")
-    @classmethod
-    def _alpha(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError(f"{cls.key}.alpha must be > 0")
         return v
 
     @field_validator("dropout")

@@ -189,6 +189,17 @@ def _scale_lr(optimizer, lr_scheduler, factor: float) -> None:
         lr_scheduler.base_lrs = [lr * factor for lr in lr_scheduler.base_lrs]
 
 
+def without_drift(probes: list, base_view: bool) -> list:
+    """The probes a guard can score: drift needs the base's outputs, which without adapters to switch
+    off would take a second copy of the model, so it is left out there."""
+    if base_view:
+        return list(probes)
+    dropped = [p.name for p in probes if p.registered_name == "drift"]
+    if dropped:
+        log.info("guard: skipping %s (drift needs an adapter to switch off; this model has none)", dropped)
+    return [p for p in probes if p.registered_name != "drift"]
+
+
 class GuardCallback(ForgettingGuard):
     """tether's forgetting guard for a training run of your own (HF `Trainer`, TRL `SFTTrainer`, ...)::
 
@@ -242,9 +253,7 @@ class GuardCallback(ForgettingGuard):
         from ..probes.suite import run_suite
 
         scorer = self._scorer(model)
-        self.probes = [p for p in self.all_probes if scorer.is_peft or p.registered_name != "drift"]
-        if len(self.probes) < len(self.all_probes):
-            log.info("guard: drift skipped (it needs an adapter to switch off; this model has none)")
+        self.probes = without_drift(self.all_probes, scorer.is_peft)
         with native_forward(model), keep_requires_grad(model):
             self.base_results = run_suite(self.probes, scorer, reference="self", progress=False)
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)

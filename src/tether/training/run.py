@@ -142,6 +142,7 @@ class Run:
         self.guard_probes = validate_suite(g.suite, limit=g.limit) if g.enabled else None
         self.methods = spec.build_methods()
         self.base_view = any(m.base_view for m in self.methods.values())
+        self.needs_reference = any(m.needs_reference for m in self.methods.values())
         if self.guard_probes is not None:
             self.guard_probes = self._guard_subset(self.guard_probes)
         self.replay_path = self._replay_path()
@@ -188,14 +189,9 @@ class Run:
 
     def _guard_subset(self, probes: list) -> list:
         wanted = self.spec.guard.probes
-        keep = [p for p in probes if wanted is None or p.name in wanted]
-        if not self.base_view:
-            # drift needs the base model's view; without adapters that is a second copy, so the guard skips it
-            dropped = [p.name for p in keep if p.registered_name == "drift"]
-            if dropped:
-                log.info("guard: skipping %s (drift needs an adapter to disable; full fine-tuning has none)", dropped)
-            keep = [p for p in keep if p.registered_name != "drift"]
-        return keep
+        from .guard import without_drift
+
+        return without_drift([p for p in probes if wanted is None or p.name in wanted], self.base_view)
 
     def _replay_path(self) -> Path | None:
         """The general data methods read (`replay_data`); refused now, not after minutes of scoring the
@@ -255,11 +251,10 @@ class Run:
         write_json(run_dir / "probes_base.json", _results_json(
             {**self.base, **({"task": self.base["tasks"][0]} if not self.sequence else {}),
              "base_model": self.base_name}))
-        if any(m.needs_reference for m in self.methods.values()) and not self.base_view:
+        if self.needs_reference and not self.base_view:
             self.scoring.frozen_base = copy.deepcopy(self.model).eval().requires_grad_(False)
-        need = any(m.needs_general for m in self.methods.values())
         self.general_examples = []
-        if need and self.replay_path is not None:
+        if self.replay_path is not None:  # None unless a method reads general data
             self.general_examples = encode_records(read_records(self.replay_path), self.tok,
                                                    max_length=self.tasks[0].max_length)[0]
 
@@ -291,11 +286,10 @@ class Run:
                 model = m.prepare_model(model, ctx)
             teacher = self.scoring.frozen_base  # the base: a frozen copy, or None for the adapter-disabled view
         else:  # LwF's teacher is the model as it was before this task
-            needs = any(m.needs_reference for m in self.methods.values())
-            teacher = copy.deepcopy(model).eval().requires_grad_(False) if needs else None
+            teacher = copy.deepcopy(model).eval().requires_grad_(False) if self.needs_reference else None
         # the methods' view of the base (a frozen copy, or the adapter-disabled model), their task-start
         # work (EWC's Fisher, O-LoRA's new adapter), then their data (replay's exact per-batch mix)
-        if any(m.needs_reference for m in self.methods.values()):
+        if self.needs_reference:
             ctx = dataclasses.replace(ctx, reference=make_reference(model, teacher))
         model.train()
         for m in self.methods.values():
@@ -350,6 +344,9 @@ class Run:
             row = self.scoring.after(self.model, self.guards[phase], task=ids[-1])
         self.rows.append(row)
         if self.sequence:
+            from ..probes.verdict import compare_results
+
+            row["comps"] = compare_results(self.base["general"], row["general"])
             self._write_sequence()
         return row
 
@@ -409,10 +406,8 @@ class Run:
                              if k.endswith("memory_mb"))
 
     def _write_sequence(self, metrics: dict | None = None) -> dict[str, Any]:
-        from ..probes.verdict import compare_results
-
         base_general = self.base["general"]
-        comps = [compare_results(base_general, r["general"]) for r in self.rows]
+        comps = [r["comps"] for r in self.rows]
         out = {
             "tasks": [t.name for t in self.tasks], "matrix": [r["tasks"] for r in self.rows],
             "base": self.base["tasks"], "multitask": self.multitask,
@@ -431,14 +426,12 @@ class Run:
 
     def finish_sequence(self) -> dict[str, Any]:
         """Accuracy matrix, transfer and forgetting metrics, the matrix plot."""
-        from ..probes.verdict import compare_results
         from .cl_metrics import cl_metrics, plot_accuracy_matrix
 
         names = [t.name for t in self.tasks]
         R = [r["tasks"] for r in self.rows]
         R = R if not self.multitask else [R[0]] * len(names)  # multitask: one model, every row alike
-        drops = [compare_results(self.base["general"], r["general"]) for r in self.rows]
-        gen_mean = [sum(c.drop for c in d) / len(d) if d else 0.0 for d in drops]
+        gen_mean = [sum(c.drop for c in r["comps"]) / len(r["comps"]) if r["comps"] else 0.0 for r in self.rows]
         metrics = cl_metrics(R, self.base["tasks"], general=[1.0 - d for d in gen_mean], general_base=1.0)
         out = self._write_sequence(metrics.to_dict())
         if not self.multitask:
